@@ -1,0 +1,1 @@
+//! The kernel API shared by the plugin and the daemon (filled by issue 3).
