@@ -1,1 +1,4 @@
-//! The kernel API shared by the plugin and the daemon (filled by issue 3).
+//! `trellis-net`: the one typed API over the kernel that the plugin and the daemon share.
+//! (Being written for issue 3.)
+
+pub mod nft;

@@ -1,0 +1,1 @@
+//! nftables: masquerade for pod traffic (being written for issue 3).
