@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    trellis_cni::skel::run(trellis_ipam::IpamPlugin)
+}
