@@ -103,7 +103,10 @@ impl NetError {
     }
 
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     pub(crate) fn errno_io(what: impl Into<String>, errno: Errno) -> Self {
@@ -132,7 +135,10 @@ mod tests {
             errno: libc::EEXIST,
             extack: None,
         };
-        assert_eq!(e.to_string(), "adding route 10.1.0.0/24 via 10.0.0.2 dev vxlan0: File exists (EEXIST)");
+        assert_eq!(
+            e.to_string(),
+            "adding route 10.1.0.0/24 via 10.0.0.2 dev vxlan0: File exists (EEXIST)"
+        );
         assert!(e.is_exists());
         assert!(!e.is_not_found());
     }
@@ -140,7 +146,11 @@ mod tests {
     #[test]
     fn not_found_covers_every_missing_errno() {
         for errno in [libc::ENOENT, libc::ENODEV, libc::ESRCH, libc::EADDRNOTAVAIL] {
-            let e = NetError::Netlink { what: "x".into(), errno, extack: Some("msg".into()) };
+            let e = NetError::Netlink {
+                what: "x".into(),
+                errno,
+                extack: Some("msg".into()),
+            };
             assert!(e.is_not_found(), "{e}");
         }
         let e = NetError::io("reading", io::Error::from(io::ErrorKind::NotFound));

@@ -81,7 +81,10 @@ mod tests {
             errno: libc::ENOENT,
             detail: None,
         };
-        assert_eq!(e.to_string(), "adding element 10.244.1.5 to set trellis masq4: No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "adding element 10.244.1.5 to set trellis masq4: No such file or directory"
+        );
         assert!(e.is_not_found());
         assert!(!e.is_exists());
     }

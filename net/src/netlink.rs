@@ -1,0 +1,106 @@
+//! The [`Netlink`] handle: one rtnetlink connection, bound to one network namespace.
+//!
+//! A netlink socket talks to the namespace it was *created* in, whatever thread uses it later.
+//! So the socket is opened on a throw-away thread that has entered the target namespace
+//! ([`crate::netns::run_in`]), and the connection future is spawned on the caller's tokio
+//! runtime (a `current_thread` runtime in the plugins). The caller never changes namespace.
+//!
+//! Requests go through three primitives ([`Netlink::ack`], [`Netlink::single`] and
+//! [`Netlink::dump`]) that read the kernel's answer headers included (see [`crate::reply`]).
+//! The typed verbs (links, addresses, routes, neighbours) live in their own modules.
+
+use std::path::Path;
+
+use futures::StreamExt;
+use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, TokioSocket};
+
+use crate::netns::{run_in, THREAD_NETNS};
+use crate::reply::{self, Failure, Msg};
+use crate::NetError;
+
+/// How many times a dump is tried when the kernel says it was interrupted.
+const DUMP_ATTEMPTS: u32 = 10;
+
+/// A connection to the kernel's routing netlink in one network namespace.
+///
+/// Cheap to clone; the connection closes when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Connect to the calling thread's network namespace. Must be called inside a tokio runtime
+    /// with IO enabled; the connection task is spawned on it.
+    pub fn connect() -> Result<Self, NetError> {
+        Self::connect_in(Path::new(THREAD_NETNS))
+    }
+
+    /// Connect to the network namespace at `ns` (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    /// Must be called inside a tokio runtime with IO enabled.
+    pub fn connect_in(ns: &Path) -> Result<Self, NetError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| NetError::NoRuntime)?;
+        let rt = runtime.clone();
+        let socket = run_in(ns, move || {
+            // Registering the fd with the runtime's reactor needs the runtime's context.
+            let _entered = rt.enter();
+            open_socket()
+        })?
+        .map_err(|e| NetError::io(format!("opening a netlink socket in {}", ns.display()), e))?;
+        let (mut connection, handle, _unsolicited) = rtnetlink::from_socket(socket);
+        // Needed to see NLM_F_DUMP_INTR on NLMSG_DONE, and to tell an ACK from a lost connection.
+        connection.set_forward_done(true);
+        connection.set_forward_ack(true);
+        runtime.spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The underlying rtnetlink handle, for requests this crate does not wrap. Beware: this
+    /// connection forwards ACK and DONE messages, which rtnetlink's own `get()` requests report
+    /// as unexpected messages.
+    pub fn rtnetlink(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    async fn exchange(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<Msg>, Failure> {
+        let mut request = NetlinkMessage::from(msg);
+        request.header.flags = flags;
+        let mut handle = self.handle.clone();
+        let replies = handle.request(request).map_err(|_| Failure::Closed)?;
+        Ok(replies.collect().await)
+    }
+
+    /// Send a request that changes something (`extra_flags`: `NLM_F_CREATE`, `NLM_F_EXCL`,
+    /// `NLM_F_REPLACE`, ...) and wait for the kernel's ACK.
+    pub(crate) async fn ack(&self, msg: RouteNetlinkMessage, extra_flags: u16) -> Result<(), Failure> {
+        reply::ack(self.exchange(msg, NLM_F_REQUEST | NLM_F_ACK | extra_flags).await?)
+    }
+
+    /// Send a non-dump `RTM_GET*` request and return the one answer.
+    pub(crate) async fn single(&self, msg: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, Failure> {
+        reply::single(self.exchange(msg, NLM_F_REQUEST).await?)
+    }
+
+    /// Dump a table, retrying when the kernel flags the dump as interrupted.
+    pub(crate) async fn dump(&self, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+        for attempt in 1.. {
+            match reply::dump(self.exchange(msg.clone(), NLM_F_REQUEST | NLM_F_DUMP).await?) {
+                Err(Failure::Interrupted { .. }) if attempt < DUMP_ATTEMPTS => continue,
+                Err(Failure::Interrupted { .. }) => return Err(Failure::Interrupted { attempts: attempt }),
+                other => return other,
+            }
+        }
+        unreachable!("the loop above always returns")
+    }
+}
+
+/// A non-blocking rtnetlink socket in the calling thread's namespace, with extended ACKs
+/// (kernel error messages) on and the echoed request capped to its header.
+fn open_socket() -> std::io::Result<TokioSocket> {
+    let socket = TokioSocket::new(NETLINK_ROUTE)?;
+    socket.socket_ref().set_ext_ack(true)?;
+    socket.socket_ref().set_cap_ack(true)?;
+    Ok(socket)
+}

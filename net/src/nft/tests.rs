@@ -1,0 +1,425 @@
+//! Tests against the kernel, each in network namespaces of its own (root needed). Nothing runs
+//! in the machine's own namespace: every socket is opened on a thread that entered a test
+//! namespace, and `nft` is only run through `ip netns exec`.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use nix::sched::CloneFlags;
+
+use super::*;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn run_cmd(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn command");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace deleted on drop, even when the test panics.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("tnft-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        run_cmd(&["ip", "netns", "add", &name]);
+        Netns { name }
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = File::open(&path).expect("open netns");
+                nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// A command inside the namespace (`ip netns exec`).
+    fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run_cmd(&all)
+    }
+
+    fn ruleset(&self) -> String {
+        self.exec(&["nft", "list", "ruleset"])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("could not delete netns {}: {out:?}", self.name);
+        }
+    }
+}
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn masq(exempt: &[&str]) -> Masquerade {
+    Masquerade::new(MasqueradeConfig::new(exempt.iter().map(|s| net(s)))).unwrap()
+}
+
+#[test]
+fn nft_ensure_add_list_remove() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let m = masq(&["10.244.0.0/16", "fd00:244::/56"]);
+        m.ensure().unwrap();
+        m.ensure().unwrap(); // idempotent
+        m.add_source(ip("10.244.1.5")).unwrap();
+        m.add_source(ip("10.244.1.5")).unwrap(); // already there
+        m.add_source(ip("fd00:244:0:1::5")).unwrap();
+        assert_eq!(m.list_sources().unwrap(), vec![ip("10.244.1.5"), ip("fd00:244:0:1::5")]);
+        assert_eq!(
+            m.list_exempt_destinations().unwrap(),
+            vec![net("10.244.0.0/16"), net("fd00:244::/56")]
+        );
+    });
+
+    let text = ns.ruleset();
+    assert!(text.contains("table inet trellis"), "{text}");
+    assert!(text.contains("type nat hook postrouting priority srcnat"), "{text}");
+    assert_eq!(text.matches("masquerade comment").count(), 4, "{text}");
+    for rule in [
+        "ip saddr @masq4 ip daddr != @nomasq_dst4 counter",
+        "ip saddr @masq_net4 ip daddr != @nomasq_dst4 counter",
+        "ip6 saddr @masq6 ip6 daddr != @nomasq_dst6 counter",
+        "ip6 saddr @masq_net6 ip6 daddr != @nomasq_dst6 counter",
+    ] {
+        assert!(text.contains(rule), "missing {rule}: {text}");
+    }
+    assert!(text.contains("elements = { 10.244.1.5 }"), "{text}");
+    assert!(text.contains("elements = { 10.244.0.0/16 }"), "{text}");
+    assert!(text.contains("elements = { fd00:244::/56 }"), "{text}");
+    let json = ns.exec(&["nft", "-j", "list", "ruleset"]);
+    assert!(
+        json.contains(r#""masquerade""#) && json.contains(r#""10.244.1.5""#),
+        "{json}"
+    );
+
+    ns.run(|| {
+        let m = masq(&[]);
+        m.remove_source(ip("10.244.1.5")).unwrap();
+        m.remove_source(ip("10.244.1.5")).unwrap(); // missing element
+        m.remove_source(ip("fd00:244:0:1::5")).unwrap();
+        assert_eq!(m.list_sources().unwrap(), Vec::<IpAddr>::new());
+        // ensure keeps elements and repairs a chain whose rules someone removed.
+        m.add_source(ip("10.244.1.6")).unwrap();
+    });
+    ns.exec(&["nft", "flush", "chain", "inet", "trellis", "postrouting"]);
+    ns.run(|| {
+        let m = masq(&[]);
+        m.ensure().unwrap();
+        assert_eq!(m.list_sources().unwrap(), vec![ip("10.244.1.6")]);
+    });
+    assert_eq!(ns.ruleset().matches("masquerade comment").count(), 4);
+}
+
+#[test]
+fn nft_missing_table_is_fine_for_remove_list_and_delete() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let m = masq(&[]);
+        m.remove_source(ip("10.0.0.1")).unwrap();
+        m.remove_exempt_destination(net("10.0.0.0/8")).unwrap();
+        assert!(m.list_sources().unwrap().is_empty());
+        assert!(m.list_exempt_destinations().unwrap().is_empty());
+        m.delete_all().unwrap();
+        // add_source sets the table up when it is missing.
+        m.add_source(ip("10.0.0.1")).unwrap();
+        assert_eq!(m.list_sources().unwrap(), vec![ip("10.0.0.1")]);
+        m.delete_all().unwrap();
+        m.delete_all().unwrap();
+    });
+    assert_eq!(ns.ruleset().trim(), "");
+}
+
+#[test]
+fn nft_errors_name_the_object_and_keep_errno() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let m = masq(&[]);
+        let mut conn = m.conn();
+        let mut batch = Batch::default();
+        let bound = Bound {
+            key: interval::addr_value(ip("10.244.1.5")),
+            end: false,
+        };
+        batch.push(
+            objects::set_elems(MsgType::NewSetElem, "trellis", "masq4", Family::V4, &[bound]),
+            "adding element 10.244.1.5 to set trellis masq4",
+        );
+        let err = conn.commit(batch).unwrap_err();
+        assert_eq!(err.index, Some(0));
+        assert!(err.error.is_not_found(), "{err:?}");
+        assert!(
+            err.error
+                .to_string()
+                .starts_with("adding element 10.244.1.5 to set trellis masq4: No such file or directory"),
+            "{}",
+            err.error
+        );
+    });
+    // A chain of ours that someone made a filter chain: ensure fails, naming it.
+    ns.exec(&["nft", "add", "table", "inet", "trellis"]);
+    ns.exec(&[
+        "nft",
+        "add chain inet trellis postrouting { type filter hook forward priority 0; }",
+    ]);
+    ns.run(|| {
+        let err = masq(&[]).ensure().unwrap_err();
+        assert!(
+            err.to_string().starts_with("adding chain inet trellis postrouting: "),
+            "{err}"
+        );
+        assert!(err.errno().is_some());
+        masq(&[]).delete_all().unwrap();
+    });
+    assert_eq!(ns.ruleset().trim(), "");
+}
+
+#[test]
+fn nft_overlapping_prefixes_merge() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let m = masq(&[]);
+        m.add_exempt_destination(net("10.244.1.0/24")).unwrap();
+        m.add_exempt_destination(net("10.244.2.0/24")).unwrap(); // adjacent-ish, disjoint
+        m.add_exempt_destination(net("10.244.3.0/24")).unwrap(); // adjacent
+        m.add_exempt_destination(net("10.244.1.0/24")).unwrap(); // same again
+        assert_eq!(
+            m.list_exempt_destinations().unwrap(),
+            vec![net("10.244.1.0/24"), net("10.244.2.0/24"), net("10.244.3.0/24")]
+        );
+        m.add_exempt_destination(net("10.244.0.0/16")).unwrap(); // covers them: replaces them
+        assert_eq!(m.list_exempt_destinations().unwrap(), vec![net("10.244.0.0/16")]);
+        m.add_exempt_destination(net("10.244.9.0/24")).unwrap(); // covered: no-op
+        assert_eq!(m.list_exempt_destinations().unwrap(), vec![net("10.244.0.0/16")]);
+        m.remove_exempt_destination(net("10.244.9.0/24")).unwrap(); // not there as such: ok
+        assert_eq!(m.list_exempt_destinations().unwrap(), vec![net("10.244.0.0/16")]);
+
+        // A config whose exempt prefix is covered by what is there still ensures fine.
+        masq(&["10.244.7.0/24", "0.0.0.0/0"]).ensure().unwrap();
+        assert_eq!(m.list_exempt_destinations().unwrap(), vec![net("0.0.0.0/0")]);
+        m.add_exempt_destination(net("10.1.0.0/16")).unwrap(); // inside an open-ended one
+        assert_eq!(m.list_exempt_destinations().unwrap(), vec![net("0.0.0.0/0")]);
+        m.remove_exempt_destination(net("0.0.0.0/0")).unwrap();
+        assert!(m.list_exempt_destinations().unwrap().is_empty());
+
+        m.add_source_prefix(net("fd00:1::/64")).unwrap();
+        m.add_source_prefix(net("fd00::/16")).unwrap();
+        m.add_source_prefix(net("ffff::/16")).unwrap(); // reaches the top: no end element
+        assert_eq!(
+            m.list_source_prefixes().unwrap(),
+            vec![net("fd00::/16"), net("ffff::/16")]
+        );
+        m.remove_source_prefix(net("ffff::/16")).unwrap();
+        m.remove_source_prefix(net("fd00::/16")).unwrap();
+        assert!(m.list_source_prefixes().unwrap().is_empty());
+        m.delete_all().unwrap();
+    });
+    assert_eq!(ns.ruleset().trim(), "");
+}
+
+#[test]
+fn nft_concurrent_plugins() {
+    let ns = Netns::new();
+    let path = format!("/run/netns/{}", ns.name);
+    // 20 "plugins" at once, each with its own socket: ensure, add its pod, add and remove a
+    // second one, and add the shared exempt prefix.
+    std::thread::scope(|s| {
+        for i in 0..20u32 {
+            let path = &path;
+            s.spawn(move || {
+                let f = File::open(path).unwrap();
+                nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
+                let m = masq(&["10.244.0.0/16", "fd00:244::/56"]);
+                m.ensure().unwrap();
+                m.add_source(IpAddr::from([10, 244, 1, i as u8])).unwrap();
+                let temp = IpAddr::from([10, 244, 2, i as u8]);
+                m.add_source(temp).unwrap();
+                m.add_exempt_destination(net(&format!("10.245.{i}.0/24"))).unwrap();
+                // Overlapping prefixes from several threads: the kernel refuses the loser's
+                // batch (EEXIST) and it plans again from what is there.
+                m.add_exempt_destination(net(&format!("10.246.{i}.0/24"))).unwrap();
+                if i % 5 == 0 {
+                    m.add_exempt_destination(net("10.246.0.0/16")).unwrap();
+                }
+                m.remove_source(temp).unwrap();
+            });
+        }
+    });
+    ns.run(|| {
+        let m = masq(&[]);
+        let want: Vec<IpAddr> = (0..20u8).map(|i| IpAddr::from([10, 244, 1, i])).collect();
+        assert_eq!(m.list_sources().unwrap(), want);
+        let mut exempt = vec![net("10.244.0.0/16")];
+        exempt.extend((0..20).map(|i| net(&format!("10.245.{i}.0/24"))));
+        exempt.push(net("10.246.0.0/16"));
+        exempt.push(net("fd00:244::/56"));
+        assert_eq!(m.list_exempt_destinations().unwrap(), exempt);
+    });
+    assert_eq!(ns.ruleset().matches("masquerade comment").count(), 4);
+}
+
+/// pod ── node ── outside: the node forwards and masquerades. Returns the source address the
+/// outside sees for a UDP datagram sent by the pod from `from` to `to`.
+struct Topology {
+    pod: Netns,
+    node: Netns,
+    outside: Netns,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let (pod, node, outside) = (Netns::new(), Netns::new(), Netns::new());
+        let (p, n, o) = (pod.name.as_str(), node.name.as_str(), outside.name.as_str());
+        run_cmd(&[
+            "ip", "-n", n, "link", "add", "n0", "type", "veth", "peer", "name", "p0", "netns", p,
+        ]);
+        run_cmd(&[
+            "ip", "-n", n, "link", "add", "n1", "type", "veth", "peer", "name", "o0", "netns", o,
+        ]);
+        for (ns, dev, addrs) in [
+            (
+                p,
+                "p0",
+                ["10.244.1.5/24", "10.244.1.6/24", "fd00:244:1::5/64", "fd00:244:1::6/64"].as_slice(),
+            ),
+            (n, "n0", &["10.244.1.1/24", "fd00:244:1::1/64"]),
+            (n, "n1", &["203.0.113.1/24", "2001:db8:2::1/64"]),
+            (o, "o0", &["203.0.113.2/24", "2001:db8:2::2/64"]),
+        ] {
+            for a in addrs {
+                run_cmd(&["ip", "-n", ns, "addr", "add", a, "dev", dev, "nodad"]);
+            }
+            run_cmd(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        run_cmd(&["ip", "-n", p, "route", "add", "default", "via", "10.244.1.1"]);
+        run_cmd(&["ip", "-n", p, "-6", "route", "add", "default", "via", "fd00:244:1::1"]);
+        run_cmd(&["ip", "-n", o, "route", "add", "10.244.0.0/16", "via", "203.0.113.1"]);
+        run_cmd(&[
+            "ip",
+            "-n",
+            o,
+            "-6",
+            "route",
+            "add",
+            "fd00:244::/48",
+            "via",
+            "2001:db8:2::1",
+        ]);
+        node.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        Topology { pod, node, outside }
+    }
+
+    fn source_seen(&self, from: &str, from_port: u16, to: &str) -> IpAddr {
+        let to: SocketAddr = (ip(to), 9000).into();
+        let listen: SocketAddr = if to.is_ipv4() { "0.0.0.0:9000" } else { "[::]:9000" }.parse().unwrap();
+        let got = std::sync::Mutex::new(None);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.outside.run(|| {
+                    let sock = UdpSocket::bind(listen).unwrap();
+                    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    ready_tx.send(()).unwrap();
+                    let mut buf = [0u8; 16];
+                    let (_, peer) = sock.recv_from(&mut buf).expect("no datagram reached the outside");
+                    *got.lock().unwrap() = Some(peer.ip());
+                })
+            });
+            ready_rx.recv().unwrap();
+            self.pod.run(|| {
+                let sock = UdpSocket::bind(SocketAddr::from((ip(from), from_port))).unwrap();
+                // The first datagrams may wait on neighbour resolution: send until one arrives.
+                for _ in 0..50 {
+                    if got.lock().unwrap().is_some() {
+                        break;
+                    }
+                    sock.send_to(b"x", to).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        });
+        got.into_inner().unwrap().expect("nothing received")
+    }
+}
+
+#[test]
+fn nft_masquerades_real_packets() {
+    let t = Topology::new();
+    // Each probe uses its own source port: NAT is decided once per connection.
+    t.node.run(|| {
+        let m = masq(&["10.244.0.0/16", "fd00:244::/48"]);
+        m.ensure().unwrap();
+        m.add_source(ip("10.244.1.5")).unwrap();
+        m.add_source(ip("fd00:244:1::5")).unwrap();
+    });
+    // A pod in the set, to a non-exempt destination: the outside sees the node.
+    assert_eq!(t.source_seen("10.244.1.5", 10001, "203.0.113.2"), ip("203.0.113.1"));
+    assert_eq!(
+        t.source_seen("fd00:244:1::5", 10001, "2001:db8:2::2"),
+        ip("2001:db8:2::1")
+    );
+    // A pod not in the set keeps its address.
+    assert_eq!(t.source_seen("10.244.1.6", 10002, "203.0.113.2"), ip("10.244.1.6"));
+    assert_eq!(
+        t.source_seen("fd00:244:1::6", 10002, "2001:db8:2::2"),
+        ip("fd00:244:1::6")
+    );
+    // An exempt destination: no masquerade.
+    t.node.run(|| {
+        let m = masq(&[]);
+        m.add_exempt_destination(net("203.0.113.0/24")).unwrap();
+        m.add_exempt_destination(net("2001:db8:2::/64")).unwrap();
+    });
+    assert_eq!(t.source_seen("10.244.1.5", 10003, "203.0.113.2"), ip("10.244.1.5"));
+    assert_eq!(
+        t.source_seen("fd00:244:1::5", 10003, "2001:db8:2::2"),
+        ip("fd00:244:1::5")
+    );
+    // Removed from the set: no masquerade either.
+    t.node.run(|| {
+        let m = masq(&[]);
+        m.remove_exempt_destination(net("203.0.113.0/24")).unwrap();
+        m.remove_source(ip("10.244.1.5")).unwrap();
+        m.add_source_prefix(net("10.244.1.6/32")).unwrap();
+    });
+    assert_eq!(t.source_seen("10.244.1.5", 10004, "203.0.113.2"), ip("10.244.1.5"));
+    // A source prefix is masqueraded like a pod address.
+    assert_eq!(t.source_seen("10.244.1.6", 10004, "203.0.113.2"), ip("203.0.113.1"));
+    t.node.run(|| masq(&[]).delete_all().unwrap());
+    assert_eq!(t.node.ruleset().trim(), "");
+}
