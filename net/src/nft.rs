@@ -36,15 +36,17 @@
 //! # Idempotence and concurrency
 //!
 //! Many plugin processes may set the table up at once, and someone may have deleted a part of
-//! it. [`Masquerade::ensure`] sends one atomic batch: create-if-missing (NLM_F_CREATE without
-//! EXCL) for the table, the chain and the six sets, then *flush the chain and append the four
-//! rules*, then the exempt destinations. The kernel applies a batch all or nothing and
-//! serializes batches, so however many processes run it at once the chain ends with exactly
-//! four rules, and a chain that lost its rules is repaired. (Creating the rules only when a
-//! NEWTABLE with NLM_F_EXCL succeeds would also avoid duplicates, but would never repair a
-//! table whose rules were removed; checking by a dump before adding would race.) Set elements
-//! are kept across `ensure`. The table belongs to Trellis: other rules put in its chain are
-//! removed by the next `ensure`.
+//! it. [`Masquerade::ensure`] first reads the chain: when it holds exactly our four rules
+//! (told by their comments, which carry a version), only missing exempt destinations are
+//! committed, usually nothing at all, and the rule counters keep counting. Otherwise it sends
+//! one atomic batch: create-if-missing (NLM_F_CREATE without EXCL) for the table, the chain
+//! and the six sets, then *flush the chain and append the four rules*. The kernel applies a
+//! batch all or nothing and serializes batches, so however many processes do this at once the
+//! chain ends with exactly four rules, and a chain that lost its rules (or holds an older
+//! version of them) is repaired. Creating the rules only when a NEWTABLE with NLM_F_EXCL
+//! succeeds would also avoid duplicates, but would never repair a damaged table; "dump, then
+//! add if missing" alone would race into duplicate rules. Set elements are always kept. The
+//! table belongs to Trellis: a rule someone else puts in its chain goes at the next repair.
 //!
 //! Interval sets refuse overlapping elements (EEXIST) and the kernel does not merge them, so
 //! adding a prefix reads the set first and plans the batch: a prefix already covered is
@@ -140,9 +142,10 @@ impl Masquerade {
         &self.cfg
     }
 
-    /// Creates whatever is missing of the table, chain, sets and rules, resets the chain to
-    /// exactly our rules, and adds the configured exempt destinations; set elements are kept.
-    /// One atomic batch: safe to run from any number of processes at once, and repeatedly.
+    /// Makes the table, chain, sets and rules be there, the chain hold exactly our rules, and
+    /// the configured exempt destinations be covered; set elements are kept. Commits nothing
+    /// when all is in place; otherwise one atomic batch. Safe to run from any number of
+    /// processes at once, and repeatedly.
     pub fn ensure(&self) -> Result<(), NftError> {
         self.ensure_on(&mut self.conn())
     }
@@ -250,6 +253,7 @@ impl Masquerade {
     }
 
     fn ensure_on(&self, conn: &mut Conn) -> Result<(), NftError> {
+        let skeleton = !self.rules_in_place(conn)?;
         let wanted = Family::ALL.map(|fam| {
             let ivs = self.cfg.exempt_destinations.iter().map(|n| Interval::of(*n));
             (
@@ -258,7 +262,30 @@ impl Masquerade {
                 ivs.filter(|(f, _)| *f == fam).map(|(_, i)| i).collect(),
             )
         });
-        self.commit_intervals(conn, true, &wanted)
+        self.commit_intervals(conn, skeleton, &wanted)
+    }
+
+    /// Whether the chain holds exactly our rules (told by their comments), in order. Rules
+    /// reference the sets, so the table, the chain and the sets are then all there too.
+    fn rules_in_place(&self, conn: &mut Conn) -> Result<bool, NftError> {
+        let t = &self.cfg.table;
+        let context = format!("listing chain inet {t} {}", objects::CHAIN);
+        let replies = match conn.dump(|| objects::get_rules(t), &context) {
+            Err(e) if e.is_not_found() => return Ok(false),
+            r => r?,
+        };
+        let have: Vec<Option<String>> = replies.iter().map(|r| objects::parse_rule_comment(r)).collect();
+        let want: Vec<Option<String>> = Self::rules()
+            .map(|(fam, src)| Some(objects::rule_comment(fam, src)))
+            .collect();
+        Ok(have == want)
+    }
+
+    /// Our rules, in chain order: (family, source set).
+    fn rules() -> impl Iterator<Item = (Family, SetKind)> {
+        Family::ALL
+            .into_iter()
+            .flat_map(|fam| [SetKind::Sources, SetKind::SourcePrefixes].map(|src| (fam, src)))
     }
 
     /// Table, chain, sets, and the chain's rules replaced by ours.
@@ -283,16 +310,14 @@ impl Masquerade {
             objects::flush_chain(t),
             format!("flushing chain inet {t} {}", objects::CHAIN),
         );
-        for fam in Family::ALL {
-            for sources in [SetKind::Sources, SetKind::SourcePrefixes] {
-                let context = format!(
-                    "adding rule to chain inet {t} {}: saddr @{} daddr != @{} masquerade",
-                    objects::CHAIN,
-                    sources.name(fam),
-                    SetKind::ExemptDestinations.name(fam)
-                );
-                batch.push(objects::new_rule(t, fam, sources), context);
-            }
+        for (fam, sources) in Self::rules() {
+            let context = format!(
+                "adding rule to chain inet {t} {}: saddr @{} daddr != @{} masquerade",
+                objects::CHAIN,
+                sources.name(fam),
+                SetKind::ExemptDestinations.name(fam)
+            );
+            batch.push(objects::new_rule(t, fam, sources), context);
         }
     }
 

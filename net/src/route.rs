@@ -7,6 +7,8 @@
 //! - no scope given: `link` for a unicast route without gateway, `host` for local routes,
 //!   `universe` otherwise; deletes match any scope.
 //! - tables above 255 go in `RTA_TABLE` (the header's byte is then `RT_TABLE_UNSPEC`).
+//! - deletes match on destination, table, and whatever of gateway, device, metric, protocol,
+//!   scope and source is set; never on the MTU.
 
 use std::net::IpAddr;
 
@@ -253,7 +255,9 @@ fn route_message(r: &Route, op: Op) -> Result<RouteMessage, NetError> {
     if let Some(src) = r.pref_src {
         attrs.push(RouteAttribute::PrefSource(src.into()));
     }
-    if let Some(mtu) = r.mtu {
+    // Metrics are not part of a route's identity: a delete carrying a stale MTU would not
+    // match (ESRCH), which reads as "already gone".
+    if let (Some(mtu), Op::Add) = (r.mtu, op) {
         attrs.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
     }
     Ok(msg)

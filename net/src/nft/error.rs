@@ -70,6 +70,26 @@ impl fmt::Display for NftError {
     }
 }
 
+/// So that callers can `?` an nftables error into the crate's error; the errno, the object
+/// named and the kernel's text all carry over.
+impl From<NftError> for crate::NetError {
+    fn from(e: NftError) -> Self {
+        match e {
+            NftError::Kernel { context, errno, detail } => crate::NetError::Netlink {
+                what: context,
+                errno,
+                extack: detail,
+            },
+            NftError::Socket { context, source } => crate::NetError::Io { what: context, source },
+            NftError::Protocol(detail) => crate::NetError::UnexpectedReply {
+                what: "nftables".into(),
+                detail,
+            },
+            NftError::InvalidInput(m) => crate::NetError::InvalidArgument(m),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +107,10 @@ mod tests {
         );
         assert!(e.is_not_found());
         assert!(!e.is_exists());
+        let net: crate::NetError = e.into();
+        assert!(net.is_not_found());
+        assert!(net
+            .to_string()
+            .starts_with("adding element 10.244.1.5 to set trellis masq4: "));
     }
 }

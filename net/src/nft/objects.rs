@@ -111,6 +111,15 @@ pub(super) fn new_set(table: &str, kind: SetKind, fam: Family, id: u32) -> Msg {
     m
 }
 
+/// The comment that tags each of our rules. [`Masquerade::ensure`] leaves the chain alone
+/// when it holds exactly the rules with these comments, in this order; bump the version when
+/// the rules change, so that an upgrade replaces them.
+///
+/// [`Masquerade::ensure`]: super::Masquerade::ensure
+pub(super) fn rule_comment(fam: Family, sources: SetKind) -> String {
+    format!("trellis masquerade v1 {}", sources.name(fam))
+}
+
 /// `ip saddr @SOURCES ip daddr != @EXEMPT counter masquerade comment "..."` (or `ip6`).
 /// In an inet table the family test (`meta nfproto`) comes first, as nft(8) makes it.
 pub(super) fn new_rule(table: &str, fam: Family, sources: SetKind) -> Msg {
@@ -146,11 +155,34 @@ pub(super) fn new_rule(table: &str, fam: Family, sources: SetKind) -> Msg {
     expr(&mut m, "masq", |_| {});
     m.end();
     // A comment in libnftnl's user-data format, for whoever reads `nft list ruleset`.
-    let comment = b"trellis: masquerade pod traffic\0";
-    let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, comment.len() as u8];
-    udata.extend_from_slice(comment);
+    let comment = rule_comment(fam, sources);
+    let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, comment.len() as u8 + 1];
+    udata.extend_from_slice(comment.as_bytes());
+    udata.push(0);
     m.bytes(NFTA_RULE_USERDATA, &udata);
     m
+}
+
+/// A dump request for the rules of our chain.
+pub(super) fn get_rules(table: &str) -> Msg {
+    let mut m = Msg::new(MsgType::GetRule, NLM_F_REQUEST | NLM_F_DUMP);
+    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, CHAIN);
+    m
+}
+
+/// The comment of a rule in a dump reply (its attributes), if it has one.
+pub(super) fn parse_rule_comment(attrs_buf: &[u8]) -> Option<String> {
+    let mut udata = attr(attrs_buf, NFTA_RULE_USERDATA)?;
+    // libnftnl TLVs: type (u8), length (u8), value.
+    while let [ty, len, rest @ ..] = udata {
+        let value = rest.get(..*len as usize)?;
+        if *ty == NFTNL_UDATA_RULE_COMMENT {
+            let text = value.split(|b| *b == 0).next().unwrap_or(&[]);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        udata = &rest[*len as usize..];
+    }
+    None
 }
 
 fn expr(m: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {

@@ -105,7 +105,11 @@ fn nft_ensure_add_list_remove() {
     let text = ns.ruleset();
     assert!(text.contains("table inet trellis"), "{text}");
     assert!(text.contains("type nat hook postrouting priority srcnat"), "{text}");
-    assert_eq!(text.matches("masquerade comment").count(), 4, "{text}");
+    assert_eq!(
+        text.matches("masquerade comment \"trellis masquerade v1").count(),
+        4,
+        "{text}"
+    );
     for rule in [
         "ip saddr @masq4 ip daddr != @nomasq_dst4 counter",
         "ip saddr @masq_net4 ip daddr != @nomasq_dst4 counter",
@@ -133,12 +137,26 @@ fn nft_ensure_add_list_remove() {
         m.add_source(ip("10.244.1.6")).unwrap();
     });
     ns.exec(&["nft", "flush", "chain", "inet", "trellis", "postrouting"]);
+    ns.run(|| masq(&[]).ensure().unwrap());
+    assert_eq!(
+        ns.ruleset()
+            .matches("masquerade comment \"trellis masquerade v1")
+            .count(),
+        4
+    );
+    // A foreign rule in our chain goes at the next ensure.
+    ns.exec(&["nft", "add", "rule", "inet", "trellis", "postrouting", "counter"]);
     ns.run(|| {
         let m = masq(&[]);
         m.ensure().unwrap();
         assert_eq!(m.list_sources().unwrap(), vec![ip("10.244.1.6")]);
     });
-    assert_eq!(ns.ruleset().matches("masquerade comment").count(), 4);
+    assert_eq!(
+        ns.ruleset()
+            .matches("masquerade comment \"trellis masquerade v1")
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -285,7 +303,12 @@ fn nft_concurrent_plugins() {
         exempt.push(net("fd00:244::/56"));
         assert_eq!(m.list_exempt_destinations().unwrap(), exempt);
     });
-    assert_eq!(ns.ruleset().matches("masquerade comment").count(), 4);
+    assert_eq!(
+        ns.ruleset()
+            .matches("masquerade comment \"trellis masquerade v1")
+            .count(),
+        4
+    );
 }
 
 /// pod ── node ── outside: the node forwards and masquerades. Returns the source address the
@@ -406,6 +429,17 @@ fn nft_masquerades_real_packets() {
         m.add_exempt_destination(net("2001:db8:2::/64")).unwrap();
     });
     assert_eq!(t.source_seen("10.244.1.5", 10003, "203.0.113.2"), ip("10.244.1.5"));
+    // ensure with everything in place commits nothing: the counters keep counting.
+    t.node.run(|| masq(&["10.244.0.0/16"]).ensure().unwrap());
+    let text = t.node.ruleset();
+    assert!(
+        text.contains("ip saddr @masq4 ip daddr != @nomasq_dst4 counter packets "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ip saddr @masq4 ip daddr != @nomasq_dst4 counter packets 0 "),
+        "{text}"
+    );
     assert_eq!(
         t.source_seen("fd00:244:1::5", 10003, "2001:db8:2::2"),
         ip("fd00:244:1::5")
@@ -422,4 +456,41 @@ fn nft_masquerades_real_packets() {
     assert_eq!(t.source_seen("10.244.1.6", 10004, "203.0.113.2"), ip("203.0.113.1"));
     t.node.run(|| masq(&[]).delete_all().unwrap());
     assert_eq!(t.node.ruleset().trim(), "");
+}
+
+#[test]
+#[ignore]
+fn nft_timing() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let m = masq(&["10.244.0.0/16"]);
+        let t0 = std::time::Instant::now();
+        m.ensure().unwrap();
+        eprintln!("first ensure {:?}", t0.elapsed());
+        let t0 = std::time::Instant::now();
+        for _ in 0..100 {
+            m.ensure().unwrap();
+        }
+        eprintln!("ensure (in place) avg {:?}", t0.elapsed() / 100);
+        for i in 0..10000u32 {
+            m.add_source(IpAddr::from((0x0af40000u32 + i).to_be_bytes())).unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        for i in 10000..11000u32 {
+            m.add_source(IpAddr::from((0x0af40000u32 + i).to_be_bytes())).unwrap();
+        }
+        eprintln!("add_source avg with 10k pods {:?}", t0.elapsed() / 1000);
+        let t0 = std::time::Instant::now();
+        for i in 0..1000u32 {
+            m.remove_source(IpAddr::from((0x0af40000u32 + i).to_be_bytes()))
+                .unwrap();
+        }
+        eprintln!("remove avg {:?}", t0.elapsed() / 1000);
+        let t0 = std::time::Instant::now();
+        for _ in 0..100 {
+            let mm = masq(&["10.244.0.0/16"]);
+            mm.ensure().unwrap();
+        }
+        eprintln!("new+ensure+drop (no commit) avg {:?}", t0.elapsed() / 100);
+    });
 }

@@ -38,6 +38,7 @@ pub(super) enum MsgType {
     DelTable = 2,
     NewChain = 3,
     NewRule = 6,
+    GetRule = 7,
     DelRule = 8,
     NewSet = 9,
     NewSetElem = 12,
