@@ -6,7 +6,8 @@
 //! turns on proxy ARP on the host end, then prints both sides.
 
 use trellis_net::netns::{run_in, NetnsGuard, NetnsRef};
-use trellis_net::{sysctl, AddressOptions, NetError, Netlink, Route, VethConfig};
+use trellis_net::route::RT_TABLE_MAIN;
+use trellis_net::{sysctl, AddressOptions, NetError, Netlink, Route, RouteFilter, VethConfig};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), NetError> {
@@ -48,7 +49,11 @@ async fn main() -> Result<(), NetError> {
     for a in pod.addresses(eth0.index).await? {
         println!("pod address {} (tentative: {})", a.address, a.is_tentative());
     }
-    for r in pod.routes(&Default::default()).await? {
+    let main_table = RouteFilter {
+        table: Some(RT_TABLE_MAIN),
+        ..Default::default()
+    };
+    for r in pod.routes(&main_table).await? {
         println!(
             "pod route {} via {:?} dev {:?} table {}",
             r.destination, r.gateway, r.oif, r.table

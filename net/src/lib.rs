@@ -7,7 +7,7 @@
 //!   links ([`link`]), addresses ([`addr`]), routes ([`route`]), neighbours ([`neigh`]) and
 //!   VXLAN FDB entries ([`fdb`]).
 //! - [`sysctl`]: `/proc/sys` parameters (per namespace of the calling thread).
-//! - [`nft`]: nftables.
+//! - [`nft`], nftables: masquerade for pod traffic.
 //! - [`NetError`]: one error type; netlink errors keep the errno and say which object failed.
 //!
 //! Conventions: adds that are naturally repeatable (addresses, `replace_*`) succeed when the

@@ -53,14 +53,23 @@
 //! skipped, one covering others replaces them by the union; the batch is planned again if a
 //! concurrent change gets in between.
 //!
+//! # Cost (measured on the development VM, kernel 6.18)
+//!
+//! `add_source`/`remove_source`: about 5 µs each, the same with 10,000 pods in the set.
+//! `ensure` with everything in place: about 60 µs (two reads, no commit). Closing a netfilter
+//! netlink socket (or exiting) right after a commit waits in the kernel for the deferred
+//! destruction of that transaction, one RCU grace period (about 14 ms here; `nft` pays the
+//! same): a plugin should do its masquerade step early rather than last.
+//!
 //! # Namespaces
 //!
 //! A [`Masquerade`] talks through a netlink socket opened by [`Masquerade::new`], and that
 //! socket stays in the network namespace of the thread that created it: create it on a
 //! thread that has entered the target namespace.
 //!
-//! The messages are built here (see `nft/wire.rs`) rather than with a crate: they are few and
-//! small, and it keeps the batch, acknowledgement and errno handling in our hands.
+//! The messages are built here (`nft/wire.rs`, `nft/objects.rs`) rather than with a crate such
+//! as `rustables`: five kinds of object take a few hundred lines, no new dependency, and the
+//! batch, acknowledgement and errno handling stay in our hands.
 
 mod conn;
 mod error;

@@ -87,9 +87,12 @@ async fn onlink_gateway_outside_every_subnet() {
             // IPv4 refuses a gateway it cannot reach without `onlink`.
             let err = nl.add_route(&plain).await.unwrap_err();
             assert!(
-                err.errno().is_some() && err.to_string().starts_with("adding route 10.2.0.0/24"),
+                err.to_string().starts_with("adding route 10.2.0.0/24 via 192.168.99.1"),
                 "{err}"
             );
+            // The kernel's extended ACK message is kept.
+            assert!(err.to_string().ends_with("Nexthop has invalid gateway"), "{err}");
+            assert_eq!(err.errno(), Some(libc::ENETUNREACH), "{err}");
         }
         nl.replace_route(&plain.clone().onlink()).await.unwrap();
         let filter = RouteFilter {

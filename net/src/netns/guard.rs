@@ -67,7 +67,7 @@ pub fn create_named(name: &str) -> Result<PathBuf, NetError> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0)
+        .mode(0o000)
         .open(&path)
         .map_err(|e| NetError::io(format!("creating network namespace file {}", path.display()), e))?;
     if let Err(e) = bind_new_netns(&path) {
