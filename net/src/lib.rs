@@ -42,7 +42,7 @@ pub use error::NetError;
 pub use family::IpFamily;
 pub use fdb::FdbEntry;
 pub use ipnetwork::IpNetwork;
-pub use link::{BridgeConfig, LinkInfo, VethConfig, VxlanConfig};
+pub use link::{BridgeConfig, LinkChange, LinkInfo, VethConfig, VxlanConfig};
 pub use mac::MacAddr;
 pub use neigh::{Neighbour, NeighbourState};
 pub use netlink::Netlink;

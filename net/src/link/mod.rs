@@ -8,6 +8,7 @@ mod create;
 mod set;
 
 pub use create::{BridgeConfig, VethConfig, VxlanConfig};
+pub use set::LinkChange;
 
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -40,6 +41,8 @@ pub struct LinkInfo {
     pub link: Option<u32>,
     /// `IFLA_LINK_NETNSID`: set when the peer/parent lives in another namespace.
     pub link_netnsid: Option<i32>,
+    /// `IFLA_IFALIAS`, the link's free-form label.
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -56,6 +59,7 @@ impl LinkInfo {
             promisc: msg.header.flags.contains(LinkFlags::Promisc),
             link: None,
             link_netnsid: None,
+            alias: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -65,6 +69,7 @@ impl LinkInfo {
                 LinkAttribute::Controller(master) if *master != 0 => info.master = Some(*master),
                 LinkAttribute::Link(link) if *link != 0 => info.link = Some(*link),
                 LinkAttribute::LinkNetNsId(id) => info.link_netnsid = Some(*id),
+                LinkAttribute::IfAlias(alias) if !alias.is_empty() => info.alias = Some(alias.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let NlLinkInfo::Kind(kind) = i {

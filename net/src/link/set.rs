@@ -10,7 +10,40 @@ use super::check_ifname;
 use crate::netns::NetnsRef;
 use crate::{MacAddr, NetError, Netlink};
 
+/// Several changes to one link in one message (one round trip on a hot path such as a CNI ADD).
+#[derive(Debug, Clone, Default)]
+pub struct LinkChange<'a> {
+    /// Bring the link up.
+    pub up: bool,
+    /// Make it a port of this bridge.
+    pub master: Option<u32>,
+    /// `IFLA_IFALIAS`: a free-form label (`ip link show` prints it as `alias`), up to 255 bytes.
+    /// The kernel only takes it on an existing link, not in the message that creates one.
+    pub alias: Option<&'a str>,
+}
+
 impl Netlink {
+    /// Applies a [`LinkChange`] in one `RTM_NEWLINK`.
+    pub async fn change_link_with(&self, index: u32, change: &LinkChange<'_>) -> Result<(), NetError> {
+        let mut b = LinkUnspec::new_with_index(index);
+        if change.up {
+            b = b.up();
+        }
+        if let Some(master) = change.master {
+            b = b.controller(master);
+        }
+        if let Some(alias) = change.alias {
+            if alias.len() > 255 {
+                return Err(NetError::InvalidArgument(format!(
+                    "alias {alias:?} longer than 255 bytes"
+                )));
+            }
+            b = b.append_extra_attribute(netlink_packet_route::link::LinkAttribute::IfAlias(alias.to_string()));
+        }
+        self.change_link(index, b.build(), |l| format!("changing link {l} ({change:?})"))
+            .await
+    }
+
     /// `ip link set INDEX up`.
     pub async fn set_link_up(&self, index: u32) -> Result<(), NetError> {
         let msg = LinkUnspec::new_with_index(index).up().build();

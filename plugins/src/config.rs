@@ -1,0 +1,102 @@
+//! The plugin's config:
+//!
+//! ```json
+//! {"type": "trellis", "mode": "bridge", "bridge": "cni0", "isGateway": true,
+//!  "isDefaultGateway": true, "ipMasq": true, "mtu": 1450, "hairpinMode": false,
+//!  "promiscMode": false, "ipam": {"type": "trellis-ipam", ...}}
+//! ```
+//! The names are the reference `bridge` plugin's, so an operator's config works after changing
+//! `type`; the defaults are its defaults too.
+
+use serde::Deserialize;
+use trellis_cni::env::validate_ifname;
+use trellis_cni::{code, CniError, NetConf};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Pods are ports of a node bridge that holds their gateway address (like `bridge`).
+    #[default]
+    Bridge,
+    /// No bridge: /32 and /128 pod addresses, one host route per pod, a link-local gateway
+    /// answered by the host end (like Calico).
+    Routed,
+}
+
+/// The plugin's own fields (flattened into the network config).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginFields {
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    #[serde(default)]
+    pub is_gateway: bool,
+    #[serde(default)]
+    pub is_default_gateway: bool,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub hairpin_mode: bool,
+    #[serde(default)]
+    pub promisc_mode: bool,
+}
+
+fn default_bridge() -> String {
+    "cni0".into()
+}
+
+/// The validated config the verbs work from.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub bridge: String,
+    /// `isDefaultGateway` implies `isGateway`, as in the reference plugin.
+    pub is_gateway: bool,
+    pub is_default_gateway: bool,
+    pub mtu: Option<u32>,
+    pub hairpin: bool,
+    pub promisc: bool,
+    pub ip_masq: bool,
+    pub ipam_type: String,
+}
+
+impl Config {
+    pub fn from_netconf(conf: &NetConf<PluginFields>) -> Result<Config, CniError> {
+        let p = &conf.plugin;
+        if p.mode == Mode::Bridge {
+            validate_ifname(&p.bridge).map_err(|e| {
+                CniError::invalid_config(format!("invalid bridge name {:?}", p.bridge)).with_details(e.details)
+            })?;
+        }
+        if let Some(mtu) = p.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(CniError::invalid_config(format!("invalid mtu {mtu}"))
+                    .with_details("mtu must be between 68 and 65535 (the underlay MTU less the overlay's overhead)"));
+            }
+        }
+        let ipam_type = conf
+            .ipam
+            .as_ref()
+            .and_then(|i| i.get("type"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                CniError::new(code::INVALID_NETWORK_CONFIG, "the config has no ipam.type")
+                    .with_details("add \"ipam\": {\"type\": \"trellis-ipam\", ...}")
+            })?
+            .to_string();
+        Ok(Config {
+            mode: p.mode,
+            bridge: p.bridge.clone(),
+            is_gateway: p.is_gateway || p.is_default_gateway,
+            is_default_gateway: p.is_default_gateway,
+            mtu: p.mtu,
+            hairpin: p.hairpin_mode,
+            promisc: p.promisc_mode,
+            ip_masq: conf.ip_masq,
+            ipam_type,
+        })
+    }
+}

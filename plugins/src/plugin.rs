@@ -1,0 +1,123 @@
+//! The CNI verbs of `trellis`. ADD reads like the recipe: config → IPAM → wire the pod → result;
+//! any failure after IPAM undoes the wiring and releases the reservation before the error is
+//! printed. DEL always releases the reservation, whatever else happened.
+
+use crate::config::{Config, PluginFields};
+use crate::wire;
+use trellis_cni::delegate;
+use trellis_cni::{code, CniError, CniResult, Command, Context, Plugin};
+
+pub struct TrellisPlugin;
+
+type Ctx = Context<PluginFields>;
+
+/// The plugins run one `current_thread` runtime per invocation: netlink replies are awaited,
+/// never polled by threads of their own.
+fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::new(code::IO, "cannot start the netlink runtime").with_details(e.to_string()))
+}
+
+/// Appends a follow-up failure (from an undo) to the error being reported.
+fn also(mut e: CniError, what: &str, r: Result<(), CniError>) -> CniError {
+    if let Err(f) = r {
+        let sep = if e.details.is_empty() { "" } else { "; " };
+        e.details = format!("{}{sep}{what} also failed: {f}", e.details);
+    }
+    e
+}
+
+impl Plugin for TrellisPlugin {
+    type Config = PluginFields;
+
+    fn add(&self, ctx: &Ctx) -> Result<CniResult, CniError> {
+        let conf = Config::from_netconf(&ctx.conf)?;
+        let netns = ctx
+            .env
+            .netns
+            .as_deref()
+            .expect("the skeleton requires CNI_NETNS for ADD");
+        if !netns.exists() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_NETNS {} does not exist", netns.display()),
+            )
+            .with_details("the runtime must create the pod's network namespace before ADD"));
+        }
+        let ipam = delegate::add(&conf.ipam_type, &ctx.raw, &ctx.env)?;
+        let release = || delegate::call(&conf.ipam_type, Command::Del, &ctx.raw, &ctx.env);
+        if ipam.ips.is_empty() {
+            let e = CniError::new(code::DELEGATE, format!("{} returned no address", conf.ipam_type));
+            return Err(also(e, "releasing the reservation", release()));
+        }
+        let rt = runtime()?;
+        let mut created = wire::Created::default();
+        let wired = rt.block_on(wire::add(
+            &conf,
+            &ctx.conf.name,
+            &ctx.env,
+            &ipam,
+            ctx.conf.dns.as_ref(),
+            &mut created,
+        ));
+        match wired {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                let e = also(
+                    e,
+                    "undoing the wiring",
+                    rt.block_on(wire::undo(&ctx.conf.name, &ctx.env, &created)),
+                );
+                Err(also(e, "releasing the reservation", release()))
+            }
+        }
+    }
+
+    fn del(&self, ctx: &Ctx) -> Result<(), CniError> {
+        let conf = Config::from_netconf(&ctx.conf)?;
+        let kernel = runtime().and_then(|rt| rt.block_on(wire::teardown(&ctx.conf.name, &ctx.env)));
+        // Released whatever happened above: a reservation must never outlive its pod.
+        let ipam = delegate::call(&conf.ipam_type, Command::Del, &ctx.raw, &ctx.env);
+        match (kernel, ipam) {
+            (Err(e), ipam) => Err(also(e, "releasing the reservation", ipam)),
+            (Ok(()), ipam) => ipam,
+        }
+    }
+
+    fn check(&self, ctx: &Ctx) -> Result<(), CniError> {
+        let conf = Config::from_netconf(&ctx.conf)?;
+        let prev = ctx.conf.prev_result()?.ok_or_else(|| {
+            CniError::invalid_config("CHECK needs prevResult")
+                .with_details("the runtime passes the ADD result as prevResult")
+        })?;
+        delegate::call(&conf.ipam_type, Command::Check, &ctx.raw, &ctx.env)?;
+        runtime()?.block_on(wire::check(&conf, &ctx.conf.name, &ctx.env, &prev))
+    }
+
+    fn status(&self, ctx: &Ctx) -> Result<(), CniError> {
+        let conf = Config::from_netconf(&ctx.conf)?;
+        runtime()?.block_on(wire::status(&conf))?;
+        delegate::call(&conf.ipam_type, Command::Status, &ctx.raw, &ctx.env)
+    }
+
+    fn gc(&self, ctx: &Ctx) -> Result<(), CniError> {
+        let conf = Config::from_netconf(&ctx.conf)?;
+        let valid = ctx.conf.valid_attachments.as_deref().ok_or_else(|| {
+            CniError::invalid_config("GC without \"cni.dev/valid-attachments\"")
+                .with_details("refusing to guess which attachments are in use; the runtime must list them")
+        })?;
+        let kernel = runtime().and_then(|rt| rt.block_on(wire::gc(&ctx.conf.name, valid)));
+        let ipam = delegate::call(&conf.ipam_type, Command::Gc, &ctx.raw, &ctx.env);
+        match (kernel, ipam) {
+            (Err(e), ipam) => Err(also(e, "IPAM GC", ipam)),
+            (Ok(removed), ipam) => {
+                if !removed.is_empty() {
+                    eprintln!("trellis: GC removed {}", removed.join(", "));
+                }
+                ipam
+            }
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! ADD's kernel work, and its undoing. Two shapes:
+//!
+//! - **bridge** (like the reference `bridge` plugin): the node bridge holds the pods' gateway
+//!   address; each pod's host end is a port of it; the pod gets its address with the subnet's
+//!   prefix and routes via the gateway.
+//! - **routed** (like Calico): no bridge. The pod gets a /32 (and /128) and a default route via a
+//!   link-local gateway (169.254.1.1, fe80::1) that a permanent neighbour entry in the pod
+//!   resolves to the host end's MAC (proxy ARP on the host end answers too, should someone flush
+//!   the entry). The node gets one host route per pod address through the host end. Everything
+//!   the pod needs on the host side dies with the host end, so DEL is one link delete.
+//!
+//! The veth is born with its peer already in the pod's namespace (one netlink message), so the
+//! pod's `eth0` never exists on the host, and the host end's name comes from the attachment
+//! ([`crate::names`]), so DEL finds it without the namespace and GC without any state file.
+
+use crate::config::{Config, Mode};
+use crate::names;
+use ipnetwork::IpNetwork;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
+use trellis_net::nft::{Masquerade, MasqueradeConfig};
+use trellis_net::{
+    netns::NetnsRef, sysctl, AddressOptions, BridgeConfig, IpFamily, LinkChange, LinkInfo, NetError, Netlink, Route,
+    RouteFilter, RouteScope, VethConfig,
+};
+
+/// The routed-mode gateway the pod sees for IPv4 (Calico's choice, link-local).
+pub const ROUTED_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The routed-mode gateway the pod sees for IPv6.
+pub const ROUTED_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The route protocol of the host routes the plugin adds in routed mode (`ip route` shows
+/// `proto 116`), so that they can be told from anyone else's.
+pub const HOST_ROUTE_PROTOCOL: u8 = 116;
+
+pub fn kernel(e: NetError) -> CniError {
+    CniError::new(code::KERNEL, e.to_string())
+}
+
+fn nft(e: trellis_net::nft::NftError) -> CniError {
+    CniError::new(code::KERNEL, format!("masquerade: {e}"))
+}
+
+fn routed_gateway(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => ROUTED_GATEWAY_V4.into(),
+        IpFamily::V6 => ROUTED_GATEWAY_V6.into(),
+    }
+}
+
+fn single_host(ip: IpAddr) -> IpNetwork {
+    IpNetwork::new(ip, IpFamily::of(ip).max_prefix()).expect("a full-length prefix is valid")
+}
+
+fn is_default(dst: &IpNetwork) -> bool {
+    dst.prefix() == 0
+}
+
+/// What ADD created that a failure must undo (the IPAM reservation is the caller's).
+#[derive(Default)]
+pub struct Created {
+    /// The bridge, if this ADD created it.
+    pub bridge: Option<u32>,
+}
+
+/// Wires the pod for `ipam`'s addresses and returns the result to print.
+pub async fn add(
+    conf: &Config,
+    network: &str,
+    env: &Env,
+    ipam: &CniResult,
+    dns: Option<&Dns>,
+    created: &mut Created,
+) -> Result<CniResult, CniError> {
+    let netns = env.netns.as_deref().expect("ADD has CNI_NETNS");
+    let host = Netlink::connect().map_err(kernel)?;
+    let pod = Netlink::connect_in(netns).map_err(kernel)?;
+    let host_name = names::host_veth_name(network, &env.container_id, &env.ifname);
+    // A retried ADD replaces whatever an earlier attempt for this attachment left.
+    host.del_link_by_name(&host_name).await.map_err(kernel)?;
+
+    let bridge = match conf.mode {
+        Mode::Bridge => Some(ensure_bridge(&host, conf, ipam, created).await?),
+        Mode::Routed => None,
+    };
+    let mut veth = VethConfig::new(&host_name, &env.ifname).peer_netns(NetnsRef::Path(netns));
+    veth.mtu = conf.mtu;
+    let host_end = host.create_veth(&veth).await.map_err(|e| {
+        if e.is_exists() {
+            CniError::new(
+                code::KERNEL,
+                format!("interface {} already exists in {}", env.ifname, netns.display()),
+            )
+            .with_details("another attachment uses this CNI_IFNAME in the pod; pick another ifname")
+        } else {
+            kernel(e)
+        }
+    })?;
+    let routed_v6 = conf.mode == Mode::Routed && ipam.ips.iter().any(|i| i.address.is_ipv6());
+    if routed_v6 {
+        // Routed IPv6 resolves the pod through the host end's link-local address; while that
+        // address is in DAD (about 2 s) the host cannot send neighbour solicitations, and the
+        // pod's first packets wait. The address is unique on a point-to-point veth: skip DAD.
+        sysctl::set_accept_dad(&host_name, false).map_err(kernel)?;
+    }
+    let alias = names::host_alias(network, &env.container_id, &env.ifname);
+    let change = LinkChange {
+        up: true,
+        master: bridge.as_ref().map(|b| b.index),
+        alias: Some(&alias),
+    };
+    host.change_link_with(host_end.index, &change).await.map_err(kernel)?;
+    if conf.hairpin && bridge.is_some() {
+        host.set_bridge_port_hairpin(host_end.index, true)
+            .await
+            .map_err(kernel)?;
+    }
+    let pod_end = pod.link_by_name(&env.ifname).await.map_err(kernel)?.ok_or_else(|| {
+        CniError::new(
+            code::KERNEL,
+            format!("{} vanished from {}", env.ifname, netns.display()),
+        )
+    })?;
+    if routed_v6 {
+        let ifname = env.ifname.clone();
+        trellis_net::netns::run_in(netns, move || sysctl::set_accept_dad(&ifname, false))
+            .and_then(|r| r)
+            .map_err(kernel)?;
+    }
+    pod.set_link_up(pod_end.index).await.map_err(kernel)?;
+
+    let (ips, routes) = match conf.mode {
+        Mode::Bridge => configure_bridged_pod(conf, &pod, pod_end.index, ipam).await?,
+        Mode::Routed => configure_routed_pod(&host, &host_end, &pod, pod_end.index, ipam).await?,
+    };
+    enable_forwarding(ipam, conf)?;
+    if conf.ip_masq {
+        masquerade(ipam)?;
+    }
+
+    let mut interfaces = Vec::new();
+    if let Some(b) = &bridge {
+        interfaces.push(interface(b, None, None));
+    }
+    interfaces.push(interface(&host_end, conf.mtu, None));
+    interfaces.push(interface(&pod_end, conf.mtu, Some(netns)));
+    let pod_index = interfaces.len() - 1;
+    Ok(CniResult {
+        interfaces,
+        ips: ips
+            .into_iter()
+            .map(|mut ip| {
+                ip.interface = Some(pod_index);
+                ip
+            })
+            .collect(),
+        routes,
+        dns: dns
+            .cloned()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| ipam.dns.clone()),
+    })
+}
+
+fn interface(l: &LinkInfo, mtu: Option<u32>, sandbox: Option<&Path>) -> Interface {
+    Interface {
+        name: l.name.clone(),
+        mac: l.mac.map(|m| m.to_string()),
+        mtu,
+        sandbox: sandbox.map(|p| p.to_string_lossy().into_owned()),
+        ..Default::default()
+    }
+}
+
+/// Creates the bridge or reuses it (refusing a non-bridge device of that name), brings it up and
+/// gives it the gateway addresses when `isGateway`.
+async fn ensure_bridge(
+    host: &Netlink,
+    conf: &Config,
+    ipam: &CniResult,
+    created: &mut Created,
+) -> Result<LinkInfo, CniError> {
+    let br = match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
+        Some(l) => l,
+        None => {
+            let mut cfg = BridgeConfig::new(&conf.bridge);
+            cfg.mtu = conf.mtu;
+            match host.create_bridge(&cfg).await {
+                Ok(l) => {
+                    created.bridge = Some(l.index);
+                    l
+                }
+                // Another ADD created it in the meantime.
+                Err(e) if e.is_exists() => host
+                    .link_by_name(&conf.bridge)
+                    .await
+                    .map_err(kernel)?
+                    .ok_or_else(|| CniError::new(code::KERNEL, format!("bridge {} vanished", conf.bridge)))?,
+                Err(e) => return Err(kernel(e)),
+            }
+        }
+    };
+    check_is_bridge(&br)?;
+    if !br.up {
+        host.set_link_up(br.index).await.map_err(kernel)?;
+    }
+    if conf.promisc && !br.promisc {
+        host.set_link_promisc(br.index, true).await.map_err(kernel)?;
+    }
+    if conf.is_gateway {
+        for ip in &ipam.ips {
+            let gw = ip.gateway.ok_or_else(|| {
+                CniError::invalid_config(format!("isGateway is set but IPAM gave no gateway for {}", ip.address))
+                    .with_details("give the IPAM range a \"gateway\", or set isGateway to false")
+            })?;
+            let addr = IpNetwork::new(gw, ip.address.prefix()).expect("prefix from IPAM");
+            let opts = AddressOptions {
+                nodad: gw.is_ipv6(),
+                no_prefix_route: false,
+            };
+            host.add_address_with(br.index, addr, opts).await.map_err(kernel)?;
+        }
+    }
+    Ok(br)
+}
+
+/// A device called like the bridge must be a bridge.
+pub fn check_is_bridge(l: &LinkInfo) -> Result<(), CniError> {
+    if l.kind.as_deref() == Some("bridge") {
+        return Ok(());
+    }
+    Err(
+        CniError::invalid_config(format!("device {} exists and is not a bridge", l.name)).with_details(format!(
+            "it is a {} device; set \"bridge\" to another name or remove the device",
+            l.kind.as_deref().unwrap_or("physical")
+        )),
+    )
+}
+
+async fn configure_bridged_pod(
+    conf: &Config,
+    pod: &Netlink,
+    index: u32,
+    ipam: &CniResult,
+) -> Result<(Vec<IpConfig>, Vec<CniRoute>), CniError> {
+    for ip in &ipam.ips {
+        let opts = AddressOptions {
+            nodad: ip.address.is_ipv6(),
+            no_prefix_route: false,
+        };
+        pod.add_address_with(index, ip.address, opts).await.map_err(kernel)?;
+    }
+    let gateway_of = |family: IpFamily| {
+        ipam.ips
+            .iter()
+            .find(|i| IpFamily::of(i.address.ip()) == family)
+            .and_then(|i| i.gateway)
+    };
+    let mut routes: Vec<CniRoute> = ipam.routes.clone();
+    if conf.is_default_gateway {
+        for ip in &ipam.ips {
+            let any = IpNetwork::new(IpFamily::of(ip.address.ip()).unspecified(), 0).expect("/0");
+            if !routes.iter().any(|r| r.dst == any) {
+                routes.push(CniRoute::new(any, ip.gateway));
+            }
+        }
+    }
+    for r in &mut routes {
+        let gw = r.gw.or_else(|| gateway_of(IpFamily::of(r.dst.ip())));
+        let mut route = Route::new(r.dst).dev(index);
+        if let Some(gw) = gw {
+            route = route.via(gw);
+        } else if is_default(&r.dst) {
+            return Err(CniError::invalid_config(format!("route {} has no gateway", r.dst))
+                .with_details("give the route a \"gw\" or the IPAM range a gateway"));
+        }
+        pod.replace_route(&route).await.map_err(kernel)?;
+        r.gw = gw;
+    }
+    Ok((ipam.ips.clone(), routes))
+}
+
+async fn configure_routed_pod(
+    host: &Netlink,
+    host_end: &LinkInfo,
+    pod: &Netlink,
+    index: u32,
+    ipam: &CniResult,
+) -> Result<(Vec<IpConfig>, Vec<CniRoute>), CniError> {
+    let host_mac = host_end
+        .mac
+        .ok_or_else(|| CniError::new(code::KERNEL, format!("{} has no MAC address", host_end.name)))?;
+    let mut ips = Vec::new();
+    let mut routes = Vec::new();
+    for ip in &ipam.ips {
+        let family = IpFamily::of(ip.address.ip());
+        let gw = routed_gateway(family);
+        let addr = single_host(ip.address.ip());
+        let opts = AddressOptions {
+            nodad: family == IpFamily::V6,
+            no_prefix_route: false,
+        };
+        pod.add_address_with(index, addr, opts).await.map_err(kernel)?;
+        pod.replace_neighbour(index, gw, host_mac).await.map_err(kernel)?;
+        if family == IpFamily::V4 {
+            // fe80::/64 is on-link by itself; 169.254.1.1 needs a link route.
+            pod.replace_route(&Route::new(single_host(gw)).dev(index).scope(RouteScope::Link))
+                .await
+                .map_err(kernel)?;
+        }
+        let any = IpNetwork::new(family.unspecified(), 0).expect("/0");
+        let mut dsts: Vec<IpNetwork> = ipam
+            .routes
+            .iter()
+            .map(|r| r.dst)
+            .filter(|d| IpFamily::of(d.ip()) == family)
+            .collect();
+        if !dsts.contains(&any) {
+            dsts.insert(0, any);
+        }
+        for dst in dsts {
+            pod.replace_route(&Route::new(dst).via(gw).dev(index))
+                .await
+                .map_err(kernel)?;
+            routes.push(CniRoute::new(dst, Some(gw)));
+        }
+        host.replace_route(
+            &Route::new(addr)
+                .dev(host_end.index)
+                .scope(RouteScope::Link)
+                .protocol(HOST_ROUTE_PROTOCOL),
+        )
+        .await
+        .map_err(kernel)?;
+        ips.push(IpConfig {
+            address: addr,
+            gateway: Some(gw),
+            interface: None,
+        });
+    }
+    if ipam.ips.iter().any(|i| i.address.is_ipv4()) {
+        sysctl::set_proxy_arp(&host_end.name, true).map_err(kernel)?;
+    }
+    Ok((ips, routes))
+}
+
+/// Turns on forwarding for the families in use (a write only when it is off).
+fn enable_forwarding(ipam: &CniResult, conf: &Config) -> Result<(), CniError> {
+    if conf.mode == Mode::Bridge && !conf.is_gateway {
+        return Ok(());
+    }
+    if ipam.ips.iter().any(|i| i.address.is_ipv4())
+        && sysctl::read("net.ipv4.ip_forward").map_err(kernel)?.trim() != "1"
+    {
+        sysctl::set_ipv4_forwarding(true).map_err(kernel)?;
+    }
+    if ipam.ips.iter().any(|i| i.address.is_ipv6())
+        && sysctl::read("net.ipv6.conf.all.forwarding").map_err(kernel)?.trim() != "1"
+    {
+        sysctl::set_ipv6_forwarding(true).map_err(kernel)?;
+    }
+    Ok(())
+}
+
+/// Masquerades the pods' subnets to everything outside them, as Calico's `natOutgoing` does per
+/// pool: the rule depends on the subnet, not on the pod, so after the first pod of a subnet an
+/// ADD only reads (no nftables commit, which costs a kernel RCU grace period at exit) and a DEL
+/// has nothing to undo.
+fn masquerade(ipam: &CniResult) -> Result<(), CniError> {
+    let subnets: Vec<IpNetwork> = ipam
+        .ips
+        .iter()
+        .map(|i| IpNetwork::new(i.address.network(), i.address.prefix()).expect("prefix from IPAM"))
+        .collect();
+    let m = Masquerade::new(MasqueradeConfig::new(subnets.clone())).map_err(nft)?;
+    m.ensure().map_err(nft)?;
+    let have = m.list_source_prefixes().map_err(nft)?;
+    for s in subnets {
+        let covered = have.iter().any(|h| h.prefix() <= s.prefix() && h.contains(s.network()));
+        if !covered {
+            m.add_source_prefix(s).map_err(nft)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the attachment's host end (and with it the pod end and every host route through it).
+/// A missing link is success.
+pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
+    let host = Netlink::connect().map_err(kernel)?;
+    host.del_link_by_name(&names::host_veth_name(network, &env.container_id, &env.ifname))
+        .await
+        .map_err(kernel)
+}
+
+/// Undoes a failed ADD: the host end, and the bridge if this ADD created it and no port uses it.
+pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
+    teardown(network, env).await?;
+    if let Some(bridge) = created.bridge {
+        let host = Netlink::connect().map_err(kernel)?;
+        let ports = host
+            .links()
+            .await
+            .map_err(kernel)?
+            .into_iter()
+            .filter(|l| l.master == Some(bridge))
+            .count();
+        if ports == 0 {
+            host.del_link(bridge).await.map_err(kernel)?;
+        }
+    }
+    Ok(())
+}
+
+/// CHECK: the host end, the pod end, and every address and route of `prev` are in place.
+pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) -> Result<(), CniError> {
+    let mismatch = |msg: String| CniError::new(code::CHECK_MISMATCH, msg);
+    let netns = env.netns.as_deref().expect("CHECK has CNI_NETNS");
+    let host = Netlink::connect().map_err(kernel)?;
+    let host_name = names::host_veth_name(network, &env.container_id, &env.ifname);
+    let host_end = host.link_by_name(&host_name).await.map_err(kernel)?.ok_or_else(|| {
+        mismatch(format!(
+            "host end {host_name} of {} {} is missing",
+            env.container_id, env.ifname
+        ))
+    })?;
+    if conf.mode == Mode::Bridge {
+        let br = host.link_by_name(&conf.bridge).await.map_err(kernel)?;
+        if br.is_none_or(|b| host_end.master != Some(b.index)) {
+            return Err(mismatch(format!("{host_name} is not a port of bridge {}", conf.bridge)));
+        }
+    }
+    let pod = Netlink::connect_in(netns).map_err(kernel)?;
+    let pod_end = pod
+        .link_by_name(&env.ifname)
+        .await
+        .map_err(kernel)?
+        .ok_or_else(|| mismatch(format!("interface {} is missing in {}", env.ifname, netns.display())))?;
+    let have = pod.addresses(pod_end.index).await.map_err(kernel)?;
+    let ours = |i: &IpConfig| {
+        i.interface
+            .and_then(|n| prev.interfaces.get(n))
+            .is_none_or(|iface| iface.name == env.ifname && iface.sandbox.is_some())
+    };
+    for ip in prev.ips.iter().filter(|i| ours(i)) {
+        if !have.iter().any(|a| a.address == ip.address) {
+            return Err(mismatch(format!(
+                "address {} is missing on {} in {}",
+                ip.address,
+                env.ifname,
+                netns.display()
+            ))
+            .with_details(format!(
+                "found {:?}",
+                have.iter().map(|a| a.address.to_string()).collect::<Vec<_>>()
+            )));
+        }
+    }
+    let routes = pod.routes(&RouteFilter::default()).await.map_err(kernel)?;
+    for r in &prev.routes {
+        let found = routes
+            .iter()
+            .any(|k| k.destination == r.dst && (r.gw.is_none() || k.gateway == r.gw));
+        if !found {
+            let via = r.gw.map(|g| format!(" via {g}")).unwrap_or_default();
+            return Err(mismatch(format!(
+                "route {}{via} is missing in {}",
+                r.dst,
+                netns.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// STATUS: can an ADD work? Not when a non-bridge device holds the bridge's name.
+pub async fn status(conf: &Config) -> Result<(), CniError> {
+    if conf.mode != Mode::Bridge {
+        return Ok(());
+    }
+    let host = Netlink::connect().map_err(kernel)?;
+    match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
+        Some(l) => {
+            check_is_bridge(&l).map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details))
+        }
+        None => Ok(()),
+    }
+}
+
+/// GC: deletes this network's host ends whose attachment is not in `valid`.
+pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<String>, CniError> {
+    let host = Netlink::connect().map_err(kernel)?;
+    let mut removed = Vec::new();
+    for l in host.links().await.map_err(kernel)? {
+        if !l.name.starts_with(names::HOST_PREFIX) {
+            continue;
+        }
+        let Some((cid, ifname)) = l.alias.as_deref().and_then(|a| names::parse_alias(a, network)) else {
+            continue;
+        };
+        if !valid.iter().any(|a| a.container_id == cid && a.ifname == ifname) {
+            host.del_link(l.index).await.map_err(kernel)?;
+            removed.push(l.name);
+        }
+    }
+    Ok(removed)
+}
