@@ -25,6 +25,12 @@ pub fn parse_alias<'a>(alias: &'a str, network: &str) -> Option<(&'a str, &'a st
     rest.split_once('/')
 }
 
+/// A stable, locally administered unicast MAC for a bridge, derived from its name.
+pub fn bridge_mac(bridge: &str) -> trellis_net::MacAddr {
+    let h = fnv1a64(["bridge", bridge]).to_be_bytes();
+    trellis_net::MacAddr([0x02, h[0], h[1], h[2], h[3], h[4]])
+}
+
 /// FNV-1a over the parts with a separator that cannot occur in them.
 fn fnv1a64<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -185,6 +185,10 @@ async fn ensure_bridge(
         None => {
             let mut cfg = BridgeConfig::new(&conf.bridge);
             cfg.mtu = conf.mtu;
+            // A bridge without a MAC of its own takes its lowest port's, and all zeros once its
+            // last port leaves: the pods' gateway MAC would change under them. Give it a stable
+            // one.
+            cfg.mac = Some(names::bridge_mac(&conf.bridge));
             match host.create_bridge(&cfg).await {
                 Ok(l) => {
                     created.bridge = Some(l.index);
@@ -201,6 +205,11 @@ async fn ensure_bridge(
         }
     };
     check_is_bridge(&br)?;
+    if created.bridge.is_some() {
+        // The gateway's link-local address would otherwise be tentative (unusable) for the
+        // first seconds: the bridge is the only holder of that address on its segment.
+        sysctl::set_accept_dad(&conf.bridge, false).map_err(kernel)?;
+    }
     if !br.up {
         host.set_link_up(br.index).await.map_err(kernel)?;
     }

@@ -17,6 +17,8 @@ pub struct CniCall {
     pub cni_path: Vec<PathBuf>,
     pub args: Option<String>,
     pub config: Value,
+    /// When set, the plugin runs as `ip netns exec NAME <plugin>`: inside a test's node namespace.
+    pub exec_in_netns: Option<String>,
 }
 
 /// What the plugin printed and how it exited.
@@ -40,6 +42,7 @@ impl CniCall {
             cni_path: vec![dir, PathBuf::from(REFERENCE_PLUGINS)],
             args: None,
             config,
+            exec_in_netns: None,
         }
     }
 
@@ -63,6 +66,12 @@ impl CniCall {
         self
     }
 
+    /// Runs the plugin inside the named network namespace (`ip netns exec NAME <plugin>`).
+    pub fn exec_in_netns(mut self, name: &str) -> CniCall {
+        self.exec_in_netns = Some(name.into());
+        self
+    }
+
     /// Starts the plugin without waiting (for concurrency tests).
     pub fn spawn(&self) -> Child {
         let path = self
@@ -71,7 +80,14 @@ impl CniCall {
             .map(|p| p.to_string_lossy())
             .collect::<Vec<_>>()
             .join(":");
-        let mut cmd = Command::new(&self.plugin);
+        let mut cmd = match &self.exec_in_netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.plugin);
+                c
+            }
+            None => Command::new(&self.plugin),
+        };
         cmd.env("CNI_COMMAND", &self.command)
             .env("CNI_CONTAINERID", &self.container_id)
             .env("CNI_IFNAME", &self.ifname)

@@ -1,0 +1,131 @@
+//! Every failure path: the right code, a message, a non-zero exit, and a node left exactly as it
+//! was (no veth, no address, no route, no reservation).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use trellis_cni::code;
+use trellis_tests::Netns;
+
+/// Runs a failing ADD and checks the code, the message and that the node did not change.
+fn fails_cleanly(node: &Node, conf: &Value, pod: &Netns, want: u32, needle: &str) {
+    let before = node.snapshot();
+    let out = node.call("ADD", conf, "bad", Some(pod)).run();
+    assert_eq!(out.err_code(), want as u64, "{}", out.stdout);
+    assert!(out.stdout.contains(needle), "message {} lacks {needle:?}", out.stdout);
+    assert_same(
+        &before,
+        &node.snapshot(),
+        &format!("a failed ADD left something on the node: {}", out.stdout),
+    );
+    assert!(
+        !pod.exec(&["ip", "link", "show", "eth0"]).status.success() || needle == "already exists",
+        "the pod kept an eth0"
+    );
+}
+
+/// A node where the network's shared objects already exist (so that the snapshot only shows
+/// what one ADD would add).
+fn warm_node(mode: &str) -> (Node, Value) {
+    let node = Node::new();
+    let conf = node.conf(mode, true, json!({}));
+    let warm = Netns::new("tpw");
+    node.add(&conf, "warm", &warm);
+    node.del(&conf, "warm", Some(&warm)).ok();
+    (node, conf)
+}
+
+#[test]
+fn a_failing_route_rolls_back_the_veth_addresses_and_reservation() {
+    // Both modes share the undo path (the host end by name, then IPAM DEL); bridge mode has a
+    // step that fails late and on purpose: an IPAM route whose gateway is on no link. The
+    // kernel refuses it after the veth, the pod's addresses and the reservation were made.
+    let (node, conf) = warm_node("bridge");
+    let mut bad = conf.clone();
+    bad["ipam"]["routes"] = json!([{"dst": "192.0.2.0/24", "gw": "10.99.99.99"}]);
+    fails_cleanly(&node, &bad, &Netns::new("tpf"), code::KERNEL, "192.0.2.0/24");
+}
+
+#[test]
+fn an_exhausted_range_creates_nothing() {
+    let node = Node::new();
+    let conf = node.conf("bridge", false, json!({"ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.85.0.0/30"}]], "dataDir": node.data.path()}}));
+    let first = Netns::new("tpe");
+    node.add(&conf, "e1", &first);
+    fails_cleanly(
+        &node,
+        &conf,
+        &Netns::new("tpe"),
+        code::NO_ADDRESS_AVAILABLE,
+        "10.85.0.0/30",
+    );
+    node.del(&conf, "e1", Some(&first)).ok();
+}
+
+#[test]
+fn a_non_bridge_device_with_the_bridge_name_is_refused_and_the_address_released() {
+    let node = Node::new();
+    node.ns
+        .exec_ok(&["ip", "link", "add", "tbr0", "type", "veth", "peer", "name", "tbr0p"]);
+    let conf = node.conf("bridge", false, json!({}));
+    fails_cleanly(
+        &node,
+        &conf,
+        &Netns::new("tpb"),
+        code::INVALID_NETWORK_CONFIG,
+        "not a bridge",
+    );
+}
+
+#[test]
+fn an_ifname_already_taken_in_the_pod_is_refused_and_the_address_released() {
+    let (node, conf) = warm_node("bridge");
+    let pod = Netns::new("tpi");
+    pod.exec_ok(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    fails_cleanly(&node, &conf, &pod, code::KERNEL, "already exists");
+    assert!(
+        pod.exec(&["ip", "link", "show", "eth0p"]).status.success(),
+        "the pod's own eth0 was touched"
+    );
+}
+
+#[test]
+fn a_missing_namespace_or_ipam_plugin_or_bad_config_changes_nothing() {
+    let (node, conf) = warm_node("bridge");
+    let pod = Netns::new("tpn");
+    let before = node.snapshot();
+
+    let out = node
+        .call("ADD", &conf, "x", None)
+        .netns("/run/netns/trellis-no-such-ns")
+        .run();
+    assert_eq!(out.err_code(), code::INVALID_ENV as u64);
+
+    let mut no_ipam = conf.clone();
+    no_ipam["ipam"]["type"] = json!("no-such-ipam");
+    let out = node.call("ADD", &no_ipam, "x", Some(&pod)).run();
+    assert_eq!(out.err_code(), code::DELEGATE as u64);
+    assert!(out.stdout.contains("no-such-ipam"), "{}", out.stdout);
+
+    for (field, value, needle) in [
+        ("mode", json!("tunnel"), "tunnel"),
+        ("mtu", json!(20), "mtu"),
+        ("bridge", json!("a-name-far-too-long"), "bridge"),
+        ("ipam", json!({}), "ipam.type"),
+        ("isGateway", json!("yes"), "expected a boolean"),
+    ] {
+        let mut bad = conf.clone();
+        bad[field] = value;
+        let out = node.call("ADD", &bad, "x", Some(&pod)).run();
+        assert_eq!(
+            out.err_code(),
+            code::INVALID_NETWORK_CONFIG as u64,
+            "{field}: {}",
+            out.stdout
+        );
+        assert!(out.stdout.contains(needle), "{field}: {}", out.stdout);
+    }
+    assert_same(&before, &node.snapshot(), "a refused ADD changed the node");
+    assert!(!pod.exec(&["ip", "link", "show", "eth0"]).status.success());
+}
