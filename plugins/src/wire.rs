@@ -192,6 +192,12 @@ async fn ensure_bridge(
             match host.create_bridge(&cfg).await {
                 Ok(l) => {
                     created.bridge = Some(l.index);
+                    if let Some(mtu) = conf.mtu {
+                        // Set again after creation: only an MTU set this way marks the bridge's
+                        // MTU as chosen by the user, and then the kernel stops recomputing it
+                        // over every port at each port added (which grows with the pods).
+                        host.set_link_mtu(l.index, mtu).await.map_err(kernel)?;
+                    }
                     l
                 }
                 // Another ADD created it in the meantime.
