@@ -1,0 +1,1 @@
+//! Backends: how this node reaches the other nodes' pods (written for issue 4).

@@ -1,0 +1,1 @@
+//! The node CNI config writer (written for issue 4).

@@ -1,0 +1,68 @@
+//! Datastores: where node leases live. An enum with one variant per datastore (no trait
+//! objects, no registration by side effect):
+//! - [`etcd`]: leases under one key prefix, created by compare-and-swap, kept alive by an etcd
+//!   lease (TTL) the daemon renews, watched for the other nodes' changes;
+//! - [`none`]: a single node whose pod CIDR comes from a flag; no peers.
+//!
+//! The rest of the daemon sees only [`Datastore::start`]: this node's lease, then a stream of
+//! [`Event`]s about every node's lease (this node's included).
+
+pub mod etcd;
+pub mod none;
+
+use crate::config::Pool;
+use crate::lease::{BackendData, Lease};
+use std::net::IpAddr;
+use tokio::sync::mpsc;
+
+/// What this node asks for.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub underlay_ip: IpAddr,
+    pub backend: BackendData,
+}
+
+/// A change in the set of leases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Every lease as the datastore holds it now (at start, and after a resync following a
+    /// lost connection): the receiver replaces what it knew.
+    Snapshot(Vec<Lease>),
+    /// A lease was created or changed.
+    Upsert(Lease),
+    /// A node's lease was deleted or expired.
+    Remove(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("no free pod CIDR in {0}")]
+    Exhausted(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub enum Datastore {
+    Etcd(etcd::EtcdStore),
+    None(none::NoneStore),
+}
+
+impl Datastore {
+    /// Acquires this node's lease (its own CIDR back after a restart, else a free one; waits and
+    /// retries, logging, while none is free or the datastore is unreachable), then keeps it
+    /// alive and sends lease events on the returned channel for as long as the process runs.
+    pub async fn start(
+        self,
+        me: NodeInfo,
+        pools: Vec<Pool>,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<(Lease, mpsc::Receiver<Event>), DatastoreError> {
+        match self {
+            Datastore::Etcd(s) => s.start(me, pools, metrics).await,
+            Datastore::None(s) => s.start(me).await,
+        }
+    }
+}

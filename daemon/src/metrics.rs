@@ -1,0 +1,149 @@
+//! `/healthz` and `/metrics` (Prometheus text format).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The daemon's metrics; cheap to clone, shared by every part.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    /// Leases known (this node's included).
+    pub leases: Gauge,
+    /// Reconcile runs, and how long each took.
+    pub reconcile_runs: Counter,
+    pub reconcile_seconds: Histogram,
+    /// Kernel objects (routes, neighbours, FDB entries) programmed: added or replaced.
+    pub kernel_objects_programmed: Counter,
+    /// Kernel objects the reconciler removed.
+    pub kernel_objects_removed: Counter,
+    /// Datastore operations that failed (connection lost, request refused).
+    pub datastore_errors: Counter,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("trellisd");
+        let leases = Gauge::default();
+        let reconcile_runs = Counter::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let kernel_objects_programmed = Counter::default();
+        let kernel_objects_removed = Counter::default();
+        let datastore_errors = Counter::default();
+        registry.register("leases", "Node leases known, this node's included", leases.clone());
+        registry.register("reconcile_runs", "Reconcile runs", reconcile_runs.clone());
+        registry.register(
+            "reconcile_seconds",
+            "Duration of a reconcile run",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "kernel_objects_programmed",
+            "Routes, neighbours and FDB entries added or replaced",
+            kernel_objects_programmed.clone(),
+        );
+        registry.register(
+            "kernel_objects_removed",
+            "Routes, neighbours and FDB entries removed",
+            kernel_objects_removed.clone(),
+        );
+        registry.register(
+            "datastore_errors",
+            "Datastore operations that failed",
+            datastore_errors.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                leases,
+                reconcile_runs,
+                reconcile_seconds,
+                kernel_objects_programmed,
+                kernel_objects_removed,
+                datastore_errors,
+                ready: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn leases(&self) -> &Gauge {
+        &self.inner.leases
+    }
+    pub fn reconcile_runs(&self) -> &Counter {
+        &self.inner.reconcile_runs
+    }
+    pub fn reconcile_seconds(&self) -> &Histogram {
+        &self.inner.reconcile_seconds
+    }
+    pub fn kernel_objects_programmed(&self) -> &Counter {
+        &self.inner.kernel_objects_programmed
+    }
+    pub fn kernel_objects_removed(&self) -> &Counter {
+        &self.inner.kernel_objects_removed
+    }
+    pub fn datastore_errors(&self) -> &Counter {
+        &self.inner.datastore_errors
+    }
+
+    /// Healthy once the node holds its lease and the first reconcile ran.
+    pub fn set_ready(&self) {
+        self.inner.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.inner.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Serves `/healthz` (200 once ready, 503 before) and `/metrics` on `addr` until the process
+    /// ends.
+    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
+        use axum::{http::StatusCode, routing::get, Router};
+        let health = self.clone();
+        let metrics = self.clone();
+        let app = Router::new()
+            .route(
+                "/healthz",
+                get(move || {
+                    let ready = health.is_ready();
+                    async move {
+                        if ready {
+                            (StatusCode::OK, "ok\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node lease\n")
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(move || {
+                    let body = metrics.render();
+                    async move { body }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app).await
+    }
+}

@@ -1,0 +1,1 @@
+//! The reconciler (written for issue 4).
