@@ -16,3 +16,4 @@ pub mod datastore;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod underlay;

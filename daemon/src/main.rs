@@ -1,5 +1,236 @@
-//! `trellisd`, the node daemon. Being written (issue 4): see README's status table.
+//! `trellisd`: leases this node's pod CIDR, writes the node's CNI config and keeps the
+//! dataplane to every other node converged. See `--help`.
+
+use clap::{Parser, ValueEnum};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing::{error, info, warn};
+use trellisd::cniconf::{self, CniConfOptions};
+use trellisd::config::NetConf;
+use trellisd::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, Event, NodeInfo};
+use trellisd::lease::Lease;
+use trellisd::metrics::Metrics;
+use trellisd::reconcile::{Dataplane, DataplaneConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DatastoreKind {
+    Etcd,
+    None,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "trellisd", version, about = "The Trellis node daemon")]
+struct Args {
+    /// This node's name (its key in the datastore).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// flannel-style net-conf.json.
+    #[arg(long, default_value = "/etc/trellis/net-conf.json")]
+    net_conf: PathBuf,
+    /// The interface other nodes reach this one by (default: the default route's).
+    #[arg(long)]
+    underlay_iface: Option<String>,
+    /// The address other nodes reach this one by (default: the underlay interface's first).
+    #[arg(long)]
+    underlay_ip: Option<IpAddr>,
+    #[arg(long, value_enum, default_value = "etcd")]
+    datastore: DatastoreKind,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    #[arg(long, default_value = "/trellis/leases/")]
+    etcd_prefix: String,
+    /// Seconds a lease outlives its node when the node stops renewing it.
+    #[arg(long, default_value_t = 30)]
+    lease_ttl: u64,
+    /// The node's pod CIDR(s) with `--datastore none`.
+    #[arg(long)]
+    pod_cidr: Vec<IpNetwork>,
+    /// Where /healthz and /metrics are served.
+    #[arg(long, default_value = "127.0.0.1:9909")]
+    listen: SocketAddr,
+    /// The CNI config to write.
+    #[arg(long, default_value = cniconf::DEFAULT_PATH)]
+    cni_conf: PathBuf,
+    /// The trellis plugin's mode in the CNI config.
+    #[arg(long, default_value = "bridge")]
+    cni_mode: String,
+    /// trellis-ipam's dataDir in the CNI config (its default when not given).
+    #[arg(long)]
+    ipam_data_dir: Option<PathBuf>,
+    /// Leave portmap out of the CNI config.
+    #[arg(long)]
+    no_portmap: bool,
+    /// Seconds between full resyncs with the kernel.
+    #[arg(long, default_value_t = 30)]
+    resync: u64,
+}
+
 fn main() {
-    eprintln!("trellisd is not implemented yet; see README.md");
-    std::process::exit(1);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let node = args
+        .node_name
+        .clone()
+        .or_else(hostname)
+        .ok_or("no --node-name and no hostname")?;
+    let text =
+        std::fs::read_to_string(&args.net_conf).map_err(|e| format!("reading {}: {e}", args.net_conf.display()))?;
+    let conf = NetConf::parse(&text).map_err(|e| e.to_string())?;
+    let metrics = Metrics::new();
+    tokio::spawn(metrics.clone().serve(args.listen));
+
+    let nl = trellis_net::Netlink::connect().map_err(|e| e.to_string())?;
+    let underlay = trellisd::underlay::detect(&nl, args.underlay_iface.as_deref(), args.underlay_ip)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(node, underlay = %underlay.name, ip = %underlay.ip, mtu = underlay.mtu, backend = conf.backend.name(), "starting");
+    let mut dp = Dataplane::new(
+        DataplaneConfig {
+            node: node.clone(),
+            backend: conf.backend.clone(),
+            underlay: underlay.clone(),
+            cluster_cidrs: conf.cluster_cidrs(),
+        },
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let store = match args.datastore {
+        DatastoreKind::Etcd => Datastore::Etcd(
+            EtcdStore::new(args.etcd_endpoints.clone())
+                .with_prefix(args.etcd_prefix.clone())
+                .with_ttl(Duration::from_secs(args.lease_ttl))
+                // The CIDRs of the config we wrote before: the same ones back after a restart,
+                // even one longer than the lease's TTL.
+                .with_hint(cniconf::read_cidrs(&args.cni_conf)),
+        ),
+        DatastoreKind::None => Datastore::None(NoneStore {
+            pod_cidrs: args.pod_cidr.clone(),
+        }),
+    };
+    let me = NodeInfo {
+        name: node.clone(),
+        underlay_ip: underlay.ip,
+        backend: dp.backend_data(),
+    };
+    let (own, mut events) = store
+        .start(me, conf.pools.clone(), metrics.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(cidrs = ?own.pod_cidrs, "holding the node lease");
+    dp.set_own(&own).await.map_err(|e| e.to_string())?;
+    // The node routes between its pods and the other nodes.
+    for (v6, on) in [(false, own.cidr_v4().is_some()), (true, own.cidr_v6().is_some())] {
+        if on {
+            let r = if v6 {
+                trellis_net::sysctl::set_ipv6_forwarding(true)
+            } else {
+                trellis_net::sysctl::set_ipv4_forwarding(true)
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+    }
+    let opts = CniConfOptions {
+        path: args.cni_conf.clone(),
+        mode: args.cni_mode.clone(),
+        ipam_data_dir: args.ipam_data_dir.clone(),
+        portmap: !args.no_portmap,
+        ..Default::default()
+    };
+    write_cni_conf(&own, dp.pod_mtu(), &opts)?;
+
+    let mut leases: BTreeMap<String, Lease> = BTreeMap::new();
+    leases.insert(own.node.clone(), own.clone());
+    let mut kernel = dp.kernel_changes();
+    let mut resync = tokio::time::interval(Duration::from_secs(args.resync.max(1)));
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut retry_soon = false;
+    loop {
+        let retry = tokio::time::sleep(Duration::from_millis(if retry_soon { 1000 } else { 3_600_000 }));
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => apply(&mut leases, ev, &own),
+                None => return Err("the datastore stopped".into()),
+            },
+            Some(()) = kernel.recv() => {
+                // Coalesce a burst of kernel notifications into one reconcile.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while kernel.try_recv().is_ok() {}
+            }
+            _ = resync.tick() => {}
+            _ = retry => {}
+            _ = sigterm.recv() => {
+                info!("SIGTERM: exiting; the dataplane stays in place so pods keep talking");
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => {
+                info!("interrupted: exiting; the dataplane stays in place");
+                return Ok(());
+            }
+        }
+        metrics.leases().set(leases.len() as i64);
+        match dp.reconcile(&leases).await {
+            Ok(_) => {
+                retry_soon = false;
+                metrics.set_ready();
+            }
+            Err(e) => {
+                warn!("reconcile failed, retrying in 1 s: {e}");
+                retry_soon = true;
+            }
+        }
+    }
+}
+
+/// Applies a datastore event; this node's own lease always stays as this process holds it.
+fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) {
+    match ev {
+        Event::Snapshot(all) => {
+            leases.clear();
+            leases.extend(all.into_iter().map(|l| (l.node.clone(), l)));
+        }
+        Event::Upsert(l) => {
+            leases.insert(l.node.clone(), l);
+        }
+        Event::Remove(node) => {
+            if leases.remove(&node).is_some() {
+                info!(node, "node left");
+            }
+        }
+    }
+    leases.insert(own.node.clone(), own.clone());
+}
+
+fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts)).expect("JSON") + "\n";
+    match cniconf::write_if_changed(&opts.path, &text) {
+        Ok(true) => info!(path = %opts.path.display(), mtu, "wrote the CNI config"),
+        Ok(false) => {}
+        Err(e) => return Err(format!("writing {}: {e}", opts.path.display())),
+    }
+    Ok(())
 }

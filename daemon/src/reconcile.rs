@@ -1,1 +1,520 @@
-//! The reconciler (written for issue 4).
+//! The reconciler: desired state from the leases, actual state from the kernel, and only the
+//! difference applied.
+//!
+//! [`Dataplane`] owns this node's side of the node-to-node network: the backend's device (see
+//! [`crate::backend`]), the routes, neighbours and FDB entries to the other nodes, and the
+//! masquerade of this node's pods. Every [`Dataplane::reconcile`] run:
+//!
+//! 1. makes the backend's device be there (recreated if someone deleted it);
+//! 2. computes the kernel objects the other nodes' leases call for ([`Desired`]);
+//! 3. reads what the kernel holds: routes with [`TRELLISD_PROTO`] in the main table, permanent
+//!    neighbours and FDB entries on our device;
+//! 4. applies the difference ([`plan`]): adds and replaces what is missing or wrong, removes what
+//!    no lease wants — including what an earlier run left behind (a node gone while we were
+//!    down, an old CIDR) — and touches nothing else.
+//!
+//! It is idempotent (a second run with the same leases sends nothing), so main.rs can call it on
+//! every datastore event, on kernel notifications ([`Dataplane::kernel_changes`]) and
+//! periodically. A failed change does not stop the others: all are tried, the failures are
+//! returned together, and the next run retries what is still missing.
+//!
+//! Nothing is torn down when the `Dataplane` is dropped: pods keep talking while the daemon
+//! restarts, and the next daemon adopts what it finds.
+
+use crate::backend::{kernel_watch, Backend, Desired, Notices, TRELLISD_PROTO};
+use crate::lease::{BackendData, Lease};
+use crate::metrics::Metrics;
+use ipnetwork::IpNetwork;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use trellis_net::ethtool::Ethtool;
+use trellis_net::netns::{run_in, THREAD_NETNS};
+use trellis_net::nft::{Masquerade, MasqueradeConfig, NftError};
+use trellis_net::route::RT_TABLE_MAIN;
+use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Route, RouteFilter};
+
+/// The link this node's traffic to the other nodes leaves by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    pub index: u32,
+    pub name: String,
+    /// This node's underlay address (the lease's `underlay_ip`).
+    pub ip: IpAddr,
+    /// The underlay's own subnet, address included (`192.168.50.11/24`): nodes in it are
+    /// directly reachable.
+    pub prefix: IpNetwork,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// This node's name (its lease is skipped when computing routes).
+    pub node: String,
+    pub backend: crate::config::Backend,
+    pub underlay: Underlay,
+    /// Traffic to these is never masqueraded (pod to pod keeps its source).
+    pub cluster_cidrs: Vec<IpNetwork>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("masquerade: {0}")]
+    Nft(#[from] NftError),
+    #[error("{0}")]
+    Invalid(String),
+    /// Some kernel changes of a reconcile run failed; the others were applied.
+    #[error("{} kernel change(s) failed ({} applied): {}", failures.len(), report.added + report.removed,
+        failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Partial {
+        failures: Vec<NetError>,
+        report: ReconcileReport,
+    },
+}
+
+/// What a reconcile run changed: kernel objects (routes, neighbours, FDB entries) added or
+/// replaced, and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// The node's dataplane; see the module docs.
+pub struct Dataplane {
+    cfg: DataplaneConfig,
+    nl: Netlink,
+    backend: Backend,
+    masquerade: Masquerade,
+    metrics: Metrics,
+    own: Option<Lease>,
+    notices: Notices,
+    interest: Arc<kernel_watch::Interest>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Dataplane {
+    /// Sets up the dataplane in the calling thread's network namespace (the node's): connects to
+    /// the kernel and creates the backend's device (VXLAN: `trellis.<VNI>`, kept when it is
+    /// already there as configured). Must be called inside a tokio runtime.
+    pub async fn new(cfg: DataplaneConfig, metrics: Metrics) -> Result<Dataplane, DataplaneError> {
+        Self::new_in(cfg, metrics, Path::new(THREAD_NETNS)).await
+    }
+
+    /// Like [`Dataplane::new`], in the network namespace at `netns` (tests run one per node).
+    pub async fn new_in(cfg: DataplaneConfig, metrics: Metrics, netns: &Path) -> Result<Dataplane, DataplaneError> {
+        // Keep the namespace open: the kernel watch may need to reopen its socket later, from
+        // whatever thread, in this namespace.
+        let ns_file =
+            File::open(netns).map_err(|e| DataplaneError::Invalid(format!("opening {}: {e}", netns.display())))?;
+        let ns = PathBuf::from(format!("/proc/self/fd/{}", ns_file.as_raw_fd()));
+        let nl = Netlink::connect_in(&ns)?;
+        let ethtool = Ethtool::open_in(&ns)?;
+        let masq_cfg = MasqueradeConfig::new(cfg.cluster_cidrs.iter().copied());
+        let masquerade = run_in(&ns, move || Masquerade::new(masq_cfg))??;
+        let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &nl, ethtool).await?;
+        let interest = Arc::new(kernel_watch::Interest::default());
+        interest.set_device(backend.device_index());
+        let ns_file = Arc::new(ns_file);
+        let watcher = kernel_watch::spawn(ns, Arc::clone(&interest), Arc::clone(&ns_file))?;
+        Ok(Dataplane {
+            cfg,
+            nl,
+            backend,
+            masquerade,
+            metrics,
+            own: None,
+            notices: Notices::default(),
+            interest,
+            watcher,
+        })
+    }
+
+    /// What this node publishes in its lease.
+    pub fn backend_data(&self) -> BackendData {
+        self.backend.backend_data()
+    }
+
+    /// The pod MTU for the CNI config: the underlay MTU less the backend's overhead.
+    pub fn pod_mtu(&self) -> u32 {
+        let u = &self.cfg.underlay;
+        u.mtu.saturating_sub(self.cfg.backend.overhead(u.ip.is_ipv6()))
+    }
+
+    /// Why some remote nodes get no route, as of the last reconcile run (each was logged once).
+    pub fn notices(&self) -> impl Iterator<Item = &str> {
+        self.notices.messages()
+    }
+
+    /// This node holds `own`: its VTEP addresses go on the device and the device comes up
+    /// (VXLAN), and its pods' traffic to outside the cluster CIDRs is masqueraded. Call again
+    /// when the lease changes (an earlier CIDR's addresses and masquerade are removed).
+    pub async fn set_own(&mut self, own: &Lease) -> Result<(), DataplaneError> {
+        if own.node != self.cfg.node {
+            return Err(DataplaneError::Invalid(format!(
+                "set_own: lease of node {}, this is node {}",
+                own.node, self.cfg.node
+            )));
+        }
+        let own = normalized(own);
+        self.backend.ensure(&self.nl, &self.cfg.underlay, Some(&own)).await?;
+        self.interest.set_device(self.backend.device_index());
+        self.masquerade.ensure()?;
+        if let Some(old) = &self.own {
+            for cidr in old.pod_cidrs.iter().filter(|c| !own.pod_cidrs.contains(c)) {
+                self.masquerade.remove_source_prefix(*cidr)?;
+            }
+        }
+        for cidr in &own.pod_cidrs {
+            self.masquerade.add_source_prefix(*cidr)?;
+        }
+        tracing::info!(node = %own.node, cidrs = ?own.pod_cidrs, "this node's lease is in place");
+        self.own = Some(own);
+        Ok(())
+    }
+
+    /// Makes the kernel hold what `leases` (every node's, this node's included and skipped) call
+    /// for, and nothing else of ours.
+    pub async fn reconcile(&mut self, leases: &BTreeMap<String, Lease>) -> Result<ReconcileReport, DataplaneError> {
+        let started = Instant::now();
+        self.metrics.reconcile_runs().inc();
+        self.metrics.leases().set(leases.len() as i64);
+        let result = self.reconcile_once(leases).await;
+        self.metrics
+            .reconcile_seconds()
+            .observe(started.elapsed().as_secs_f64());
+        let report = match &result {
+            Ok(r) => *r,
+            Err(DataplaneError::Partial { report, .. }) => *report,
+            Err(_) => ReconcileReport::default(),
+        };
+        self.metrics.kernel_objects_programmed().inc_by(report.added as u64);
+        self.metrics.kernel_objects_removed().inc_by(report.removed as u64);
+        if report != ReconcileReport::default() {
+            tracing::info!(
+                added = report.added,
+                removed = report.removed,
+                "reconciled the dataplane"
+            );
+        }
+        result
+    }
+
+    async fn reconcile_once(&mut self, leases: &BTreeMap<String, Lease>) -> Result<ReconcileReport, DataplaneError> {
+        let underlay = &self.cfg.underlay;
+        self.backend.ensure(&self.nl, underlay, self.own.as_ref()).await?;
+        let device = self.backend.device_index();
+        self.interest.set_device(device);
+
+        let (mut desired, mut notices) = (Desired::default(), Notices::default());
+        for lease in leases.values().filter(|l| l.node != self.cfg.node) {
+            self.backend
+                .desired(&normalized(lease), underlay, &mut desired, &mut notices);
+        }
+        for message in notices.fresh(&self.notices) {
+            tracing::warn!("{message}");
+        }
+        self.notices = notices;
+        self.interest.set_routes(desired.routes.keys().copied().collect());
+
+        let actual = self.actual(device).await?;
+        let plan = plan(&desired, &actual);
+        self.apply(plan, device).await
+    }
+
+    /// What the kernel holds of ours.
+    async fn actual(&self, device: Option<u32>) -> Result<Actual, NetError> {
+        let filter = RouteFilter {
+            table: Some(RT_TABLE_MAIN),
+            protocol: Some(TRELLISD_PROTO),
+            ..Default::default()
+        };
+        let routes = self.nl.routes(&filter).await?;
+        let (mut neighbours, mut fdb) = (BTreeMap::new(), BTreeSet::new());
+        if let Some(index) = device {
+            for n in self.nl.neighbours(Some(index), None).await? {
+                // Only permanent entries are programmed ones; the kernel's own (NOARP for
+                // multicast, failed lookups) come back as soon as they are deleted.
+                if n.state == NeighbourState::Permanent {
+                    neighbours.insert(n.ip, n.mac);
+                }
+            }
+            for e in self.nl.fdb(index).await? {
+                if let (true, true, None, Some(dst)) = (e.ntf_self, e.permanent, e.master, e.dst) {
+                    fdb.insert((e.mac, dst));
+                }
+            }
+        }
+        Ok(Actual {
+            routes,
+            neighbours,
+            fdb,
+        })
+    }
+
+    /// Applies a plan: every change is tried; failures are collected.
+    async fn apply(&self, plan: Plan, device: Option<u32>) -> Result<ReconcileReport, DataplaneError> {
+        let nl = &self.nl;
+        let mut report = ReconcileReport::default();
+        let mut failures = Vec::new();
+        let mut count = |r: Result<(), NetError>, n: &mut usize| match r {
+            Ok(()) => *n += 1,
+            Err(e) => failures.push(e),
+        };
+        // FDB first (an entry whose remote moved is deleted, then added), then neighbours and
+        // routes: by the time a route exists, the entries it relies on do.
+        if let Some(dev) = device {
+            for (mac, dst) in &plan.del_fdb {
+                count(nl.del_fdb(dev, *mac, Some(*dst)).await, &mut report.removed);
+            }
+            for (mac, dst) in &plan.add_fdb {
+                count(nl.replace_fdb(dev, *mac, *dst).await, &mut report.added);
+            }
+            for (ip, mac) in &plan.add_neighbours {
+                count(nl.replace_neighbour(dev, *ip, *mac).await, &mut report.added);
+            }
+        }
+        for route in &plan.add_routes {
+            count(nl.replace_route(route).await, &mut report.added);
+        }
+        for route in &plan.del_routes {
+            count(nl.del_route(route).await, &mut report.removed);
+        }
+        if let Some(dev) = device {
+            for ip in &plan.del_neighbours {
+                count(nl.del_neighbour(dev, *ip).await, &mut report.removed);
+            }
+        }
+        if failures.is_empty() {
+            Ok(report)
+        } else {
+            Err(DataplaneError::Partial { failures, report })
+        }
+    }
+
+    /// A receiver that yields `()` soon after the kernel reports a change that might undo our
+    /// work (a route, neighbour or FDB entry of ours deleted, our device deleted or down, lost
+    /// notifications): reconcile when it fires. A burst of changes yields once; a second call
+    /// replaces the receiver.
+    pub fn kernel_changes(&mut self) -> mpsc::Receiver<()> {
+        self.interest.subscribe()
+    }
+}
+
+impl Drop for Dataplane {
+    /// Stops watching the kernel; the dataplane itself stays in place.
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// The lease with host bits cleared from its CIDRs (`10.244.1.5/24` -> `10.244.1.0/24`), the
+/// way the kernel reports routes.
+fn normalized(lease: &Lease) -> Lease {
+    let mut l = lease.clone();
+    for cidr in &mut l.pod_cidrs {
+        *cidr = IpNetwork::new(cidr.network(), cidr.prefix()).expect("same prefix length");
+    }
+    l
+}
+
+/// What the kernel holds of ours.
+#[derive(Clone, Debug, Default)]
+pub struct Actual {
+    /// Routes with our protocol in the main table.
+    pub routes: Vec<Route>,
+    /// Permanent neighbours on our device.
+    pub neighbours: BTreeMap<IpAddr, Option<MacAddr>>,
+    /// Permanent FDB entries (self) on our device: (MAC, remote).
+    pub fdb: BTreeSet<(MacAddr, IpAddr)>,
+}
+
+/// The changes that turn `Actual` into `Desired`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub add_routes: Vec<Route>,
+    pub del_routes: Vec<Route>,
+    pub add_neighbours: Vec<(IpAddr, MacAddr)>,
+    pub del_neighbours: Vec<IpAddr>,
+    pub add_fdb: Vec<(MacAddr, IpAddr)>,
+    pub del_fdb: Vec<(MacAddr, IpAddr)>,
+}
+
+/// A route as the kernel holds it is the one we want when it goes the same way; its metric,
+/// scope and MTU are not compared.
+fn same_route(want: &Route, have: &Route) -> bool {
+    want.destination == have.destination
+        && want.gateway == have.gateway
+        && want.oif == have.oif
+        && want.onlink == have.onlink
+}
+
+/// The metric a route added without one gets: `ip route replace` of one of ours replaces a route
+/// with that metric in place.
+fn default_metric(route: &Route) -> u32 {
+    if route.destination.is_ipv4() {
+        0
+    } else {
+        1024
+    }
+}
+
+/// The difference between what the leases call for and what the kernel holds.
+pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
+    let mut p = Plan::default();
+    for want in desired.routes.values() {
+        if !actual.routes.iter().any(|have| same_route(want, have)) {
+            p.add_routes.push(want.clone());
+        }
+    }
+    for have in &actual.routes {
+        match desired.routes.get(&have.destination) {
+            Some(want) if same_route(want, have) => {}
+            // Replaced in place by the add above.
+            Some(_) if have.metric.unwrap_or(0) == default_metric(have) => {}
+            _ => p.del_routes.push(have.clone()),
+        }
+    }
+    for (ip, mac) in &desired.neighbours {
+        if actual.neighbours.get(ip) != Some(&Some(*mac)) {
+            p.add_neighbours.push((*ip, *mac));
+        }
+    }
+    p.del_neighbours = actual
+        .neighbours
+        .keys()
+        .filter(|ip| !desired.neighbours.contains_key(ip))
+        .copied()
+        .collect();
+    p.add_fdb = desired.fdb.difference(&actual.fdb).copied().collect();
+    p.del_fdb = actual.fdb.difference(&desired.fdb).copied().collect();
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, via: &str, dev: u32) -> Route {
+        Route::new(dst.parse().unwrap())
+            .via(via.parse().unwrap())
+            .dev(dev)
+            .onlink()
+            .protocol(TRELLISD_PROTO)
+    }
+
+    /// How the kernel reports a route we added.
+    fn as_kernel_has_it(r: &Route) -> Route {
+        let mut r = r.clone();
+        r.scope = Some(trellis_net::RouteScope::Universe);
+        r.metric = r.destination.is_ipv6().then_some(1024);
+        r
+    }
+
+    #[test]
+    fn only_the_difference_is_planned() {
+        let mac: MacAddr = "02:00:00:00:00:02".parse().unwrap();
+        let mut desired = Desired::default();
+        for r in [
+            route("10.244.2.0/24", "10.244.2.0", 7),
+            route("fd00:2::/64", "fd00:2::", 7),
+        ] {
+            desired.routes.insert(r.destination, r);
+        }
+        desired.neighbours.insert("10.244.2.0".parse().unwrap(), mac);
+        desired.fdb.insert((mac, "192.168.0.12".parse().unwrap()));
+
+        // Nothing there: everything is added.
+        let p = plan(&desired, &Actual::default());
+        assert_eq!((p.add_routes.len(), p.add_neighbours.len(), p.add_fdb.len()), (2, 1, 1));
+
+        // Everything there (as the kernel reports it): nothing to do.
+        let actual = Actual {
+            routes: desired.routes.values().map(as_kernel_has_it).collect(),
+            neighbours: [("10.244.2.0".parse().unwrap(), Some(mac))].into(),
+            fdb: desired.fdb.clone(),
+        };
+        assert_eq!(plan(&desired, &actual), Plan::default());
+
+        // Stale and changed objects: removed, replaced.
+        let mut actual = actual;
+        actual
+            .routes
+            .push(as_kernel_has_it(&route("10.244.9.0/24", "10.244.9.0", 7)));
+        actual.routes[0] = as_kernel_has_it(&route("10.244.2.0/24", "10.244.2.0", 5));
+        let other: MacAddr = "02:00:00:00:00:09".parse().unwrap();
+        actual.neighbours.insert("10.244.2.0".parse().unwrap(), Some(other));
+        actual.neighbours.insert("10.244.9.0".parse().unwrap(), Some(other));
+        actual.fdb = [(mac, "192.168.0.99".parse().unwrap())].into();
+        let p = plan(&desired, &actual);
+        assert_eq!(
+            p.add_routes
+                .iter()
+                .map(|r| r.destination.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.2.0/24"]
+        );
+        assert_eq!(
+            p.del_routes
+                .iter()
+                .map(|r| r.destination.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.9.0/24"],
+            "the changed route is replaced in place, not deleted"
+        );
+        assert_eq!(p.add_neighbours, [("10.244.2.0".parse().unwrap(), mac)]);
+        assert_eq!(p.del_neighbours, ["10.244.9.0".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.add_fdb, [(mac, "192.168.0.12".parse().unwrap())]);
+        assert_eq!(p.del_fdb, [(mac, "192.168.0.99".parse().unwrap())]);
+    }
+
+    #[test]
+    fn a_route_of_ours_with_another_metric_is_deleted_not_left_beside() {
+        let want = route("10.244.2.0/24", "10.244.2.0", 7);
+        let mut desired = Desired::default();
+        desired.routes.insert(want.destination, want.clone());
+        let mut odd = as_kernel_has_it(&route("10.244.2.0/24", "192.168.0.12", 2));
+        odd.metric = Some(50);
+        let p = plan(
+            &desired,
+            &Actual {
+                routes: vec![odd.clone()],
+                ..Default::default()
+            },
+        );
+        assert_eq!((p.add_routes, p.del_routes), (vec![want], vec![odd]));
+    }
+
+    /// main.rs runs the dataplane inside spawned tasks.
+    #[test]
+    fn the_dataplane_and_its_futures_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: T) {}
+        #[allow(unreachable_code, unused_variables, clippy::diverging_sub_expression)]
+        let _never_run = || {
+            let dp: Dataplane = unimplemented!();
+            send_sync(&dp);
+            let mut dp = dp;
+            send(dp.reconcile(&BTreeMap::new()));
+            send(dp.set_own(unimplemented!()));
+        };
+    }
+
+    #[test]
+    fn host_bits_are_cleared_from_lease_cidrs() {
+        let l = Lease {
+            node: "n".into(),
+            underlay_ip: "192.168.0.1".parse().unwrap(),
+            pod_cidrs: vec!["10.244.1.5/24".parse().unwrap()],
+            backend: BackendData::HostGw,
+        };
+        assert_eq!(normalized(&l).pod_cidrs[0].to_string(), "10.244.1.0/24");
+    }
+}

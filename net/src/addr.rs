@@ -46,7 +46,7 @@ impl AddressInfo {
         self.flags & AddressFlags::Dadfailed.bits() != 0
     }
 
-    fn from_message(msg: &AddressMessage) -> Option<Self> {
+    pub(crate) fn from_message(msg: &AddressMessage) -> Option<Self> {
         IpFamily::from_netlink(msg.header.family)?;
         let (mut local, mut address, mut label) = (None, None, None);
         let mut flags = u32::from(msg.header.flags.bits());

@@ -32,7 +32,7 @@ pub struct FdbEntry {
 }
 
 impl FdbEntry {
-    fn from_message(msg: &NeighbourMessage) -> Option<Self> {
+    pub(crate) fn from_message(msg: &NeighbourMessage) -> Option<Self> {
         let (mut mac, mut dst, mut master) = (None, None, None);
         for attr in &msg.attributes {
             match attr {

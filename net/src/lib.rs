@@ -6,6 +6,8 @@
 //! - [`Netlink`]: an rtnetlink connection bound to one namespace, with typed async verbs for
 //!   links ([`link`]), addresses ([`addr`]), routes ([`route`]), neighbours ([`neigh`]) and
 //!   VXLAN FDB entries ([`fdb`]).
+//! - [`monitor`]: kernel change notifications (routes, neighbours, FDB, links, addresses).
+//! - [`ethtool`]: TX checksum offload through the `SIOCETHTOOL` ioctl.
 //! - [`sysctl`]: `/proc/sys` parameters (per namespace of the calling thread).
 //! - [`nft`], nftables: masquerade for pod traffic.
 //! - [`NetError`]: one error type; netlink errors keep the errno and say which object failed.
@@ -25,10 +27,12 @@
 
 pub mod addr;
 mod error;
+pub mod ethtool;
 mod family;
 pub mod fdb;
 pub mod link;
 mod mac;
+pub mod monitor;
 pub mod neigh;
 mod netlink;
 pub mod netns;
@@ -42,7 +46,7 @@ pub use error::NetError;
 pub use family::IpFamily;
 pub use fdb::FdbEntry;
 pub use ipnetwork::IpNetwork;
-pub use link::{BridgeConfig, LinkChange, LinkInfo, VethConfig, VxlanConfig};
+pub use link::{BridgeConfig, LinkChange, LinkInfo, VethConfig, VxlanConfig, VxlanInfo};
 pub use mac::MacAddr;
 pub use neigh::{Neighbour, NeighbourState};
 pub use netlink::Netlink;

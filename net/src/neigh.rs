@@ -27,7 +27,7 @@ pub struct Neighbour {
 }
 
 impl Neighbour {
-    fn from_message(msg: &NeighbourMessage) -> Option<Self> {
+    pub(crate) fn from_message(msg: &NeighbourMessage) -> Option<Self> {
         IpFamily::from_netlink(msg.header.family)?;
         let (mut ip, mut mac) = (None, None);
         for attr in &msg.attributes {

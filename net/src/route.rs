@@ -137,7 +137,7 @@ impl Route {
         IpFamily::of(self.destination.ip())
     }
 
-    fn from_message(msg: &RouteMessage) -> Option<Self> {
+    pub(crate) fn from_message(msg: &RouteMessage) -> Option<Self> {
         let family = IpFamily::from_netlink(msg.header.address_family)?;
         let mut dst = family.unspecified();
         let mut route = Route::new(IpNetwork::new(dst, 0).ok()?);

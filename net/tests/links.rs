@@ -4,7 +4,7 @@ mod common;
 
 use common::{ifname, ip, netns};
 use trellis_net::netns::NetnsRef;
-use trellis_net::{BridgeConfig, MacAddr, Netlink, VethConfig, VxlanConfig};
+use trellis_net::{BridgeConfig, MacAddr, Netlink, VethConfig, VxlanConfig, VxlanInfo};
 
 #[tokio::test]
 async fn veth_peer_is_born_in_the_pod_namespace_under_its_final_name() {
@@ -149,6 +149,16 @@ async fn vxlan_device_for_the_overlay() {
     };
     let vx = nl.create_vxlan(&cfg).await.unwrap();
     assert_eq!((vx.kind.as_deref(), vx.mtu, vx.mac), (Some("vxlan"), 1450, Some(mac)));
+    assert_eq!(
+        vx.vxlan,
+        Some(VxlanInfo {
+            vni: 42,
+            port: 8472,
+            local: Some("192.168.77.1".parse().unwrap()),
+            underlay_index: Some(underlay.index),
+            learning: false,
+        })
+    );
     nl.set_link_up(vx.index).await.unwrap();
     let details = ip(&ns, &["-d", "link", "show", "dev", &name]);
     for want in [

@@ -8,6 +8,7 @@
 //! - [`tempdir`]: a temporary folder guard;
 //! - [`cni`]: running a CNI plugin with `CNI_*` env and a config on stdin, and reading its output.
 
+pub mod cluster;
 pub mod cni;
 pub mod names;
 pub mod netns;

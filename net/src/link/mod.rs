@@ -10,7 +10,7 @@ mod set;
 pub use create::{BridgeConfig, VethConfig, VxlanConfig};
 pub use set::LinkChange;
 
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::reply::Failure;
@@ -43,6 +43,47 @@ pub struct LinkInfo {
     pub link_netnsid: Option<i32>,
     /// `IFLA_IFALIAS`, the link's free-form label.
     pub alias: Option<String>,
+    /// The VXLAN settings, for a VXLAN device.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// A VXLAN device's settings as the kernel reports them (`ip -d link show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanInfo {
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Source address of the encapsulated packets.
+    pub local: Option<std::net::IpAddr>,
+    /// Index of the underlay device.
+    pub underlay_index: Option<u32>,
+    /// MAC learning from received packets.
+    pub learning: bool,
+}
+
+impl VxlanInfo {
+    fn from_attributes(attrs: &[InfoVxlan]) -> Self {
+        let mut info = VxlanInfo {
+            vni: 0,
+            port: 0,
+            local: None,
+            underlay_index: None,
+            learning: true,
+        };
+        for attr in attrs {
+            match attr {
+                InfoVxlan::Id(vni) => info.vni = *vni,
+                InfoVxlan::Port(port) => info.port = *port,
+                InfoVxlan::Local(ip) => info.local = Some((*ip).into()),
+                InfoVxlan::Local6(ip) => info.local = Some((*ip).into()),
+                InfoVxlan::Link(index) if *index != 0 => info.underlay_index = Some(*index),
+                InfoVxlan::Learning(on) => info.learning = *on,
+                _ => {}
+            }
+        }
+        info
+    }
 }
 
 impl LinkInfo {
@@ -60,6 +101,7 @@ impl LinkInfo {
             link: None,
             link_netnsid: None,
             alias: None,
+            vxlan: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -72,8 +114,12 @@ impl LinkInfo {
                 LinkAttribute::IfAlias(alias) if !alias.is_empty() => info.alias = Some(alias.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
-                        if let NlLinkInfo::Kind(kind) = i {
-                            info.kind = Some(kind.to_string());
+                        match i {
+                            NlLinkInfo::Kind(kind) => info.kind = Some(kind.to_string()),
+                            NlLinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                                info.vxlan = Some(VxlanInfo::from_attributes(attrs))
+                            }
+                            _ => {}
                         }
                     }
                 }

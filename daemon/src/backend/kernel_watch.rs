@@ -1,0 +1,170 @@
+//! Telling the reconciler, within a second, that someone changed what it keeps in place.
+//!
+//! A task reads the kernel's route, neighbour and link notifications ([`Monitor`]) and wakes the
+//! receiver handed out by `Dataplane::kernel_changes` when one *might* concern us:
+//! - a route with our protocol was deleted, or a route to a destination we manage was added or
+//!   replaced by someone else (another protocol);
+//! - a neighbour or FDB entry on our device was deleted;
+//! - our device was deleted or went down;
+//! - notifications were lost (overrun), or the monitor had to be reopened.
+//!
+//! Additions with our protocol are ignored (they are ours), so a reconcile does not wake itself
+//! up, except once after it deletes something stale. The wake-up channel holds one element:
+//! a burst of changes wakes the receiver once.
+
+use crate::backend::TRELLISD_PROTO;
+use ipnetwork::IpNetwork;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use trellis_net::monitor::{Change, Group, Monitor};
+use trellis_net::route::RT_TABLE_MAIN;
+use trellis_net::NetError;
+
+/// What the reconciler manages, as far as the watcher needs to know; updated on every run.
+#[derive(Debug, Default)]
+pub struct Interest {
+    /// The backend device's index (0: none).
+    device: AtomicU32,
+    /// The destinations of the routes we want.
+    routes: Mutex<BTreeSet<IpNetwork>>,
+    /// Where to send wake-ups (replaced by each `kernel_changes` call).
+    notify: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+impl Interest {
+    pub fn set_device(&self, index: Option<u32>) {
+        self.device.store(index.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn set_routes(&self, routes: BTreeSet<IpNetwork>) {
+        *self.routes.lock().unwrap_or_else(PoisonError::into_inner) = routes;
+    }
+
+    /// A new receiver; the previous one (if any) receives nothing more.
+    pub fn subscribe(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        *self.notify.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    fn wake(&self) {
+        if let Some(tx) = &*self.notify.lock().unwrap_or_else(PoisonError::into_inner) {
+            // Full means a wake-up is already pending: nothing is lost.
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Whether a change might undo what the reconciler put in place.
+    pub fn concerns(&self, change: &Change) -> bool {
+        let device = self.device.load(Ordering::Relaxed);
+        let ours = |index: u32| device != 0 && index == device;
+        match change {
+            Change::Overrun => true,
+            Change::Route { deleted, route } if route.table == RT_TABLE_MAIN => {
+                if *deleted {
+                    route.protocol == Some(TRELLISD_PROTO)
+                } else {
+                    route.protocol != Some(TRELLISD_PROTO)
+                        && self
+                            .routes
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains(&route.destination)
+                }
+            }
+            Change::Neighbour {
+                deleted: true,
+                neighbour,
+            } => ours(neighbour.index),
+            Change::Fdb { deleted: true, entry } => ours(entry.index),
+            Change::Link { deleted, link } => ours(link.index) && (*deleted || !link.up),
+            _ => false,
+        }
+    }
+}
+
+/// Opens the monitor in the namespace at `ns` (now, so that errors show at start-up) and spawns
+/// the task that reads it; the task reopens it (and wakes the receiver) if the socket fails.
+/// `ns_file` is kept open by the task when `ns` is a `/proc/self/fd/N` path to it.
+pub fn spawn(
+    ns: PathBuf,
+    interest: Arc<Interest>,
+    ns_file: Arc<std::fs::File>,
+) -> Result<tokio::task::JoinHandle<()>, NetError> {
+    const GROUPS: [Group; 4] = [Group::Ipv4Route, Group::Ipv6Route, Group::Neighbour, Group::Link];
+    let mut monitor = Monitor::open_in(&ns, &GROUPS)?;
+    Ok(tokio::spawn(async move {
+        let _ns_file = ns_file;
+        loop {
+            while let Some(change) = monitor.next().await {
+                if interest.concerns(&change) {
+                    tracing::debug!(?change, "kernel change concerns the dataplane");
+                    interest.wake();
+                }
+            }
+            tracing::warn!("kernel change notifications stopped; reopening");
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match Monitor::open_in(&ns, &GROUPS) {
+                    Ok(m) => {
+                        monitor = m;
+                        // Whatever happened meanwhile was missed.
+                        interest.wake();
+                        break;
+                    }
+                    Err(e) => tracing::warn!("reopening kernel change notifications: {e}"),
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_net::{Neighbour, NeighbourState, Route};
+
+    #[test]
+    fn only_changes_that_undo_our_work_concern_us() {
+        let interest = Interest::default();
+        interest.set_device(Some(7));
+        interest.set_routes(["10.244.2.0/24".parse().unwrap()].into());
+        let ours = Route::new("10.244.2.0/24".parse().unwrap()).protocol(TRELLISD_PROTO);
+        let theirs = Route::new("10.244.2.0/24".parse().unwrap()).protocol(3);
+        let elsewhere = Route::new("10.9.0.0/24".parse().unwrap()).protocol(3);
+        let route = |deleted, route: &Route| Change::Route {
+            deleted,
+            route: route.clone(),
+        };
+        assert!(interest.concerns(&route(true, &ours)));
+        assert!(!interest.concerns(&route(false, &ours)), "our own additions");
+        assert!(
+            interest.concerns(&route(false, &theirs)),
+            "someone took our destination"
+        );
+        assert!(!interest.concerns(&route(true, &theirs)));
+        assert!(!interest.concerns(&route(false, &elsewhere)));
+        let neigh = |index| Change::Neighbour {
+            deleted: true,
+            neighbour: Neighbour {
+                index,
+                ip: "10.244.2.0".parse().unwrap(),
+                mac: None,
+                state: NeighbourState::Permanent,
+            },
+        };
+        assert!(interest.concerns(&neigh(7)));
+        assert!(!interest.concerns(&neigh(8)));
+        assert!(interest.concerns(&Change::Overrun));
+
+        let mut rx = interest.subscribe();
+        interest.wake();
+        interest.wake();
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "a burst wakes once");
+    }
+}

@@ -1,0 +1,82 @@
+//! One consistent read of everything under the prefix: the snapshot sent to the receiver, and
+//! the revisions that the claiming transaction compares against.
+
+use super::keys::{decode_lease, Key, Keys};
+use super::{Conn, Error};
+use crate::lease::Lease;
+use etcd_client::GetOptions;
+use ipnetwork::IpNetwork;
+use std::collections::HashMap;
+
+/// Where a key stands: for compare-and-swap, and to tell which etcd lease holds it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Meta {
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Owner {
+    pub node: String,
+    pub meta: Meta,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Listing {
+    /// The store's revision at the read: watch from the next one.
+    pub revision: i64,
+    /// The well-formed node records.
+    pub leases: Vec<Lease>,
+    /// Every node key, well-formed or not.
+    pub nodes: HashMap<String, Meta>,
+    /// Every CIDR ownership key.
+    pub cidrs: HashMap<IpNetwork, Owner>,
+}
+
+impl Listing {
+    pub async fn read(conn: &mut Conn, keys: &Keys) -> Result<Listing, Error> {
+        let mut client = conn.client().await?;
+        let resp = conn
+            .call(client.get(keys.prefix(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let mut l = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Listing::default()
+        };
+        for kv in resp.kvs() {
+            let meta = Meta {
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            };
+            match keys.parse(kv.key()) {
+                Key::Node(name) => {
+                    l.nodes.insert(name.to_string(), meta);
+                    l.leases.extend(decode_lease(name, kv.value()));
+                }
+                Key::Cidr(cidr) => {
+                    let node = String::from_utf8_lossy(kv.value()).into_owned();
+                    l.cidrs.insert(cidr, Owner { node, meta });
+                }
+                Key::Other => {}
+            }
+        }
+        Ok(l)
+    }
+
+    /// The owner of `cidr` if it is a node other than `node`.
+    pub fn other_owner(&self, cidr: &IpNetwork, node: &str) -> Option<&str> {
+        self.cidrs.get(cidr).map(|o| o.node.as_str()).filter(|o| *o != node)
+    }
+
+    /// Whether `lease` is in the store as written, with its node record and every one of its
+    /// CIDR keys attached to the etcd lease `lease_id` (which is therefore alive).
+    pub fn holds(&self, lease: &Lease, lease_id: i64) -> bool {
+        self.nodes.get(&lease.node).is_some_and(|m| m.lease == lease_id)
+            && self.leases.contains(lease)
+            && lease.pod_cidrs.iter().all(|c| {
+                self.cidrs
+                    .get(c)
+                    .is_some_and(|o| o.node == lease.node && o.meta.lease == lease_id)
+            })
+    }
+}

@@ -1,0 +1,234 @@
+//! The etcd datastore: every node's lease under one key prefix, each node's records attached to
+//! an etcd lease (TTL) that the node renews, CIDRs claimed by compare-and-swap.
+//!
+//! The life of a node (see [`keys`] for the key layout and why a node has two kinds of key):
+//! 1. [`EtcdStore::start`] claims the node's pod CIDRs ([`acquire`]): its own CIDRs back if its
+//!    records (or a hint) name them and they are free, else a free CIDR per pool. It waits and
+//!    retries, logging, while no CIDR is free or etcd is unreachable; it returns only once the
+//!    node holds its lease.
+//! 2. A task ([`session`]) then renews the etcd lease and turns an etcd watch on the prefix into
+//!    [`Event`]s. Each time it (re)connects it first checks that this node's records are still
+//!    there (re-creating them with the *same* CIDRs if the etcd lease was lost), then sends a
+//!    full [`Event::Snapshot`], then watches from the snapshot's revision. The snapshot matters:
+//!    events missed while disconnected are gone (or compacted away), and the receiver must
+//!    replace its state rather than patch it.
+//! 3. The task ends when the receiver is dropped. The records are not deleted then: they expire
+//!    after the TTL, so a daemon that restarts within it finds its records and keeps its CIDRs.
+
+mod acquire;
+mod keys;
+mod listing;
+mod session;
+
+use super::{DatastoreError, Event, NodeInfo};
+use crate::config::Pool;
+use crate::lease::Lease;
+use acquire::Want;
+use etcd_client::{Client, ConnectOptions};
+use ipnetwork::IpNetwork;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Where and how this node keeps its lease in etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdStore {
+    /// Client URLs, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// The key prefix of the node records; the CIDR ownership keys live under `<prefix>cidrs/`.
+    pub prefix: String,
+    /// How long a node's records outlive its last renewal (renewed every third of it).
+    pub ttl: Duration,
+    /// Pod CIDRs this node used before (e.g. read from its CNI config), tried first.
+    pub hint: Vec<IpNetwork>,
+}
+
+impl EtcdStore {
+    pub const DEFAULT_PREFIX: &'static str = "/trellis/leases/";
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+    pub fn new(endpoints: Vec<String>) -> EtcdStore {
+        EtcdStore {
+            endpoints,
+            prefix: Self::DEFAULT_PREFIX.into(),
+            ttl: Self::DEFAULT_TTL,
+            hint: Vec::new(),
+        }
+    }
+
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> EtcdStore {
+        self.prefix = prefix.into();
+        self
+    }
+
+    pub fn with_ttl(mut self, ttl: Duration) -> EtcdStore {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn with_hint(mut self, cidrs: Vec<IpNetwork>) -> EtcdStore {
+        self.hint = cidrs;
+        self
+    }
+
+    /// Claims this node's lease (see the module doc), then keeps it alive and sends lease
+    /// events until the receiver is dropped.
+    pub async fn start(
+        self,
+        me: NodeInfo,
+        pools: Vec<Pool>,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<(Lease, mpsc::Receiver<Event>), DatastoreError> {
+        if me.name.is_empty() || me.name.contains('/') {
+            return Err(DatastoreError::Invalid(format!(
+                "node name {:?} cannot be an etcd key",
+                me.name
+            )));
+        }
+        if pools.is_empty() || self.endpoints.is_empty() || self.ttl < Duration::from_secs(1) {
+            return Err(DatastoreError::Invalid(
+                "the etcd datastore needs endpoints, at least one pool and a TTL of 1 s or more".into(),
+            ));
+        }
+        let mut conn = Conn::new(self.endpoints, self.ttl);
+        // Connecting is lazy: this fails only on malformed endpoints, which no retry will fix.
+        conn.client()
+            .await
+            .map_err(|e| DatastoreError::Invalid(e.to_string()))?;
+        let keys = keys::Keys::new(&self.prefix);
+        let mut backoff = Backoff::new();
+        let (lease, lease_id) = loop {
+            let want = Want::Fresh {
+                pools: &pools,
+                hint: &self.hint,
+            };
+            match acquire::acquire(&mut conn, &keys, &me, want).await {
+                Ok(got) => break got,
+                // Another node claimed a CIDR between our read and our write: read again, the
+                // winner's key now shows and we pick another.
+                Err(Error::Raced) => tracing::debug!("etcd: lost a race for a pod CIDR; trying another"),
+                Err(Error::Exhausted(what)) => {
+                    let wait = backoff.next();
+                    tracing::warn!("no free pod CIDR in {what}; retrying in {}s", wait.as_secs());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    metrics.datastore_errors().inc();
+                    let wait = backoff.next();
+                    tracing::warn!("etcd: claiming a pod CIDR: {e}; retrying in {}s", wait.as_secs());
+                    conn.reset();
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        tracing::info!(
+            node = %me.name,
+            "etcd: holding pod CIDRs {} (etcd lease {lease_id:x}, TTL {:?})",
+            show(&lease.pod_cidrs),
+            self.ttl
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let session = session::Session::new(conn, keys, me, lease.clone(), lease_id, tx, metrics);
+        tokio::spawn(session.run());
+        Ok((lease, rx))
+    }
+}
+
+/// "10.244.3.0/24, fd00:244:0:3::/64", for logs.
+fn show(cidrs: &[IpNetwork]) -> String {
+    cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// What can go wrong between this node and etcd.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Etcd(String),
+    #[error("another node claimed the same pod CIDR first")]
+    Raced,
+    /// The pool, as "network (min..max)".
+    #[error("no free pod CIDR in {0}")]
+    Exhausted(String),
+    #[error("pod CIDR {cidr} is now held by node {owner}")]
+    Taken { cidr: IpNetwork, owner: String },
+    #[error("this node's etcd lease expired or its records were deleted")]
+    LeaseLost,
+}
+
+impl From<etcd_client::Error> for Error {
+    fn from(e: etcd_client::Error) -> Error {
+        Error::Etcd(e.to_string())
+    }
+}
+
+/// The connection to etcd: a client made afresh after every failure (the client's own
+/// reconnection cannot be relied on to notice a restarted server), and a deadline on every call
+/// (a request to an unreachable server may otherwise wait for ever).
+struct Conn {
+    endpoints: Vec<String>,
+    ttl: Duration,
+    timeout: Duration,
+    client: Option<Client>,
+}
+
+impl Conn {
+    fn new(endpoints: Vec<String>, ttl: Duration) -> Conn {
+        // A third of the TTL, so that a slow call still leaves time to renew the lease.
+        let timeout = (ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        Conn {
+            endpoints,
+            ttl,
+            timeout,
+            client: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<Client, Error> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_keep_alive(self.timeout, self.timeout)
+            .with_keep_alive_while_idle(true);
+        let c = Client::connect(&self.endpoints, Some(options)).await?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    fn reset(&mut self) {
+        self.client = None;
+    }
+
+    /// `f` with this connection's deadline.
+    async fn call<T>(&self, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Etcd(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+}
+
+/// Waits between retries: 1 s, doubling up to 5 s; back to 1 s after a success.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}

@@ -1,0 +1,202 @@
+//! After the claim: renew the etcd lease, watch the prefix, and start over (new connection,
+//! records checked, fresh snapshot) whenever anything goes wrong.
+
+use super::acquire::{acquire, Want};
+use super::keys::{decode_lease, Key, Keys};
+use super::listing::Listing;
+use super::{Backoff, Conn, Error, Event, NodeInfo};
+use crate::lease::Lease;
+use crate::metrics::Metrics;
+use etcd_client::{EventType, WatchOptions};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+
+pub(super) struct Session {
+    conn: Conn,
+    keys: Keys,
+    me: NodeInfo,
+    /// The record this node published; the daemon uses its CIDRs, so they never change here.
+    lease: Lease,
+    lease_id: i64,
+    tx: mpsc::Sender<Event>,
+    /// Events not yet taken by the receiver. Queued rather than sent inline so that a slow
+    /// receiver never delays a lease renewal.
+    queue: VecDeque<Event>,
+    metrics: Metrics,
+}
+
+/// How a connection ended.
+enum End {
+    /// The receiver is gone: stop.
+    Stopped,
+    Failed(Error),
+}
+
+impl From<Error> for End {
+    fn from(e: Error) -> End {
+        End::Failed(e)
+    }
+}
+
+impl From<etcd_client::Error> for End {
+    fn from(e: etcd_client::Error) -> End {
+        End::Failed(e.into())
+    }
+}
+
+impl Session {
+    pub fn new(
+        conn: Conn,
+        keys: Keys,
+        me: NodeInfo,
+        lease: Lease,
+        lease_id: i64,
+        tx: mpsc::Sender<Event>,
+        metrics: Metrics,
+    ) -> Session {
+        Session {
+            conn,
+            keys,
+            me,
+            lease,
+            lease_id,
+            tx,
+            queue: VecDeque::new(),
+            metrics,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new();
+        loop {
+            let e = match self.connected(&mut backoff).await {
+                Ok(never) => match never {},
+                Err(End::Stopped) => return,
+                Err(End::Failed(e)) => e,
+            };
+            self.metrics.datastore_errors().inc();
+            let wait = if let Error::LeaseLost = e {
+                // etcd answers: re-create the records at once, the other nodes already see
+                // this node gone.
+                tracing::warn!("etcd: {e}");
+                Duration::ZERO
+            } else {
+                self.conn.reset();
+                let wait = backoff.next();
+                tracing::warn!("etcd: {e}; reconnecting in {}s", wait.as_secs());
+                wait
+            };
+            // Meanwhile, hand over what was received before the failure, and stop if the
+            // receiver goes away.
+            if tokio::time::timeout(wait, self.flush_until_closed()).await.is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Sends every queued event, then waits; returns once the receiver is gone.
+    async fn flush_until_closed(&mut self) {
+        while !self.queue.is_empty() {
+            // Reserve, then pop: cancelled while waiting for room, the event stays queued.
+            match self.tx.reserve().await {
+                Ok(permit) => permit.send(self.queue.pop_front().expect("not empty")),
+                Err(_) => return,
+            }
+        }
+        self.tx.closed().await
+    }
+
+    /// One connection: check our records (re-create them if lost), snapshot, then renew and
+    /// watch until something fails.
+    async fn connected(&mut self, backoff: &mut Backoff) -> Result<Infallible, End> {
+        let mut listing = Listing::read(&mut self.conn, &self.keys).await?;
+        if !listing.holds(&self.lease, self.lease_id) {
+            // The etcd lease expired (etcd unreachable for longer than the TTL) or someone
+            // deleted our keys. Claim the very same CIDRs again: pods already use them.
+            let cidrs = super::show(&self.lease.pod_cidrs);
+            tracing::warn!("etcd: this node's records are gone; re-creating them with {cidrs}");
+            match acquire(&mut self.conn, &self.keys, &self.me, Want::Exact(&self.lease.pod_cidrs)).await {
+                Ok((_, id)) => self.lease_id = id,
+                Err(e @ Error::Taken { .. }) => {
+                    tracing::error!("etcd: {e}; this node keeps using it, restart trellisd to get a new one");
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            listing = Listing::read(&mut self.conn, &self.keys).await?;
+        }
+        // The receiver replaces its state with the snapshot, so anything still queued is moot.
+        self.queue.clear();
+        self.queue.push_back(Event::Snapshot(listing.leases));
+        backoff.reset();
+        self.renew_and_watch(listing.revision).await
+    }
+
+    async fn renew_and_watch(&mut self, revision: i64) -> Result<Infallible, End> {
+        let mut client = self.conn.client().await?;
+        let (mut keeper, mut renewals) = self.conn.call(client.lease_keep_alive(self.lease_id)).await?;
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let (_watcher, mut watch) = self.conn.call(client.watch(self.keys.prefix(), Some(options))).await?;
+        let period = self.conn.ttl / 3;
+        let mut tick = interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut renewed = Instant::now();
+        // A handle of its own: the branches below borrow it while their handlers change `self`.
+        let tx = self.tx.clone();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    // Two renewals unanswered: the connection is dead even if no error says so.
+                    if renewed.elapsed() > self.conn.ttl / 2 {
+                        return Err(Error::Etcd("lease renewals unanswered".into()).into());
+                    }
+                    keeper.keep_alive().await?;
+                }
+                r = renewals.message() => match r? {
+                    Some(r) if r.ttl() > 0 => renewed = Instant::now(),
+                    Some(_) => return Err(Error::LeaseLost.into()),
+                    None => return Err(Error::Etcd("lease renewal stream closed".into()).into()),
+                },
+                r = watch.message() => {
+                    let resp = r?.ok_or_else(|| Error::Etcd("watch stream closed".into()))?;
+                    if resp.canceled() {
+                        let why = format!("watch canceled ({}; compacted at {})", resp.cancel_reason(), resp.compact_revision());
+                        return Err(Error::Etcd(why).into());
+                    }
+                    for ev in resp.events() {
+                        self.on_event(ev)?;
+                    }
+                }
+                permit = tx.reserve(), if !self.queue.is_empty() => match permit {
+                    Ok(p) => p.send(self.queue.pop_front().expect("not empty")),
+                    Err(_) => return Err(End::Stopped),
+                },
+                _ = tx.closed(), if self.queue.is_empty() => return Err(End::Stopped),
+            }
+        }
+    }
+
+    /// Queues the event for a node record; fails when it shows our own records gone.
+    fn on_event(&mut self, ev: &etcd_client::Event) -> Result<(), Error> {
+        let Some(kv) = ev.kv() else { return Ok(()) };
+        let me = self.me.name.as_str();
+        match (self.keys.parse(kv.key()), ev.event_type()) {
+            (Key::Node(n), EventType::Put) => self.queue.extend(decode_lease(n, kv.value()).map(Event::Upsert)),
+            // Our own record deleted means our etcd lease expired (or a person deleted it):
+            // re-create it rather than tell the daemon it has no lease.
+            (Key::Node(n), EventType::Delete) if n == me => return Err(Error::LeaseLost),
+            (Key::Node(n), EventType::Delete) => self.queue.push_back(Event::Remove(n.to_string())),
+            // One of our CIDR keys deleted or overwritten: same.
+            (Key::Cidr(c), t)
+                if self.lease.pod_cidrs.contains(&c) && (t == EventType::Delete || kv.value() != me.as_bytes()) =>
+            {
+                return Err(Error::LeaseLost)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,76 @@
+//! Finding the underlay: the interface and address other nodes reach this node by. Given by
+//! flag, or the interface of the default route (as flannel does).
+
+use crate::reconcile::Underlay;
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+use trellis_net::{IpFamily, Netlink, RouteFilter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnderlayError {
+    #[error("kernel: {0}")]
+    Net(#[from] trellis_net::NetError),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// The underlay from `--underlay-iface` and/or `--underlay-ip`, or from the default route.
+pub async fn detect(nl: &Netlink, iface: Option<&str>, ip: Option<IpAddr>) -> Result<Underlay, UnderlayError> {
+    let links = nl.links().await?;
+    let link = if let Some(name) = iface {
+        links
+            .into_iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| UnderlayError::NotFound(format!("underlay interface {name} does not exist")))?
+    } else if let Some(ip) = ip {
+        let mut found = None;
+        for l in links {
+            if nl.addresses(l.index).await?.iter().any(|a| a.address.ip() == ip) {
+                found = Some(l);
+                break;
+            }
+        }
+        found.ok_or_else(|| UnderlayError::NotFound(format!("no interface holds the underlay IP {ip}")))?
+    } else {
+        let mut oif = None;
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let filter = RouteFilter {
+                family: Some(family),
+                table: Some(254),
+                ..Default::default()
+            };
+            oif = nl
+                .routes(&filter)
+                .await?
+                .into_iter()
+                .find(|r| r.destination.prefix() == 0)
+                .and_then(|r| r.oif);
+            if oif.is_some() {
+                break;
+            }
+        }
+        let oif = oif.ok_or_else(|| {
+            UnderlayError::NotFound(
+                "no default route to find the underlay by; give --underlay-iface or --underlay-ip".into(),
+            )
+        })?;
+        links
+            .into_iter()
+            .find(|l| l.index == oif)
+            .ok_or_else(|| UnderlayError::NotFound(format!("the default route's interface {oif} vanished")))?
+    };
+    let addrs = nl.addresses(link.index).await?;
+    let addr: IpNetwork = addrs
+        .iter()
+        .map(|a| a.address)
+        .filter(|a| ip.is_none_or(|want| a.ip() == want))
+        .find(|a| a.is_ipv4() || !matches!(a.ip(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
+        .ok_or_else(|| UnderlayError::NotFound(format!("underlay interface {} has no usable address", link.name)))?;
+    Ok(Underlay {
+        index: link.index,
+        name: link.name,
+        ip: addr.ip(),
+        prefix: addr,
+        mtu: link.mtu,
+    })
+}

@@ -1,0 +1,232 @@
+//! Whole clusters on one machine: real etcd, real `trellisd` processes in node namespaces, pods
+//! wired by the real plugins with the CNI config each daemon wrote, traffic between them.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use trellis_tests::cluster::Cluster;
+
+fn trellisd() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
+    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
+    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
+    p
+}
+
+fn net_conf(backend: &str) -> String {
+    format!(
+        r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56", "Backend": {backend}}}"#
+    )
+}
+
+const VXLAN: &str = r#"{"Type": "vxlan", "VNI": 1, "Port": 8472}"#;
+const VXLAN_DIRECT: &str = r#"{"Type": "vxlan", "VNI": 1, "Port": 8472, "DirectRouting": true}"#;
+const HOST_GW: &str = r#"{"Type": "host-gw"}"#;
+
+fn three_nodes_two_pods_each(backend: &str) -> Cluster {
+    let mut c = Cluster::new(
+        3,
+        &net_conf(backend),
+        &trellisd(),
+        &["--lease-ttl", "10", "--resync", "5"],
+    );
+    for node in 0..3 {
+        c.add_pod(node);
+        c.add_pod(node);
+    }
+    c
+}
+
+fn every_pod_reaches_every_pod(backend: &str) {
+    let c = three_nodes_two_pods_each(backend);
+    if let Err(missing) = c.all_reach_all(Duration::from_secs(15)) {
+        panic!("{backend}: unreachable:\n{missing}\nnode1 log:\n{}", c.log(0));
+    }
+}
+
+#[test]
+fn vxlan_every_pod_reaches_every_pod() {
+    every_pod_reaches_every_pod(VXLAN);
+}
+
+#[test]
+fn vxlan_direct_routing_every_pod_reaches_every_pod() {
+    every_pod_reaches_every_pod(VXLAN_DIRECT);
+}
+
+#[test]
+fn host_gw_every_pod_reaches_every_pod() {
+    // IPv4 only: host-gw routes a pod CIDR via the node's underlay address, and this underlay
+    // has IPv4 addresses only (as flannel, IPv6 host-gw needs an IPv6 underlay).
+    let mut c = Cluster::new(
+        3,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
+        &trellisd(),
+        &[],
+    );
+    for node in 0..3 {
+        c.add_pod(node);
+        c.add_pod(node);
+    }
+    if let Err(missing) = c.all_reach_all(Duration::from_secs(15)) {
+        panic!("host-gw: unreachable:\n{missing}\nnode1 log:\n{}", c.log(0));
+    }
+}
+
+/// The route to `cidr`'s network on node `i`, as `ip route` prints it (empty when none).
+fn route_to(c: &Cluster, i: usize, cidr: &str) -> String {
+    c.nodes[i].ns.exec_ok(&["ip", "route", "show", cidr])
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn node_cidr(c: &Cluster, i: usize) -> String {
+    c.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_node_removed_from_etcd_disappears_from_the_others() {
+    let mut c = three_nodes_two_pods_each(VXLAN);
+    let cidr3 = node_cidr(&c, 2);
+    wait_until("route to node3", Duration::from_secs(10), || {
+        !route_to(&c, 0, &cidr3).is_empty()
+    });
+    c.stop_daemon(2);
+    let out = c.etcdctl(&["del", "--prefix", "/trellis/leases/node3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..2 {
+        wait_until("node3's route gone", Duration::from_secs(10), || {
+            route_to(&c, i, &cidr3).is_empty()
+        });
+        let neigh = c.nodes[i].ns.exec_ok(&["ip", "neigh", "show", "nud", "permanent"]);
+        let fdb = c.nodes[i].ns.exec_ok(&["bridge", "fdb", "show", "dev", "trellis.1"]);
+        let underlay3 = format!("{}.13", trellis_tests::cluster::UNDERLAY);
+        assert!(
+            !fdb.contains(&underlay3),
+            "node{}: node3's FDB entry stayed: {fdb}",
+            i + 1
+        );
+        let vtep3 = cidr3.split('/').next().unwrap();
+        assert!(
+            !neigh.contains(&format!("{vtep3} ")),
+            "node{}: node3's neighbour stayed: {neigh}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn a_route_deleted_by_hand_comes_back_within_a_second() {
+    let c = three_nodes_two_pods_each(HOST_GW);
+    let cidr2 = node_cidr(&c, 1);
+    wait_until("route to node2", Duration::from_secs(10), || {
+        !route_to(&c, 0, &cidr2).is_empty()
+    });
+    c.nodes[0].ns.exec_ok(&["ip", "route", "del", &cidr2]);
+    let t = Instant::now();
+    wait_until("route back", Duration::from_secs(3), || {
+        !route_to(&c, 0, &cidr2).is_empty()
+    });
+    eprintln!("route restored after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
+}
+
+/// Pings continuously (every 50 ms) from pod `from` to `to` while `during` runs; returns
+/// (sent, received).
+fn ping_during(c: &mut Cluster, from: usize, to: &str, during: impl FnOnce(&mut Cluster)) -> (u32, u32) {
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.pods[from].ns.name,
+            "ping",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            to,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    during(c);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: SIGINT to our own child makes ping print its statistics.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping stats: {text}"));
+    let nums: Vec<u32> = stats
+        .split(|ch: char| !ch.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn restarting_a_daemon_loses_no_ping() {
+    let mut c = three_nodes_two_pods_each(VXLAN);
+    c.all_reach_all(Duration::from_secs(15)).unwrap();
+    let target = c.pods[2].ips[0].clone();
+    let (sent, got) = ping_during(&mut c, 0, &target, |c| {
+        c.stop_daemon(1);
+        std::thread::sleep(Duration::from_millis(500));
+        c.start_daemon(1);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    assert!(sent > 40, "only {sent} pings sent");
+    assert_eq!(sent, got, "pings lost while node2's daemon restarted");
+}
+
+#[test]
+fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
+    let mut c = Cluster::new(
+        2,
+        &net_conf(VXLAN),
+        &trellisd(),
+        &["--lease-ttl", "10", "--resync", "5"],
+    );
+    c.add_pod(0);
+    c.add_pod(1);
+    c.all_reach_all(Duration::from_secs(15)).unwrap();
+    let target = c.pods[1].ips[0].clone();
+    let (sent, got) = ping_during(&mut c, 0, &target, |c| {
+        c.stop_etcd();
+        std::thread::sleep(Duration::from_secs(30));
+        c.start_etcd();
+    });
+    assert_eq!(sent, got, "pings lost while etcd was down");
+    // The daemons catch up: a lease written after etcd came back reaches node1's kernel.
+    let fake = r#"{"node":"node9","underlayIp":"192.168.200.99","podCidrs":["10.244.99.0/24"],"backend":{"type":"vxlan","vtepMAC":"02:00:00:00:00:09","vni":1}}"#;
+    let t = Instant::now();
+    loop {
+        if c.etcdctl(&["put", "/trellis/leases/node9", fake]).status.success() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    while route_to(&c, 0, "10.244.99.0/24").is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "node1 did not learn a lease put after etcd's restart; its log:\n{}",
+            c.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,271 @@
+//! A three-node cluster in namespaces for the dataplane tests:
+//!
+//! ```text
+//!   pod ns (eth0 10.244.N.2/24, fd00:244:N::2/64)
+//!     │ veth
+//!   node ns "node-N" (vp0 10.244.N.1/24; ul0 192.168.77.1N/24; trellis.1 made by the Dataplane)
+//!     │ veth ul0 <-> uN
+//!   underlay ns (bridge br0 joining u1, u2, u3)
+//! ```
+//!
+//! Every namespace is a `NetnsGuard` (unique name, deleted on drop, also on panic); nothing is
+//! done in the caller's namespace.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use trellis_net::netns::{run_in, NetnsGuard, NetnsRef};
+use trellis_net::{sysctl, AddressOptions, BridgeConfig, Netlink, Route, VethConfig};
+use trellisd::config::{Backend, ChecksumOffload};
+use trellisd::lease::Lease;
+use trellisd::metrics::Metrics;
+use trellisd::reconcile::{Dataplane, DataplaneConfig, Underlay};
+
+pub const CLUSTER_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_V6: &str = "fd00:244::/48";
+
+pub fn vxlan(direct_routing: bool) -> Backend {
+    Backend::Vxlan {
+        vni: 1,
+        port: 8472,
+        direct_routing,
+        checksum_offload: ChecksumOffload::Auto,
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: NetnsGuard,
+    pub pod: NetnsGuard,
+    pub nl: Netlink,
+    pub underlay: Underlay,
+    pub pod_ip4: IpAddr,
+    pub pod_ip6: Option<IpAddr>,
+    pub cidrs: Vec<ipnetwork::IpNetwork>,
+}
+
+impl Node {
+    /// `ip -n NODE ARGS...`, stdout; panics if it fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        run("ip", &[&["-n", self.ns.name()], args].concat())
+    }
+
+    pub fn config(&self, backend: &Backend) -> DataplaneConfig {
+        DataplaneConfig {
+            node: self.name.clone(),
+            backend: backend.clone(),
+            underlay: self.underlay.clone(),
+            cluster_cidrs: vec![CLUSTER_V4.parse().unwrap(), CLUSTER_V6.parse().unwrap()],
+        }
+    }
+
+    pub async fn dataplane(&self, backend: &Backend) -> Dataplane {
+        Dataplane::new_in(self.config(backend), Metrics::new(), self.ns.path())
+            .await
+            .unwrap_or_else(|e| panic!("dataplane of {}: {e}", self.name))
+    }
+
+    pub fn lease(&self, dp: &Dataplane) -> Lease {
+        Lease {
+            node: self.name.clone(),
+            underlay_ip: self.underlay.ip,
+            pod_cidrs: self.cidrs.clone(),
+            backend: dp.backend_data(),
+        }
+    }
+
+    /// Routes with trellisd's protocol in the node, as `(destination, gateway, device)` text.
+    pub async fn our_routes(&self) -> Vec<Route> {
+        let filter = trellis_net::RouteFilter {
+            protocol: Some(trellisd::backend::TRELLISD_PROTO),
+            ..Default::default()
+        };
+        self.nl.routes(&filter).await.unwrap()
+    }
+}
+
+pub struct Cluster {
+    pub underlay: NetnsGuard,
+    pub nodes: Vec<Node>,
+}
+
+/// Three nodes (`node-1..3`) with a pod each; IPv6 pod CIDRs too when `dual_stack`.
+pub async fn cluster(tag: &str, dual_stack: bool) -> Cluster {
+    trellis_tests::require_root();
+    let underlay = NetnsGuard::create(&format!("tdp-{tag}-ul")).unwrap();
+    let unl = Netlink::connect_in(underlay.path()).unwrap();
+    let br = unl.create_bridge(&BridgeConfig::new("br0")).await.unwrap();
+    unl.set_link_up(br.index).await.unwrap();
+    let mut nodes = Vec::new();
+    for i in 1..=3u8 {
+        let ns = NetnsGuard::create(&format!("tdp-{tag}-n{i}")).unwrap();
+        let pod = NetnsGuard::create(&format!("tdp-{tag}-p{i}")).unwrap();
+        // IPv6 addresses (link-local ones too) usable at once, without a second of DAD.
+        for ns in [&ns, &pod] {
+            run_in(ns.path(), || {
+                sysctl::write("net.ipv6.conf.all.accept_dad", "0").unwrap();
+                sysctl::write("net.ipv6.conf.default.accept_dad", "0").unwrap();
+            })
+            .unwrap();
+        }
+        let nl = Netlink::connect_in(ns.path()).unwrap();
+        let pnl = Netlink::connect_in(pod.path()).unwrap();
+
+        // Underlay: uN in the bridge namespace, ul0 in the node.
+        let port = unl
+            .create_veth(&VethConfig::new(&format!("u{i}"), "ul0").peer_netns(NetnsRef::Path(ns.path())))
+            .await
+            .unwrap();
+        unl.set_link_master(port.index, br.index).await.unwrap();
+        unl.set_link_up(port.index).await.unwrap();
+        let ul0 = nl.link_by_name("ul0").await.unwrap().unwrap();
+        let prefix: ipnetwork::IpNetwork = format!("192.168.77.1{i}/24").parse().unwrap();
+        nl.add_address(ul0.index, prefix).await.unwrap();
+        nl.set_link_up(ul0.index).await.unwrap();
+        let lo = nl.link_by_name("lo").await.unwrap().unwrap();
+        nl.set_link_up(lo.index).await.unwrap();
+
+        // The pod: eth0 in its namespace, vp0 in the node as its gateway.
+        let mut cidrs: Vec<ipnetwork::IpNetwork> = vec![format!("10.244.{i}.0/24").parse().unwrap()];
+        if dual_stack {
+            cidrs.push(format!("fd00:244:{i}::/64").parse().unwrap());
+        }
+        let vp0 = nl
+            .create_veth(&VethConfig::new("vp0", "eth0").peer_netns(NetnsRef::Path(pod.path())))
+            .await
+            .unwrap();
+        let eth0 = pnl.link_by_name("eth0").await.unwrap().unwrap();
+        let plo = pnl.link_by_name("lo").await.unwrap().unwrap();
+        let nodad = AddressOptions {
+            nodad: true,
+            ..Default::default()
+        };
+        for (n, cidr) in cidrs.iter().enumerate() {
+            let gw = if n == 0 {
+                format!("10.244.{i}.1")
+            } else {
+                format!("fd00:244:{i}::1")
+            };
+            let me = if n == 0 {
+                format!("10.244.{i}.2")
+            } else {
+                format!("fd00:244:{i}::2")
+            };
+            let (gw, me): (IpAddr, IpAddr) = (gw.parse().unwrap(), me.parse().unwrap());
+            nl.add_address_with(vp0.index, ipnetwork::IpNetwork::new(gw, cidr.prefix()).unwrap(), nodad)
+                .await
+                .unwrap();
+            pnl.add_address_with(eth0.index, ipnetwork::IpNetwork::new(me, cidr.prefix()).unwrap(), nodad)
+                .await
+                .unwrap();
+        }
+        nl.set_link_up(vp0.index).await.unwrap();
+        pnl.set_link_up(eth0.index).await.unwrap();
+        pnl.set_link_up(plo.index).await.unwrap();
+        for (n, _) in cidrs.iter().enumerate() {
+            let (default, gw) = if n == 0 {
+                ("0.0.0.0/0", format!("10.244.{i}.1"))
+            } else {
+                ("::/0", format!("fd00:244:{i}::1"))
+            };
+            pnl.replace_route(&Route::new(default.parse().unwrap()).via(gw.parse().unwrap()))
+                .await
+                .unwrap();
+        }
+        run_in(ns.path(), || {
+            sysctl::set_ipv4_forwarding(true).unwrap();
+            sysctl::set_ipv6_forwarding(true).unwrap();
+        })
+        .unwrap();
+
+        nodes.push(Node {
+            name: format!("node-{i}"),
+            underlay: Underlay {
+                index: ul0.index,
+                name: "ul0".into(),
+                ip: prefix.ip(),
+                prefix,
+                mtu: ul0.mtu,
+            },
+            pod_ip4: format!("10.244.{i}.2").parse().unwrap(),
+            pod_ip6: dual_stack.then(|| format!("fd00:244:{i}::2").parse().unwrap()),
+            cidrs,
+            ns,
+            pod,
+            nl,
+        });
+    }
+    Cluster { underlay, nodes }
+}
+
+/// Creates each node's dataplane, sets its own lease, and reconciles everyone once.
+pub async fn start(cluster: &Cluster, backend: &Backend) -> (Vec<Dataplane>, BTreeMap<String, Lease>) {
+    let mut dps = Vec::new();
+    let mut leases = BTreeMap::new();
+    for node in &cluster.nodes {
+        let mut dp = node.dataplane(backend).await;
+        let lease = node.lease(&dp);
+        dp.set_own(&lease).await.unwrap();
+        leases.insert(node.name.clone(), lease);
+        dps.push(dp);
+    }
+    for dp in &mut dps {
+        dp.reconcile(&leases).await.unwrap();
+    }
+    (dps, leases)
+}
+
+/// Runs a program and returns its stdout; panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `from`'s pod reaches `to` within about three seconds (the first packets may wait
+/// for neighbour resolution on the way).
+pub async fn pings(from: &Node, to: IpAddr) -> bool {
+    let (ns, to) = (from.pod.name().to_string(), to.to_string());
+    tokio::task::spawn_blocking(move || {
+        (0..3).any(|_| {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "ping", "-c", "1", "-W", "1", &to])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+    })
+    .await
+    .unwrap()
+}
+
+/// Asserts that every pod reaches every other pod, IPv4 and (if any) IPv6.
+pub async fn assert_full_mesh(cluster: &Cluster) {
+    for from in &cluster.nodes {
+        for to in cluster.nodes.iter().filter(|n| n.name != from.name) {
+            for ip in [Some(to.pod_ip4), to.pod_ip6].into_iter().flatten() {
+                assert!(
+                    pings(from, ip).await,
+                    "pod of {} cannot reach {ip} (pod of {})",
+                    from.name,
+                    to.name
+                );
+            }
+        }
+    }
+}
+
+/// Waits up to `secs` for a wake-up on `rx`.
+pub async fn fired(rx: &mut tokio::sync::mpsc::Receiver<()>, secs: u64) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(secs), rx.recv()).await,
+        Ok(Some(()))
+    )
+}
