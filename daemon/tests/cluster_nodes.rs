@@ -230,3 +230,46 @@ fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// GET `path` from the daemon's default listen address inside node `i`'s namespace.
+fn http_get(c: &Cluster, i: usize, path: &str) -> (u16, String) {
+    let script = format!(
+        "import urllib.request, urllib.error\n\
+         try:\n    r = urllib.request.urlopen('http://127.0.0.1:9909{path}', timeout=5); print(r.status); print(r.read().decode())\n\
+         except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())"
+    );
+    let out = c.nodes[i].ns.exec_ok(&["python3", "-c", &script]);
+    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn health_and_metrics_are_served() {
+    let c = Cluster::new(2, &net_conf(VXLAN), &trellisd(), &["--resync", "1"]);
+    wait_until("healthy", Duration::from_secs(10), || {
+        http_get(&c, 0, "/healthz").0 == 200
+    });
+    let t = Instant::now();
+    loop {
+        let (status, body) = http_get(&c, 0, "/metrics");
+        assert_eq!(status, 200);
+        let value = |name: &str| -> f64 {
+            body.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1.0)
+        };
+        if value("trellisd_leases") == 2.0 && value("trellisd_kernel_objects_programmed_total") > 0.0 {
+            assert!(value("trellisd_reconcile_runs_total") >= 1.0, "{body}");
+            assert!(body.contains("trellisd_reconcile_seconds_bucket"), "{body}");
+            assert!(body.contains("trellisd_datastore_errors_total"), "{body}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "metrics never showed both leases:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
