@@ -13,6 +13,7 @@ pub mod cidr;
 pub mod cniconf;
 pub mod config;
 pub mod datastore;
+pub mod install;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;

@@ -21,9 +21,25 @@ enum DatastoreKind {
     None,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Copy the CNI plugin binaries into the host's CNI bin folder, atomically (the init
+    /// container's job), and exit.
+    InstallCni {
+        /// Where the image keeps the binaries.
+        #[arg(long, default_value = "/opt/trellis/bin")]
+        from: PathBuf,
+        /// The host's CNI bin folder, as mounted in the container.
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        to: PathBuf,
+    },
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "trellisd", version, about = "The Trellis node daemon")]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// This node's name (its key in the datastore).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -74,6 +90,18 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(Cmd::InstallCni { from, to }) = &args.cmd {
+        match trellisd::install::install(from, to, trellisd::install::PLUGINS) {
+            Ok(written) => {
+                info!(to = %to.display(), ?written, "CNI plugins installed");
+                return;
+            }
+            Err(e) => {
+                error!("install-cni: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
