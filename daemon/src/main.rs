@@ -18,6 +18,7 @@ use trellisd::reconcile::{Dataplane, DataplaneConfig};
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatastoreKind {
     Etcd,
+    Kube,
     None,
 }
 
@@ -62,6 +63,9 @@ struct Args {
     /// Seconds a lease outlives its node when the node stops renewing it.
     #[arg(long, default_value_t = 30)]
     lease_ttl: u64,
+    /// A kubeconfig for `--datastore kube` (default: in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// The node's pod CIDR(s) with `--datastore none`.
     #[arg(long)]
     pod_cidr: Vec<IpNetwork>,
@@ -155,6 +159,9 @@ async fn run(args: Args) -> Result<(), String> {
                 // even one longer than the lease's TTL.
                 .with_hint(cniconf::read_cidrs(&args.cni_conf)),
         ),
+        DatastoreKind::Kube => Datastore::Kube(trellisd::datastore::kube::KubeStore {
+            kubeconfig: args.kubeconfig.clone(),
+        }),
         DatastoreKind::None => Datastore::None(NoneStore {
             pod_cidrs: args.pod_cidr.clone(),
         }),

@@ -2,12 +2,14 @@
 //! objects, no registration by side effect):
 //! - [`etcd`]: leases under one key prefix, created by compare-and-swap, kept alive by an etcd
 //!   lease (TTL) the daemon renews, watched for the other nodes' changes;
+//! - [`kube`]: the Kubernetes API: pod CIDRs from the Node objects, backend data in annotations;
 //! - [`none`]: a single node whose pod CIDR comes from a flag; no peers.
 //!
 //! The rest of the daemon sees only [`Datastore::start`]: this node's lease, then a stream of
 //! [`Event`]s about every node's lease (this node's included).
 
 pub mod etcd;
+pub mod kube;
 pub mod none;
 
 use crate::config::Pool;
@@ -47,6 +49,7 @@ pub enum DatastoreError {
 
 pub enum Datastore {
     Etcd(etcd::EtcdStore),
+    Kube(kube::KubeStore),
     None(none::NoneStore),
 }
 
@@ -62,6 +65,7 @@ impl Datastore {
     ) -> Result<(Lease, mpsc::Receiver<Event>), DatastoreError> {
         match self {
             Datastore::Etcd(s) => s.start(me, pools, metrics).await,
+            Datastore::Kube(s) => s.start(me, metrics).await,
             Datastore::None(s) => s.start(me).await,
         }
     }
