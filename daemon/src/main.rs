@@ -177,15 +177,18 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     info!(cidrs = ?own.pod_cidrs, "holding the node lease");
     dp.set_own(&own).await.map_err(|e| e.to_string())?;
-    // The node routes between its pods and the other nodes.
-    for (v6, on) in [(false, own.cidr_v4().is_some()), (true, own.cidr_v6().is_some())] {
-        if on {
-            let r = if v6 {
-                trellis_net::sysctl::set_ipv6_forwarding(true)
-            } else {
-                trellis_net::sysctl::set_ipv4_forwarding(true)
-            };
-            r.map_err(|e| e.to_string())?;
+    // The node routes between its pods and the other nodes. In a container /proc/sys is
+    // read-only unless privileged: kubeadm already requires ip_forward, so a node where it is on
+    // needs no write, and one where it is off gets a warning rather than a crash loop.
+    for (key, on) in [
+        ("net.ipv4.ip_forward", own.cidr_v4().is_some()),
+        ("net.ipv6.conf.all.forwarding", own.cidr_v6().is_some()),
+    ] {
+        let already = trellis_net::sysctl::read(key).is_ok_and(|v| v.trim() == "1");
+        if on && !already {
+            if let Err(e) = trellis_net::sysctl::write(key, "1") {
+                warn!("{key} is off and cannot be turned on ({e}): pods on other nodes are unreachable until it is");
+            }
         }
     }
     let opts = CniConfOptions {

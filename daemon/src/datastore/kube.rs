@@ -33,6 +33,16 @@ pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 pub const SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 pub const UNDERLAY_IP: &str = "trellis.dev/underlay-ip";
 
+/// Every Kubernetes API call this datastore makes, as RBAC names it (resource, verb): `get` and
+/// `patch` of its own Node in [`KubeStore::start`], `list` and `watch` of all Nodes by the
+/// watcher. The manifest's ClusterRole must grant exactly these (a test checks it).
+pub const API_CALLS: &[(&str, &str)] = &[
+    ("nodes", "get"),
+    ("nodes", "patch"),
+    ("nodes", "list"),
+    ("nodes", "watch"),
+];
+
 /// Why a Node gives no lease (yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Skip {
