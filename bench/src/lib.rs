@@ -30,3 +30,97 @@ pub fn ms(d: Duration) -> String {
 pub fn ratio(ours: Duration, theirs: Duration) -> String {
     format!("{:.0}%", 100.0 * ours.as_secs_f64() / theirs.as_secs_f64())
 }
+
+/// Clean-up for benchmarks that start processes inside namespaces they make.
+///
+/// The release profile aborts on panic, so guards do not drop. The hook installed here kills
+/// every process living in one of this run's namespaces (etcd, trellisd, iperf3: found by their
+/// network namespace, not by name), then deletes those namespaces and this run's temp dirs.
+/// "This run's" means named by [`trellis_tests::unique_name`] in this process: `<prefix><tag>`.
+pub mod cleanup {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// What `unique_name` puts after the prefix in this process: its PID in hex and a dash.
+    pub fn tag() -> String {
+        format!("{:x}-", std::process::id() & 0xfffff)
+    }
+
+    /// This run's namespaces (names under `/run/netns` with one of `prefixes` followed by the tag).
+    pub fn our_namespaces(prefixes: &[&str]) -> Vec<String> {
+        let tag = tag();
+        std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| prefixes.iter().any(|p| n.starts_with(&format!("{p}{tag}"))))
+            .collect()
+    }
+
+    /// SIGKILLs every process whose network namespace is one of `names` (under `/run/netns`).
+    pub fn kill_processes_in(names: &[String]) {
+        let inodes: Vec<u64> = names
+            .iter()
+            .filter_map(|n| std::fs::metadata(Path::new("/run/netns").join(n)).ok())
+            .map(|m| m.ino())
+            .collect();
+        let me = std::process::id();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(link) = std::fs::read_link(e.path().join("ns/net")) else {
+                continue;
+            };
+            // "net:[4026532890]"
+            let ino = link
+                .to_string_lossy()
+                .trim_start_matches("net:[")
+                .trim_end_matches(']')
+                .parse::<u64>();
+            if ino.is_ok_and(|i| inodes.contains(&i)) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Installs the hook: processes in this run's namespaces with `ns_prefixes`, the namespaces,
+    /// then the temp dirs `trellis-<dir_prefix><tag>…` are removed after the panic is reported.
+    pub fn on_panic(ns_prefixes: &'static [&'static str], dir_prefixes: &'static [&'static str]) {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            let names = our_namespaces(ns_prefixes);
+            kill_processes_in(&names);
+            // Let the killed processes go before their namespaces and files.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            for n in &names {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+            let tag = tag();
+            let tmp = std::env::temp_dir();
+            for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if dir_prefixes
+                    .iter()
+                    .any(|p| name.starts_with(&format!("trellis-{p}-{tag}")))
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }));
+    }
+}
+
+/// The middle value (the upper one of the two middles for an even count).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    assert!(!xs.is_empty(), "no samples");
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}

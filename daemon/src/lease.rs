@@ -17,6 +17,15 @@ pub enum BackendData {
     },
     /// host-gw: the underlay IP is all the others need.
     HostGw,
+    /// IPIP: likewise (the underlay IP is the tunnel's outer destination).
+    Ipip,
+    /// BGP: the node's AS number (for the node-to-node mesh) and, with `CrossSubnet: vxlan`, its
+    /// VTEP MAC (the VNI is fixed: `backend::bgp::CROSS_SUBNET_VNI`).
+    Bgp {
+        asn: u32,
+        #[serde(rename = "vtepMAC", default, skip_serializing_if = "Option::is_none")]
+        vtep_mac: Option<MacString>,
+    },
 }
 
 /// A MAC address in a lease, as `aa:bb:cc:dd:ee:ff`.
@@ -78,5 +87,24 @@ mod tests {
         assert!(s.contains("\"vtepMAC\":\"02:11:22:33:44:55\""), "{s}");
         assert_eq!(serde_json::from_str::<Lease>(&s).unwrap(), l);
         assert_eq!(l.cidr_v6().unwrap().to_string(), "fd00:244:1::/64");
+    }
+
+    #[test]
+    fn ipip_and_bgp_backend_data_as_json() {
+        let json = |b: &BackendData| serde_json::to_string(b).unwrap();
+        assert_eq!(json(&BackendData::Ipip), r#"{"type":"ipip"}"#);
+        let plain = BackendData::Bgp {
+            asn: 64512,
+            vtep_mac: None,
+        };
+        assert_eq!(json(&plain), r#"{"type":"bgp","asn":64512}"#);
+        let vx = BackendData::Bgp {
+            asn: 64512,
+            vtep_mac: Some(MacString("02:11:22:33:44:55".parse().unwrap())),
+        };
+        assert_eq!(json(&vx), r#"{"type":"bgp","asn":64512,"vtepMAC":"02:11:22:33:44:55"}"#);
+        for b in [BackendData::Ipip, plain, vx] {
+            assert_eq!(serde_json::from_str::<BackendData>(&json(&b)).unwrap(), b);
+        }
     }
 }

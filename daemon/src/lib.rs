@@ -4,11 +4,12 @@
 //! Data flows one way:
 //! [`datastore`] (etcd, or `none` for one node) → lease events → [`reconcile`] (desired state
 //! from the leases, actual state from the kernel, the difference applied) through a
-//! [`backend`] (VXLAN, host-gw) → the kernel. [`cniconf`] writes
+//! [`backend`] (VXLAN, host-gw, IPIP, or the routes BGP learned) → the kernel. [`cniconf`] writes
 //! `/etc/cni/net.d/10-trellis.conflist` once the node holds its CIDR; [`metrics`] serves
 //! `/healthz` and `/metrics`.
 
 pub mod backend;
+pub mod bgp;
 pub mod cidr;
 pub mod cniconf;
 pub mod config;

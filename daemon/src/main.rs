@@ -8,6 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing::{error, info, warn};
+use trellisd::backend::bgp::BgpRoute;
+use trellisd::bgp::{BgpConfig, PeerConfig, Speaker};
 use trellisd::cniconf::{self, CniConfOptions};
 use trellisd::config::NetConf;
 use trellisd::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, Event, NodeInfo};
@@ -200,6 +202,28 @@ async fn run(args: Args) -> Result<(), String> {
     };
     write_cni_conf(&own, dp.pod_mtu(), &opts)?;
 
+    let mut bgp = match &conf.backend {
+        trellisd::config::Backend::Bgp {
+            as_number,
+            hold_time,
+            graceful_restart,
+            ..
+        } => Some(
+            start_bgp(
+                &dp,
+                &own,
+                &underlay,
+                &conf,
+                *as_number,
+                *hold_time,
+                *graceful_restart,
+                &metrics,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let mut peers_set: Option<Vec<std::net::IpAddr>> = None;
     let mut leases: BTreeMap<String, Lease> = BTreeMap::new();
     leases.insert(own.node.clone(), own.clone());
     let mut kernel = dp.kernel_changes();
@@ -208,10 +232,33 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut retry_soon = false;
     loop {
-        let retry = tokio::time::sleep(Duration::from_millis(if retry_soon { 1000 } else { 3_600_000 }));
+        // BGP: wait for the first routes until the speaker has synced (End-of-RIB from its
+        // peers, or its deadline), so routes kept from before a restart stay meanwhile.
+        let waiting_for_sync = bgp.as_ref().is_some_and(|b| !b.pushed);
+        let retry_ms = if retry_soon || waiting_for_sync { 500 } else { 3_600_000 };
+        let retry = tokio::time::sleep(Duration::from_millis(retry_ms));
+        let rib_changed = async {
+            match bgp.as_mut() {
+                Some(b) => {
+                    if b.rib.changed().await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
+            _ = rib_changed => {}
             ev = events.recv() => match ev {
-                Some(ev) => apply(&mut leases, ev, &own),
+                Some(ev) => {
+                    apply(&mut leases, ev, &own);
+                    // Nodes often join or leave in bursts: take every event already queued (and
+                    // those arriving within 10 ms) before one reconcile, not one each.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    while let Ok(ev) = events.try_recv() {
+                        apply(&mut leases, ev, &own);
+                    }
+                }
                 None => return Err("the datastore stopped".into()),
             },
             Some(()) = kernel.recv() => {
@@ -231,6 +278,35 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
         metrics.leases().set(leases.len() as i64);
+        if let Some(b) = bgp.as_mut() {
+            let peers = trellisd::backend::bgp::peers(&conf.backend, &node, underlay.ip, &leases);
+            let addrs: Vec<std::net::IpAddr> = peers.iter().map(|p| p.addr).collect();
+            if peers_set.as_ref() != Some(&addrs) {
+                b.speaker.set_peers(
+                    peers
+                        .into_iter()
+                        .map(|p| PeerConfig {
+                            addr: p.addr,
+                            asn: p.asn,
+                        })
+                        .collect(),
+                );
+                peers_set = Some(addrs);
+            }
+            if *b.synced.borrow() || b.pushed {
+                let routes = b
+                    .rib
+                    .borrow_and_update()
+                    .values()
+                    .map(|r| BgpRoute {
+                        prefix: r.prefix,
+                        next_hop: r.next_hop,
+                    })
+                    .collect();
+                dp.set_bgp_routes(routes).map_err(|e| e.to_string())?;
+                b.pushed = true;
+            }
+        }
         match dp.reconcile(&leases).await {
             Ok(_) => {
                 retry_soon = false;
@@ -242,6 +318,50 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The BGP speaker and what the main loop needs of it.
+struct Bgp {
+    speaker: Speaker,
+    rib: tokio::sync::watch::Receiver<trellisd::bgp::Routes>,
+    synced: tokio::sync::watch::Receiver<bool>,
+    /// Whether routes were handed to the dataplane yet (until then it keeps the kernel's).
+    pushed: bool,
+}
+
+#[allow(clippy::too_many_arguments)] // the backend's settings, spelled out
+async fn start_bgp(
+    dp: &Dataplane,
+    own: &Lease,
+    underlay: &trellisd::reconcile::Underlay,
+    conf: &NetConf,
+    asn: u32,
+    hold_time: u16,
+    graceful_restart: u16,
+    metrics: &Metrics,
+) -> Result<Bgp, String> {
+    let IpAddr::V4(router_id) = underlay.ip else {
+        return Err("BGP needs an IPv4 underlay address for its router ID".into());
+    };
+    let mut cfg = BgpConfig::new(asn, router_id);
+    cfg.hold_time = hold_time;
+    cfg.graceful_restart_secs = graceful_restart;
+    cfg.import_within = conf.cluster_cidrs();
+    // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
+    cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;
+    let (speaker, rib) = Speaker::start(cfg, metrics.clone())
+        .await
+        .map_err(|e| format!("BGP: {e}"))?;
+    let (prefixes, v4, v6) = trellisd::backend::bgp::exports(own, underlay.ip);
+    speaker.set_exports(prefixes, v4, v6);
+    let synced = speaker.synced();
+    info!(asn, %router_id, "BGP speaker started");
+    Ok(Bgp {
+        speaker,
+        rib,
+        synced,
+        pushed: false,
+    })
 }
 
 /// Applies a datastore event; this node's own lease always stays as this process holds it.

@@ -6,7 +6,8 @@
 //! masquerade of this node's pods. Every [`Dataplane::reconcile`] run:
 //!
 //! 1. makes the backend's device be there (recreated if someone deleted it);
-//! 2. computes the kernel objects the other nodes' leases call for ([`Desired`]);
+//! 2. computes the kernel objects the other nodes' leases call for ([`Desired`]) — in BGP mode,
+//!    the routes the BGP speaker learned ([`Dataplane::set_bgp_routes`]) instead;
 //! 3. reads what the kernel holds: routes with [`TRELLISD_PROTO`] in the main table, permanent
 //!    neighbours and FDB entries on our device;
 //! 4. applies the difference ([`plan`]): adds and replaces what is missing or wrong, removes what
@@ -18,9 +19,15 @@
 //! periodically. A failed change does not stop the others: all are tried, the failures are
 //! returned together, and the next run retries what is still missing.
 //!
+//! In BGP mode, until the first [`Dataplane::set_bgp_routes`] a run only makes the device be
+//! there and changes no route, neighbour or FDB entry: the desired state is not known yet, and the
+//! routes an earlier run installed keep the pods talking while the BGP sessions come up (see
+//! `backend::bgp`).
+//!
 //! Nothing is torn down when the `Dataplane` is dropped: pods keep talking while the daemon
 //! restarts, and the next daemon adopts what it finds.
 
+use crate::backend::bgp::BgpRoute;
 use crate::backend::{kernel_watch, Backend, Desired, Notices, TRELLISD_PROTO};
 use crate::lease::{BackendData, Lease};
 use crate::metrics::Metrics;
@@ -70,6 +77,9 @@ pub enum DataplaneError {
     Nft(#[from] NftError),
     #[error("{0}")]
     Invalid(String),
+    /// The kernel lacks what the backend needs (the `ipip` module).
+    #[error("{0}")]
+    Unsupported(String),
     /// Some kernel changes of a reconcile run failed; the others were applied.
     #[error("{} kernel change(s) failed ({} applied): {}", failures.len(), report.added + report.removed,
         failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -119,7 +129,7 @@ impl Dataplane {
         let ethtool = Ethtool::open_in(&ns)?;
         let masq_cfg = MasqueradeConfig::new(cfg.cluster_cidrs.iter().copied());
         let masquerade = run_in(&ns, move || Masquerade::new(masq_cfg))??;
-        let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &nl, ethtool).await?;
+        let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &cfg.cluster_cidrs, &nl, ethtool).await?;
         let interest = Arc::new(kernel_watch::Interest::default());
         interest.set_device(backend.device_index());
         let ns_file = Arc::new(ns_file);
@@ -148,7 +158,8 @@ impl Dataplane {
         u.mtu.saturating_sub(self.cfg.backend.overhead(u.ip.is_ipv6()))
     }
 
-    /// Why some remote nodes get no route, as of the last reconcile run (each was logged once).
+    /// Why some remote nodes (in BGP mode: some learned prefixes) get no route, as of the last
+    /// reconcile run (each was logged once).
     pub fn notices(&self) -> impl Iterator<Item = &str> {
         self.notices.messages()
     }
@@ -180,8 +191,36 @@ impl Dataplane {
         Ok(())
     }
 
+    /// BGP mode: the routes the speaker learned, all of them (those of a gracefully restarting
+    /// peer, flagged stale, included): from now on the desired routes, applied by the next
+    /// [`Dataplane::reconcile`]. An error when the backend is not `bgp`.
+    pub fn set_bgp_routes(&mut self, routes: Vec<BgpRoute>) -> Result<(), DataplaneError> {
+        match &mut self.backend {
+            Backend::Bgp(b) => {
+                b.set_routes(routes);
+                Ok(())
+            }
+            _ => Err(DataplaneError::Invalid(format!(
+                "set_bgp_routes: this node runs the {} backend, not bgp",
+                self.cfg.backend.name()
+            ))),
+        }
+    }
+
+    /// How many routes of ours the kernel holds now: at start, those an earlier run left (for
+    /// BGP graceful restart, the forwarding state kept across the restart).
+    pub async fn installed_routes(&self) -> Result<usize, DataplaneError> {
+        let filter = RouteFilter {
+            table: Some(RT_TABLE_MAIN),
+            protocol: Some(TRELLISD_PROTO),
+            ..Default::default()
+        };
+        Ok(self.nl.routes(&filter).await?.len())
+    }
+
     /// Makes the kernel hold what `leases` (every node's, this node's included and skipped) call
-    /// for, and nothing else of ours.
+    /// for, and nothing else of ours. In BGP mode the routes come from [`Dataplane::set_bgp_routes`]
+    /// (the leases give the VXLAN cross-subnet VTEPs), and nothing changes before its first call.
     pub async fn reconcile(&mut self, leases: &BTreeMap<String, Lease>) -> Result<ReconcileReport, DataplaneError> {
         let started = Instant::now();
         self.metrics.reconcile_runs().inc();
@@ -214,9 +253,17 @@ impl Dataplane {
         self.interest.set_device(device);
 
         let (mut desired, mut notices) = (Desired::default(), Notices::default());
-        for lease in leases.values().filter(|l| l.node != self.cfg.node) {
-            self.backend
-                .desired(&normalized(lease), underlay, &mut desired, &mut notices);
+        let remotes: Vec<Lease> = leases
+            .values()
+            .filter(|l| l.node != self.cfg.node)
+            .map(normalized)
+            .collect();
+        let known = self
+            .backend
+            .desired(&remotes, self.own.as_ref(), underlay, &mut desired, &mut notices);
+        if !known {
+            // BGP before the speaker's first RIB: keep what is installed (see the module docs).
+            return Ok(ReconcileReport::default());
         }
         for message in notices.fresh(&self.notices) {
             tracing::warn!("{message}");
@@ -369,8 +416,17 @@ fn default_metric(route: &Route) -> u32 {
 /// The difference between what the leases call for and what the kernel holds.
 pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
     let mut p = Plan::default();
+    // Indexed once: scanning every actual route for every desired one made a no-op resync at
+    // 10,000 nodes cost about 70 ms, most of it in that scan (bench/src/bin/convergence.rs).
+    let mut by_dst: std::collections::HashMap<IpNetwork, Vec<&Route>> = std::collections::HashMap::new();
+    for have in &actual.routes {
+        by_dst.entry(have.destination).or_default().push(have);
+    }
     for want in desired.routes.values() {
-        if !actual.routes.iter().any(|have| same_route(want, have)) {
+        let present = by_dst
+            .get(&want.destination)
+            .is_some_and(|v| v.iter().any(|have| same_route(want, have)));
+        if !present {
             p.add_routes.push(want.clone());
         }
     }

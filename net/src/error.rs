@@ -102,6 +102,12 @@ impl NetError {
         self.errno() == Some(libc::EEXIST)
     }
 
+    /// The kernel lacks the feature (EOPNOTSUPP): a link kind whose module is missing
+    /// ("Unknown device type"), an offload the driver cannot change.
+    pub fn is_not_supported(&self) -> bool {
+        self.errno() == Some(libc::EOPNOTSUPP)
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             what: what.into(),

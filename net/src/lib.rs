@@ -4,7 +4,7 @@
 //! - [`netns`]: run code inside a network namespace without moving the caller ([`netns::run_in`]),
 //!   and named namespaces for tests ([`netns::NetnsGuard`]).
 //! - [`Netlink`]: an rtnetlink connection bound to one namespace, with typed async verbs for
-//!   links ([`link`]), addresses ([`addr`]), routes ([`route`]), neighbours ([`neigh`]) and
+//!   links ([`link`]: veth, bridge, VXLAN, IPIP), addresses ([`addr`]), routes ([`route`]), neighbours ([`neigh`]) and
 //!   VXLAN FDB entries ([`fdb`]).
 //! - [`monitor`]: kernel change notifications (routes, neighbours, FDB, links, addresses).
 //! - [`ethtool`]: TX checksum offload through the `SIOCETHTOOL` ioctl.
@@ -46,7 +46,7 @@ pub use error::NetError;
 pub use family::IpFamily;
 pub use fdb::FdbEntry;
 pub use ipnetwork::IpNetwork;
-pub use link::{BridgeConfig, LinkChange, LinkInfo, VethConfig, VxlanConfig, VxlanInfo};
+pub use link::{BridgeConfig, IpipConfig, IpipInfo, LinkChange, LinkInfo, VethConfig, VxlanConfig, VxlanInfo};
 pub use mac::MacAddr;
 pub use neigh::{Neighbour, NeighbourState};
 pub use netlink::Netlink;

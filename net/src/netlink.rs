@@ -65,8 +65,7 @@ impl Netlink {
     }
 
     async fn exchange(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<Msg>, Failure> {
-        let mut request = NetlinkMessage::from(msg);
-        request.header.flags = flags;
+        let request = request(msg, flags);
         let mut handle = self.handle.clone();
         let replies = handle.request(request).map_err(|_| Failure::Closed)?;
         Ok(replies.collect().await)
@@ -75,7 +74,7 @@ impl Netlink {
     /// Send a request that changes something (`extra_flags`: `NLM_F_CREATE`, `NLM_F_EXCL`,
     /// `NLM_F_REPLACE`, ...) and wait for the kernel's ACK.
     pub(crate) async fn ack(&self, msg: RouteNetlinkMessage, extra_flags: u16) -> Result<(), Failure> {
-        reply::ack(self.exchange(msg, NLM_F_REQUEST | NLM_F_ACK | extra_flags).await?)
+        reply::ack(self.exchange(msg, ACK_FLAGS | extra_flags).await?)
     }
 
     /// Send a non-dump `RTM_GET*` request and return the one answer.
@@ -94,6 +93,17 @@ impl Netlink {
         }
         unreachable!("the loop above always returns")
     }
+}
+
+/// The flags of a request that changes something and waits for the kernel's ACK.
+pub(crate) const ACK_FLAGS: u16 = NLM_F_REQUEST | NLM_F_ACK;
+
+/// The netlink message sent for `msg` with these header flags (the sequence number is set when
+/// it is sent); unit tests encode it to check the bytes the kernel gets.
+pub(crate) fn request(msg: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut request = NetlinkMessage::from(msg);
+    request.header.flags = flags;
+    request
 }
 
 /// A non-blocking rtnetlink socket in the calling thread's namespace, with extended ACKs

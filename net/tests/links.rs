@@ -1,10 +1,10 @@
-//! Links: veth into a namespace, bridge and ports, vxlan, setters, deletes.
+//! Links: veth into a namespace, bridge and ports, vxlan, ipip, setters, deletes.
 
 mod common;
 
 use common::{ifname, ip, netns};
 use trellis_net::netns::NetnsRef;
-use trellis_net::{BridgeConfig, MacAddr, Netlink, VethConfig, VxlanConfig, VxlanInfo};
+use trellis_net::{BridgeConfig, IpipConfig, IpipInfo, MacAddr, Netlink, VethConfig, VxlanConfig, VxlanInfo};
 
 #[tokio::test]
 async fn veth_peer_is_born_in_the_pod_namespace_under_its_final_name() {
@@ -170,6 +170,57 @@ async fn vxlan_device_for_the_overlay() {
     ] {
         assert!(details.contains(want), "{want:?} not in {details}");
     }
+}
+
+#[tokio::test]
+async fn ipip_device_for_the_overlay_or_a_clear_skip() {
+    let ns = netns("ipip");
+    let nl = Netlink::connect_in(ns.path()).unwrap();
+    let (underlay, _) = common::veth_pair_up(&nl).await;
+    nl.add_address(underlay.index, "192.168.77.1/24".parse().unwrap())
+        .await
+        .unwrap();
+    let name = ifname("ip");
+    let cfg = IpipConfig {
+        local: Some("192.168.77.1".parse().unwrap()),
+        underlay_index: Some(underlay.index),
+        ttl: 64,
+        pmtudisc: true,
+        mtu: Some(1480),
+        ..IpipConfig::new(&name)
+    };
+    let tun = match nl.create_ipip(&cfg).await {
+        Ok(tun) => tun,
+        Err(e) if e.is_not_supported() => {
+            eprintln!("SKIPPED ipip_device_for_the_overlay: this kernel has no IPIP support (modprobe ipip): {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!((tun.kind.as_deref(), tun.mtu), (Some("ipip"), 1480));
+    assert_eq!(
+        tun.ipip,
+        Some(IpipInfo {
+            local: Some("192.168.77.1".parse().unwrap()),
+            remote: None,
+            underlay_index: Some(underlay.index),
+            ttl: 64,
+            pmtudisc: true,
+        })
+    );
+    let details = ip(&ns, &["-d", "link", "show", "dev", &name]);
+    for want in [
+        "ipip",
+        "local 192.168.77.1",
+        &format!("dev {}", underlay.name),
+        "ttl 64",
+        "mtu 1480",
+    ] {
+        assert!(details.contains(want), "{want:?} not in {details}");
+    }
+    let err = nl.create_ipip(&cfg).await.unwrap_err();
+    assert!(err.is_exists(), "{err}");
+    nl.del_link(tun.index).await.unwrap();
 }
 
 #[tokio::test]

@@ -76,6 +76,8 @@ pub(crate) fn backend_name(b: &BackendData) -> &'static str {
     match b {
         BackendData::Vxlan { .. } => "vxlan",
         BackendData::HostGw => "host-gw",
+        BackendData::Ipip => "ipip",
+        BackendData::Bgp { .. } => "bgp",
     }
 }
 

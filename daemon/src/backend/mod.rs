@@ -10,13 +10,18 @@
 //! The backends are an enum with a `match` (no trait objects, no registration):
 //! - [`vxlan`]: an L3 overlay over one VXLAN device (flannel's `vxlan` backend), optionally with
 //!   direct routes to the nodes on the same L2 subnet (`DirectRouting`);
-//! - [`hostgw`]: plain routes via the other nodes' underlay addresses (flannel's `host-gw`).
+//! - [`hostgw`]: plain routes via the other nodes' underlay addresses (flannel's `host-gw`);
+//! - [`ipip`]: IPv4-in-IPv4 through one tunnel device to every node (Calico's IPIP `Always`);
+//! - [`bgp`]: the routes come from the BGP speaker's RIB instead of from the leases: plain routes
+//!   on the L2 subnet, an IPIP or VXLAN tunnel (or nothing) beyond it (Calico's `CrossSubnet`).
 //!
 //! Every route a backend asks for carries [`TRELLISD_PROTO`]: the reconciler lists and removes
 //! only routes with that protocol, so it never touches anyone else's and finds its own stale
 //! ones after a restart.
 
+pub mod bgp;
 pub mod hostgw;
+pub mod ipip;
 pub mod kernel_watch;
 mod notices;
 pub mod vxlan;
@@ -29,7 +34,7 @@ use crate::reconcile::Underlay;
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use trellis_net::{MacAddr, Netlink, Route};
+use trellis_net::{AddressOptions, MacAddr, NetError, Netlink, Route};
 
 /// The route protocol (`RTPROT_*`, `ip route ... proto 117`) of every route trellisd adds.
 ///
@@ -66,24 +71,52 @@ pub(crate) fn on_our_subnet(remote: &Lease, underlay: &Underlay) -> bool {
     underlay.prefix.contains(remote.underlay_ip)
 }
 
-/// The configured backend, with its state (the VXLAN device).
+/// This node's own addresses on a backend device (VXLAN VTEP, IPIP tunnel): `want` there and no
+/// other global ones (an earlier CIDR's); IPv6 link-local addresses are left alone.
+pub(crate) async fn ensure_device_addresses(nl: &Netlink, index: u32, want: &[IpNetwork]) -> Result<(), NetError> {
+    let have = nl.addresses(index).await?;
+    for a in &have {
+        let link_local = matches!(a.address.ip(), IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 == 0xfe80);
+        if !link_local && !want.contains(&a.address) {
+            nl.del_address(index, a.address).await?;
+        }
+    }
+    for addr in want {
+        if !have.iter().any(|a| a.address == *addr) {
+            let opts = AddressOptions {
+                nodad: true,
+                no_prefix_route: true,
+            };
+            nl.add_address_with(index, *addr, opts).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The configured backend, with its state (its device, the BGP routes).
 pub enum Backend {
     Vxlan(vxlan::Vxlan),
     HostGw(hostgw::HostGw),
+    Ipip(ipip::Ipip),
+    Bgp(bgp::Bgp),
 }
 
 impl Backend {
-    /// Sets the backend up in the namespace `nl` talks to (VXLAN: creates the device).
+    /// Sets the backend up in the namespace `nl` talks to (VXLAN, IPIP: creates the device).
+    /// `cluster` holds the cluster CIDRs (BGP installs no learned route outside them).
     pub async fn new(
         cfg: &BackendConfig,
         node: &str,
         underlay: &Underlay,
+        cluster: &[IpNetwork],
         nl: &Netlink,
         ethtool: trellis_net::ethtool::Ethtool,
     ) -> Result<Backend, crate::reconcile::DataplaneError> {
         Ok(match cfg {
             BackendConfig::Vxlan { .. } => Backend::Vxlan(vxlan::Vxlan::new(cfg, node, underlay, nl, ethtool).await?),
             BackendConfig::HostGw => Backend::HostGw(hostgw::HostGw),
+            BackendConfig::Ipip => Backend::Ipip(ipip::Ipip::new(underlay, nl).await?),
+            BackendConfig::Bgp { .. } => Backend::Bgp(bgp::Bgp::new(cfg, node, underlay, cluster, nl, ethtool).await?),
         })
     }
 
@@ -92,14 +125,18 @@ impl Backend {
         match self {
             Backend::Vxlan(v) => v.backend_data(),
             Backend::HostGw(_) => BackendData::HostGw,
+            Backend::Ipip(_) => BackendData::Ipip,
+            Backend::Bgp(b) => b.backend_data(),
         }
     }
 
-    /// The link the backend's neighbours and FDB entries live on, if it has one.
+    /// The backend's device (its neighbours and FDB entries are ours), if it has one.
     pub fn device_index(&self) -> Option<u32> {
         match self {
             Backend::Vxlan(v) => Some(v.index()),
             Backend::HostGw(_) => None,
+            Backend::Ipip(i) => Some(i.index()),
+            Backend::Bgp(b) => b.device_index(),
         }
     }
 
@@ -114,15 +151,34 @@ impl Backend {
         match self {
             Backend::Vxlan(v) => v.ensure(nl, underlay, own).await,
             Backend::HostGw(_) => Ok(()),
+            Backend::Ipip(i) => i.ensure(nl, underlay, own).await,
+            Backend::Bgp(b) => b.ensure(nl, underlay, own).await,
         }
     }
 
-    /// Adds what one remote node's lease calls for to `out`; what cannot be done is noted in
-    /// `notices` (logged once per node and reason by the reconciler).
-    pub fn desired(&self, remote: &Lease, underlay: &Underlay, out: &mut Desired, notices: &mut Notices) {
-        match self {
-            Backend::Vxlan(v) => v.desired(remote, underlay, out, notices),
-            Backend::HostGw(h) => h.desired(remote, underlay, out, notices),
+    /// Adds what the other nodes call for to `out` — from their leases (`remotes`, this node's
+    /// excluded), or for BGP from the routes learned — and notes in `notices` what cannot be
+    /// done (logged once per node and reason by the reconciler). `false` when the desired state
+    /// is not known yet (BGP before the speaker's first RIB): then nothing may be removed.
+    pub fn desired(
+        &self,
+        remotes: &[Lease],
+        own: Option<&Lease>,
+        underlay: &Underlay,
+        out: &mut Desired,
+        notices: &mut Notices,
+    ) -> bool {
+        if let Backend::Bgp(b) = self {
+            return b.desired(remotes, own, underlay, out, notices);
         }
+        for remote in remotes {
+            match self {
+                Backend::Vxlan(v) => v.desired(remote, underlay, out, notices),
+                Backend::HostGw(h) => h.desired(remote, underlay, out, notices),
+                Backend::Ipip(i) => i.desired(remote, underlay, out, notices),
+                Backend::Bgp(_) => unreachable!("the routes of BGP mode come from its RIB"),
+            }
+        }
+        true
     }
 }

@@ -41,14 +41,16 @@
 //! ([`tx_checksum_offload`]), as Calico's felix did ("ChecksumOffloadBroken" below v5.7); `on`
 //! and `off` force it.
 
-use super::{direct_route, hostgw::backend_name, on_our_subnet, Desired, Notices, TRELLISD_PROTO};
+use super::{
+    direct_route, ensure_device_addresses, hostgw::backend_name, on_our_subnet, Desired, Notices, TRELLISD_PROTO,
+};
 use crate::config::{Backend as BackendConfig, ChecksumOffload};
 use crate::lease::{BackendData, Lease, MacString};
 use crate::reconcile::{DataplaneError, Underlay};
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 use trellis_net::ethtool::Ethtool;
-use trellis_net::{AddressOptions, LinkInfo, MacAddr, Netlink, Route, VxlanConfig, VxlanInfo};
+use trellis_net::{LinkInfo, MacAddr, Netlink, Route, VxlanConfig, VxlanInfo};
 
 /// The device's name: `trellis.<VNI>` like flannel's `flannel.<VNI>`, or `trellis<VNI>` when the
 /// VNI is too long for the 15-byte interface name limit (VNIs of 8 digits).
@@ -315,32 +317,10 @@ impl Vxlan {
             self.ethtool.set_tx_checksum(&self.name, self.tx_checksum)?;
         }
         if let Some(own) = own {
-            self.ensure_vtep_addresses(nl, own).await?;
+            let want: Vec<IpNetwork> = own.pod_cidrs.iter().map(vtep_address).collect();
+            ensure_device_addresses(nl, self.overlay.index, &want).await?;
             if !link.up {
                 nl.set_link_up(link.index).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// This node's VTEP addresses on the device, and no other global ones (an earlier CIDR).
-    async fn ensure_vtep_addresses(&self, nl: &Netlink, own: &Lease) -> Result<(), DataplaneError> {
-        let want: Vec<IpNetwork> = own.pod_cidrs.iter().map(vtep_address).collect();
-        let index = self.overlay.index;
-        let have = nl.addresses(index).await?;
-        for a in &have {
-            let link_local = matches!(a.address.ip(), IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 == 0xfe80);
-            if !link_local && !want.contains(&a.address) {
-                nl.del_address(index, a.address).await?;
-            }
-        }
-        for addr in want {
-            if !have.iter().any(|a| a.address == addr) {
-                let opts = AddressOptions {
-                    nodad: true,
-                    no_prefix_route: true,
-                };
-                nl.add_address_with(index, addr, opts).await?;
             }
         }
         Ok(())

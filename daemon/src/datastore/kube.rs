@@ -63,6 +63,15 @@ pub fn annotations(me: &NodeInfo) -> BTreeMap<String, String> {
             serde_json::json!({"VNI": vni, "VtepMAC": vtep_mac.0.to_string()}).to_string(),
         ),
         BackendData::HostGw => ("host-gw", "null".to_string()),
+        BackendData::Ipip => ("ipip", "null".to_string()),
+        BackendData::Bgp { asn, vtep_mac } => (
+            "bgp",
+            match vtep_mac {
+                Some(mac) => serde_json::json!({"ASNumber": asn, "VtepMAC": mac.0.to_string()}),
+                None => serde_json::json!({"ASNumber": asn}),
+            }
+            .to_string(),
+        ),
     };
     a.insert(BACKEND_TYPE.into(), ty.into());
     a.insert(BACKEND_DATA.into(), data);
@@ -97,6 +106,29 @@ pub fn lease_from_node(node: &Node) -> Result<Lease, Skip> {
     let backend = match ann.get(BACKEND_TYPE).map(String::as_str) {
         None => return Err(Skip::NoBackend),
         Some("host-gw") => BackendData::HostGw,
+        Some("ipip") => BackendData::Ipip,
+        Some("bgp") => {
+            #[derive(serde::Deserialize)]
+            struct Data {
+                #[serde(rename = "ASNumber")]
+                asn: u32,
+                #[serde(rename = "VtepMAC")]
+                vtep_mac: Option<String>,
+            }
+            let raw = ann
+                .get(BACKEND_DATA)
+                .ok_or_else(|| Skip::Invalid(format!("{BACKEND_DATA} missing")))?;
+            let d: Data = serde_json::from_str(raw).map_err(|e| Skip::Invalid(format!("{BACKEND_DATA}: {e}")))?;
+            let vtep_mac = d
+                .vtep_mac
+                .map(|m| {
+                    m.parse()
+                        .map(MacString)
+                        .map_err(|e| Skip::Invalid(format!("VtepMAC {m}: {e}")))
+                })
+                .transpose()?;
+            BackendData::Bgp { asn: d.asn, vtep_mac }
+        }
         Some("vxlan") => {
             #[derive(serde::Deserialize)]
             struct Data {

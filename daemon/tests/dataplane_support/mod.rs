@@ -269,3 +269,56 @@ pub async fn fired(rx: &mut tokio::sync::mpsc::Receiver<()>, secs: u64) -> bool 
         Ok(Some(()))
     )
 }
+
+/// Moves the last node onto a second underlay subnet (`192.168.78.0/24`, bridge `br1`) and
+/// makes the underlay namespace the router between the two (`192.168.77.1`, `192.168.78.1`,
+/// every node's default route): that node is then off the others' L2 subnet and reachable only
+/// through the router, which knows nothing of pod addresses. Call before creating dataplanes.
+pub async fn put_last_node_behind_a_router(cluster: &mut Cluster) {
+    let unl = Netlink::connect_in(cluster.underlay.path()).unwrap();
+    let br0 = unl.link_by_name("br0").await.unwrap().unwrap();
+    unl.add_address(br0.index, "192.168.77.1/24".parse().unwrap())
+        .await
+        .unwrap();
+    let br1 = unl.create_bridge(&BridgeConfig::new("br1")).await.unwrap();
+    unl.set_link_up(br1.index).await.unwrap();
+    unl.add_address(br1.index, "192.168.78.1/24".parse().unwrap())
+        .await
+        .unwrap();
+    let last = cluster.nodes.len();
+    let port = unl.link_by_name(&format!("u{last}")).await.unwrap().unwrap();
+    unl.set_link_master(port.index, br1.index).await.unwrap();
+    run_in(cluster.underlay.path(), || sysctl::set_ipv4_forwarding(true).unwrap()).unwrap();
+
+    let (far, near) = cluster.nodes.split_last_mut().unwrap();
+    for node in near {
+        node.nl
+            .replace_route(&Route::new("0.0.0.0/0".parse().unwrap()).via("192.168.77.1".parse().unwrap()))
+            .await
+            .unwrap();
+    }
+    let prefix: ipnetwork::IpNetwork = format!("192.168.78.1{last}/24").parse().unwrap();
+    far.nl
+        .del_address(far.underlay.index, far.underlay.prefix)
+        .await
+        .unwrap();
+    far.nl.add_address(far.underlay.index, prefix).await.unwrap();
+    far.nl
+        .replace_route(&Route::new("0.0.0.0/0".parse().unwrap()).via("192.168.78.1".parse().unwrap()))
+        .await
+        .unwrap();
+    far.underlay.ip = prefix.ip();
+    far.underlay.prefix = prefix;
+}
+
+/// Whether this kernel can make IPIP devices (tried in a throw-away namespace); `Err` says why
+/// not, for the skip message.
+pub async fn ipip_support() -> Result<(), String> {
+    let ns = NetnsGuard::create("tdp-ipip-probe").unwrap();
+    let nl = Netlink::connect_in(ns.path()).unwrap();
+    match nl.create_ipip(&trellis_net::IpipConfig::new("probe0")).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_supported() => Err(format!("this kernel has no IPIP support (modprobe ipip): {e}")),
+        Err(e) => panic!("probing IPIP support: {e}"),
+    }
+}

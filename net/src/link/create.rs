@@ -1,14 +1,14 @@
-//! Creating links: veth pairs, bridges, VXLAN devices.
+//! Creating links: veth pairs, bridges, VXLAN and IPIP devices.
 //!
 //! Each create is one `RTM_NEWLINK` with `NLM_F_CREATE | NLM_F_EXCL` (an existing link is an
 //! EEXIST error, see [`NetError::is_exists`]) and returns the new link as the kernel reports it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
-use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
+use rtnetlink::{LinkBridge, LinkIpIp, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 use super::{check_ifname, LinkInfo};
 use crate::netns::NetnsRef;
@@ -129,6 +129,66 @@ impl<'a> VxlanConfig<'a> {
     }
 }
 
+/// An IPIP tunnel device (IPv4 in IPv4, IP protocol 4) with no fixed remote: the outer
+/// destination of each packet is the gateway of the route that sent it there
+/// (`ip route add 10.244.2.0/24 via 192.168.0.12 dev NAME onlink`), so one device reaches every
+/// node. With `local` set, it receives the IPIP packets addressed to that address (the kernel
+/// matches received packets to tunnels by their outer addresses; what matches no tunnel goes to
+/// the module's fallback device `tunl0`).
+///
+/// `ip link add NAME type ipip local LOCAL dev UNDERLAY ttl TTL [no]pmtudisc` — the kernel must
+/// have IPIP support (module `ipip`); without it the create fails with EOPNOTSUPP
+/// ([`NetError::is_not_supported`]).
+#[derive(Debug, Clone)]
+pub struct IpipConfig<'a> {
+    /// Device name.
+    pub name: &'a str,
+    /// Source address of the encapsulated packets (the node's underlay IP).
+    pub local: Option<Ipv4Addr>,
+    /// Index of the underlay device the packets leave by.
+    pub underlay_index: Option<u32>,
+    /// TTL of the outer header; 0 copies the inner packet's (`ttl inherit`).
+    pub ttl: u8,
+    /// Path MTU discovery: the outer header carries DF. A fixed `ttl` needs it (as in iproute2).
+    pub pmtudisc: bool,
+    /// MTU (underlay MTU minus 20).
+    pub mtu: Option<u32>,
+}
+
+impl<'a> IpipConfig<'a> {
+    /// An IPIP device with the kernel's defaults: no local address, `ttl inherit`, `pmtudisc`.
+    pub fn new(name: &'a str) -> Self {
+        Self {
+            name,
+            local: None,
+            underlay_index: None,
+            ttl: 0,
+            pmtudisc: true,
+            mtu: None,
+        }
+    }
+}
+
+/// The `RTM_NEWLINK` body that creates an IPIP device.
+pub(crate) fn ipip_message(cfg: &IpipConfig<'_>) -> Result<LinkMessage, NetError> {
+    check_ifname(cfg.name)?;
+    if cfg.ttl != 0 && !cfg.pmtudisc {
+        return Err(NetError::InvalidArgument(format!(
+            "ipip {}: a fixed ttl ({}) and nopmtudisc are incompatible",
+            cfg.name, cfg.ttl
+        )));
+    }
+    let mut ipip = LinkIpIp::new(cfg.name);
+    if let Some(index) = cfg.underlay_index {
+        ipip = ipip.dev(index);
+    }
+    if let Some(local) = cfg.local {
+        ipip = ipip.local(local);
+    }
+    let ipip = ipip.ttl(cfg.ttl).pmtudisc(cfg.pmtudisc);
+    Ok(common(ipip, cfg.mtu, None).build())
+}
+
 /// Attributes every link can take at creation.
 fn common<T>(mut b: LinkMessageBuilder<T>, mtu: Option<u32>, mac: Option<MacAddr>) -> LinkMessageBuilder<T> {
     if let Some(mtu) = mtu {
@@ -139,6 +199,9 @@ fn common<T>(mut b: LinkMessageBuilder<T>, mtu: Option<u32>, mac: Option<MacAddr
     }
     b
 }
+
+/// The flags (beyond `NLM_F_REQUEST | NLM_F_ACK`) of every create: an existing link is EEXIST.
+const CREATE_FLAGS: u16 = NLM_F_CREATE | NLM_F_EXCL;
 
 impl Netlink {
     /// Create a veth pair; returns this end.
@@ -192,13 +255,129 @@ impl Netlink {
         self.create_link(vxlan.build(), cfg.name, what).await
     }
 
+    /// Create an IPIP tunnel device; returns it. EOPNOTSUPP when the kernel has no IPIP support.
+    pub async fn create_ipip(&self, cfg: &IpipConfig<'_>) -> Result<LinkInfo, NetError> {
+        let msg = ipip_message(cfg)?;
+        let mut what = format!("creating ipip {}", cfg.name);
+        if let Some(local) = cfg.local {
+            what.push_str(&format!(" (local {local})"));
+        }
+        self.create_link(msg, cfg.name, what).await
+    }
+
     async fn create_link(&self, msg: LinkMessage, name: &str, what: String) -> Result<LinkInfo, NetError> {
-        self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        self.ack(RouteNetlinkMessage::NewLink(msg), CREATE_FLAGS)
             .await
             .map_err(|f| f.context(&what))?;
         self.link_by_name(name).await?.ok_or_else(|| NetError::UnexpectedReply {
             what,
             detail: format!("link {name} not found right after creating it"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{request, ACK_FLAGS};
+
+    /// The attributes of a netlink attribute stream: (type without the nested/byte-order flags,
+    /// payload).
+    fn nlas(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+        let mut out = Vec::new();
+        while buf.len() >= 4 {
+            let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+            let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+            assert!(len >= 4 && len <= buf.len(), "attribute length {len} of {}", buf.len());
+            out.push((kind, &buf[4..len]));
+            buf = &buf[((len + 3) & !3).min(buf.len())..];
+        }
+        assert!(buf.is_empty(), "trailing bytes {buf:?}");
+        out
+    }
+
+    fn one<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> &'a [u8] {
+        let found: Vec<_> = attrs.iter().filter(|(k, _)| *k == kind).collect();
+        assert_eq!(found.len(), 1, "attribute {kind} in {attrs:?}");
+        found[0].1
+    }
+
+    /// The bytes the kernel gets for a create.
+    fn encoded(msg: LinkMessage) -> Vec<u8> {
+        let mut m = request(RouteNetlinkMessage::NewLink(msg), ACK_FLAGS | CREATE_FLAGS);
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    }
+
+    // linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/if_tunnel.h
+    const RTM_NEWLINK: u16 = 16;
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_MTU: u16 = 4;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    const IFLA_INFO_DATA: u16 = 2;
+    const IFLA_IPTUN_LINK: u16 = 1;
+    const IFLA_IPTUN_LOCAL: u16 = 2;
+    const IFLA_IPTUN_REMOTE: u16 = 3;
+    const IFLA_IPTUN_TTL: u16 = 4;
+    const IFLA_IPTUN_PMTUDISC: u16 = 10;
+
+    #[test]
+    fn the_ipip_create_message_carries_kind_local_link_ttl_and_pmtudisc() {
+        let cfg = IpipConfig {
+            local: Some(Ipv4Addr::new(192, 168, 0, 11)),
+            underlay_index: Some(7),
+            ttl: 64,
+            pmtudisc: true,
+            mtu: Some(1480),
+            ..IpipConfig::new("trellis.ipip")
+        };
+        let buf = encoded(ipip_message(&cfg).unwrap());
+
+        // nlmsghdr: length, RTM_NEWLINK, REQUEST|ACK|EXCL|CREATE.
+        assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize, buf.len());
+        assert_eq!(u16::from_ne_bytes([buf[4], buf[5]]), RTM_NEWLINK);
+        assert_eq!(u16::from_ne_bytes([buf[6], buf[7]]), 0x0001 | 0x0004 | 0x0200 | 0x0400);
+        // ifinfomsg (16 bytes): no index (a new link), AF_UNSPEC.
+        let ifinfo = &buf[16..32];
+        assert_eq!(ifinfo[0], 0, "family");
+        assert_eq!(i32::from_ne_bytes(ifinfo[4..8].try_into().unwrap()), 0, "index");
+
+        let attrs = nlas(&buf[32..]);
+        assert_eq!(one(&attrs, IFLA_IFNAME), b"trellis.ipip\0");
+        assert_eq!(one(&attrs, IFLA_MTU), 1480u32.to_ne_bytes());
+        let info = nlas(one(&attrs, IFLA_LINKINFO));
+        assert_eq!(one(&info, IFLA_INFO_KIND), b"ipip\0");
+        let data = nlas(one(&info, IFLA_INFO_DATA));
+        assert_eq!(one(&data, IFLA_IPTUN_LINK), 7u32.to_ne_bytes());
+        assert_eq!(one(&data, IFLA_IPTUN_LOCAL), [192, 168, 0, 11]);
+        assert_eq!(one(&data, IFLA_IPTUN_TTL), [64]);
+        assert_eq!(one(&data, IFLA_IPTUN_PMTUDISC), [1]);
+        assert!(
+            data.iter().all(|(k, _)| *k != IFLA_IPTUN_REMOTE),
+            "no fixed remote: the route's gateway is the outer destination"
+        );
+        assert_eq!(data.len(), 4, "{data:?}");
+    }
+
+    #[test]
+    fn ipip_defaults_and_refusals() {
+        // Kernel defaults: no local, no link, ttl inherit, pmtudisc; no MTU.
+        let buf = encoded(ipip_message(&IpipConfig::new("tun9")).unwrap());
+        let attrs = nlas(&buf[32..]);
+        assert!(attrs.iter().all(|(k, _)| *k != IFLA_MTU));
+        let data = nlas(one(&nlas(one(&attrs, IFLA_LINKINFO)), IFLA_INFO_DATA));
+        assert_eq!(data, [(IFLA_IPTUN_TTL, &[0u8][..]), (IFLA_IPTUN_PMTUDISC, &[1u8][..])]);
+
+        let bad = IpipConfig {
+            ttl: 64,
+            pmtudisc: false,
+            ..IpipConfig::new("tun9")
+        };
+        let err = ipip_message(&bad).unwrap_err();
+        assert!(err.to_string().contains("nopmtudisc"), "{err}");
+        assert!(ipip_message(&IpipConfig::new("sixteen-chars-xx")).is_err());
     }
 }

@@ -7,10 +7,12 @@
 mod create;
 mod set;
 
-pub use create::{BridgeConfig, VethConfig, VxlanConfig};
+pub use create::{BridgeConfig, IpipConfig, VethConfig, VxlanConfig};
 pub use set::LinkChange;
 
-use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoIpTunnel, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::reply::Failure;
@@ -45,6 +47,51 @@ pub struct LinkInfo {
     pub alias: Option<String>,
     /// The VXLAN settings, for a VXLAN device.
     pub vxlan: Option<VxlanInfo>,
+    /// The tunnel settings, for an IPIP device.
+    pub ipip: Option<IpipInfo>,
+}
+
+/// An IPIP device's settings as the kernel reports them (`ip -d link show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpipInfo {
+    /// Source address of the encapsulated packets (`None`: any).
+    pub local: Option<std::net::Ipv4Addr>,
+    /// Fixed destination (`None`: the route's gateway).
+    pub remote: Option<std::net::Ipv4Addr>,
+    /// Index of the underlay device.
+    pub underlay_index: Option<u32>,
+    /// Outer TTL; 0 copies the inner packet's.
+    pub ttl: u8,
+    /// Path MTU discovery (DF on the outer header).
+    pub pmtudisc: bool,
+}
+
+impl IpipInfo {
+    fn from_attributes(attrs: &[InfoIpTunnel]) -> Self {
+        let v4 = |ip: &std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(*ip),
+            _ => None,
+        };
+        let mut info = IpipInfo {
+            local: None,
+            remote: None,
+            underlay_index: None,
+            ttl: 0,
+            // The kernel's default when the attribute is absent.
+            pmtudisc: true,
+        };
+        for attr in attrs {
+            match attr {
+                InfoIpTunnel::Local(ip) => info.local = v4(ip),
+                InfoIpTunnel::Remote(ip) => info.remote = v4(ip),
+                InfoIpTunnel::Link(index) => info.underlay_index = (*index != 0).then_some(*index),
+                InfoIpTunnel::Ttl(ttl) => info.ttl = *ttl,
+                InfoIpTunnel::PMtuDisc(on) => info.pmtudisc = *on,
+                _ => {}
+            }
+        }
+        info
+    }
 }
 
 /// A VXLAN device's settings as the kernel reports them (`ip -d link show`).
@@ -102,6 +149,7 @@ impl LinkInfo {
             link_netnsid: None,
             alias: None,
             vxlan: None,
+            ipip: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -118,6 +166,10 @@ impl LinkInfo {
                             NlLinkInfo::Kind(kind) => info.kind = Some(kind.to_string()),
                             NlLinkInfo::Data(InfoData::Vxlan(attrs)) => {
                                 info.vxlan = Some(VxlanInfo::from_attributes(attrs))
+                            }
+                            // Also ip6tnl and sit: only IPIP is reported.
+                            NlLinkInfo::Data(InfoData::IpTunnel(attrs)) => {
+                                info.ipip = Some(IpipInfo::from_attributes(attrs))
                             }
                             _ => {}
                         }
@@ -236,7 +288,8 @@ impl Netlink {
 
 #[cfg(test)]
 mod tests {
-    use super::check_ifname;
+    use super::*;
+    use netlink_packet_route::link::InfoKind;
 
     #[test]
     fn interface_names_follow_the_kernel_rules() {
@@ -245,5 +298,34 @@ mod tests {
         for bad in ["", ".", "..", "sixteen-chars-xx", "a/b", "a:b", "a b"] {
             assert!(check_ifname(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ipip_settings_are_read_back_from_a_link_message() {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 9;
+        msg.attributes.push(LinkAttribute::IfName("trellis.ipip".into()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            NlLinkInfo::Kind(InfoKind::IpIp),
+            NlLinkInfo::Data(InfoData::IpTunnel(vec![
+                InfoIpTunnel::Link(2),
+                InfoIpTunnel::Local("192.168.0.11".parse().unwrap()),
+                InfoIpTunnel::Remote("0.0.0.0".parse().unwrap()),
+                InfoIpTunnel::Ttl(64),
+                InfoIpTunnel::PMtuDisc(true),
+            ])),
+        ]));
+        let link = LinkInfo::from_message(&msg);
+        assert_eq!(link.kind.as_deref(), Some("ipip"));
+        assert_eq!(
+            link.ipip,
+            Some(IpipInfo {
+                local: Some("192.168.0.11".parse().unwrap()),
+                remote: None,
+                underlay_index: Some(2),
+                ttl: 64,
+                pmtudisc: true,
+            })
+        );
     }
 }

@@ -8,6 +8,21 @@ use etcd_client::GetOptions;
 use ipnetwork::IpNetwork;
 use std::collections::HashMap;
 
+/// Keys per read: well under gRPC's 4 MiB reply limit (a lease is about 250 bytes).
+const PAGE: i64 = 2000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Where a key stands: for compare-and-swap, and to tell which etcd lease holds it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Meta {
@@ -34,33 +49,49 @@ pub(super) struct Listing {
 }
 
 impl Listing {
+    /// Reads in pages of [`PAGE`] keys, all at the revision of the first page: one reply for the
+    /// whole prefix passes gRPC's 4 MiB limit at about 16,800 nodes (bench/convergence).
     pub async fn read(conn: &mut Conn, keys: &Keys) -> Result<Listing, Error> {
         let mut client = conn.client().await?;
-        let resp = conn
-            .call(client.get(keys.prefix(), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let mut l = Listing {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            ..Listing::default()
-        };
-        for kv in resp.kvs() {
-            let meta = Meta {
-                mod_revision: kv.mod_revision(),
-                lease: kv.lease(),
-            };
-            match keys.parse(kv.key()) {
-                Key::Node(name) => {
-                    l.nodes.insert(name.to_string(), meta);
-                    l.leases.extend(decode_lease(name, kv.value()));
+        let prefix = keys.prefix().as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.clone();
+        let mut l = Listing::default();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if l.revision != 0 {
+                opts = opts.with_revision(l.revision);
+            }
+            let resp = conn.call(client.get(from.clone(), Some(opts))).await?;
+            if l.revision == 0 {
+                l.revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                let meta = Meta {
+                    mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
+                };
+                match keys.parse(kv.key()) {
+                    Key::Node(name) => {
+                        l.nodes.insert(name.to_string(), meta);
+                        l.leases.extend(decode_lease(name, kv.value()));
+                    }
+                    Key::Cidr(cidr) => {
+                        let node = String::from_utf8_lossy(kv.value()).into_owned();
+                        l.cidrs.insert(cidr, Owner { node, meta });
+                    }
+                    Key::Other => {}
                 }
-                Key::Cidr(cidr) => {
-                    let node = String::from_utf8_lossy(kv.value()).into_owned();
-                    l.cidrs.insert(cidr, Owner { node, meta });
+            }
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    // The next key after the last one read.
+                    from = last.key().to_vec();
+                    from.push(0);
                 }
-                Key::Other => {}
+                _ => return Ok(l),
             }
         }
-        Ok(l)
     }
 
     /// The owner of `cidr` if it is a node other than `node`.

@@ -1,0 +1,236 @@
+//! Pod-to-pod TCP throughput across two nodes over trellis's VXLAN, next to a VXLAN set up by
+//! hand with iproute2 on an identical topology, in one run.
+//!
+//! - trellis: the test harness's cluster (`trellis_tests::cluster::Cluster`): an underlay
+//!   namespace with a bridge and etcd, two node namespaces running `trellisd` (VXLAN, VNI 1, port
+//!   8472), one pod per node wired by the `trellis` plugin (bridge mode) with the CNI config
+//!   trellisd wrote.
+//! - by hand: the same underlay (bridge, veths, `192.168.200.0/24`), per node a VXLAN device
+//!   with the same VNI, port, MTU (1450) and `nolearning`, a veth "pod" (MTU 1450) routed by the
+//!   node, and per remote node the same three objects trellisd programs: an onlink route via the
+//!   remote VTEP, a permanent neighbour and an FDB entry. No bridge on the pod side: the plain
+//!   VXLAN path.
+//!
+//! - by hand + masquerade: the same again, with trellisd's nftables table (`inet trellis`, its
+//!   `nat` postrouting chain: node masquerade) copied from the trellis nodes into each node. It
+//!   tells the cost of the VXLAN path from the cost of masquerading (a NAT hook makes the kernel
+//!   track and NAT-check every forwarded packet, pod to pod included).
+//!
+//! `iperf3 -s -1` in the pod of node 2, `iperf3 -c <pod> -t 5 -J` in the pod of node 1; the
+//! figure is the receiver's `bits_per_second`. The setups alternate, 3 rounds (`--rounds`);
+//! medians are printed.
+//!
+//! Run (as root): `cargo build --release -p trellisd -p trellis -p trellis-ipam -p trellis-bench
+//! && target/release/dataplane`
+//! Options: `--rounds R` (default 3), `--seconds S` (default 5), `--trellisd PATH` (trellis and
+//! trellis-ipam must sit next to it).
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use trellis_bench::{cleanup, median};
+use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+use trellis_tests::{sh, Netns};
+
+/// Name prefixes of what this benchmark creates (the cluster harness's, and ours), for the
+/// panic clean-up.
+const NAMESPACES: &[&str] = &["tcu", "tcn", "tcp", "bdu", "bdn", "bdp"];
+const DIRS: &[&str] = &["cluster", "bench"];
+
+const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}"#;
+const DEVICE: &str = "trellis.1";
+
+struct Opts {
+    rounds: usize,
+    seconds: u32,
+    trellisd: PathBuf,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        rounds: 3,
+        seconds: 5,
+        trellisd: PathBuf::from("target/release/trellisd"),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let v = pair.get(1).cloned().unwrap_or_default();
+        match pair[0].as_str() {
+            "--rounds" => o.rounds = v.parse().expect("--rounds R"),
+            "--seconds" => o.seconds = v.parse().expect("--seconds S"),
+            "--trellisd" => o.trellisd = v.into(),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    assert!(o.rounds > 0 && o.seconds > 0, "counts must be positive");
+    o.trellisd = o.trellisd.canonicalize().unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (cargo build --release -p trellisd -p trellis -p trellis-ipam)",
+            o.trellisd.display()
+        )
+    });
+    o
+}
+
+/// The VXLAN by hand: dropped pods first, then nodes, then the underlay.
+struct Manual {
+    pods: Vec<Netns>,
+    nodes: Vec<Netns>,
+    underlay: Netns,
+}
+
+/// Node i's (1, 2) pod subnet `10.245.i.0/24`: VTEP `.0`, node side of the pod's veth `.1`,
+/// pod `.2`.
+fn manual_subnet(i: usize) -> String {
+    format!("10.245.{i}")
+}
+
+fn manual_mac(i: usize) -> String {
+    format!("0e:b1:00:00:00:{i:02x}")
+}
+
+fn manual() -> Manual {
+    let underlay = Netns::new("bdu");
+    let u = &underlay.name;
+    sh(&format!(
+        "ip -n {u} link add ulbr0 type bridge && ip -n {u} addr add {UNDERLAY}.1/24 dev ulbr0 && \
+         ip -n {u} link set ulbr0 up"
+    ));
+    let mut m = Manual {
+        pods: Vec::new(),
+        nodes: Vec::new(),
+        underlay,
+    };
+    for i in 1..=2 {
+        let node = Netns::new("bdn");
+        let pod = Netns::new("bdp");
+        let (u, n, p) = (&m.underlay.name, &node.name, &pod.name);
+        let peer: String = format!("ul{i}x{}", &n[3..]).chars().take(15).collect();
+        let s = manual_subnet(i);
+        sh(&format!(
+            "ip link add {peer} netns {u} type veth peer name ul0 netns {n} && \
+             ip -n {u} link set {peer} master ulbr0 up && \
+             ip -n {n} addr add {UNDERLAY}.{ip}/24 dev ul0 && ip -n {n} link set ul0 up && \
+             ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && \
+             ip -n {n} link add {DEVICE} mtu 1450 address {mac} type vxlan id 1 local {UNDERLAY}.{ip} \
+             dev ul0 dstport 8472 nolearning && \
+             ip -n {n} addr add {s}.0/32 dev {DEVICE} noprefixroute && ip -n {n} link set {DEVICE} up && \
+             ip -n {n} link add veth0 mtu 1450 type veth peer name eth0 mtu 1450 netns {p} && \
+             ip -n {n} addr add {s}.1/24 dev veth0 && ip -n {n} link set veth0 up && \
+             ip -n {p} addr add {s}.2/24 dev eth0 && ip -n {p} link set eth0 up && \
+             ip -n {p} route add default via {s}.1",
+            ip = 10 + i,
+            mac = manual_mac(i)
+        ));
+        m.nodes.push(node);
+        m.pods.push(pod);
+    }
+    for (i, j) in [(1, 2), (2, 1)] {
+        let n = &m.nodes[i - 1].name;
+        let s = manual_subnet(j);
+        sh(&format!(
+            "bridge -n {n} fdb add {mac} dev {DEVICE} dst {UNDERLAY}.{ip} self permanent && \
+             ip -n {n} neigh add {s}.0 lladdr {mac} dev {DEVICE} nud permanent && \
+             ip -n {n} route add {s}.0/24 via {s}.0 dev {DEVICE} onlink",
+            mac = manual_mac(j),
+            ip = 10 + j
+        ));
+    }
+    m
+}
+
+/// Pings `to` from `from` until it answers (up to 10 s).
+fn reachable(from: &Netns, to: &str) -> bool {
+    (0..20).any(|_| from.exec(&["ping", "-c", "1", "-W", "1", to]).status.success())
+}
+
+/// One iperf3 measurement from `client` to `server` (at `ip`), in Gbit/s (receiver side).
+fn iperf(client: &Netns, server: &Netns, ip: &str, seconds: u32) -> f64 {
+    let _server = Proc {
+        child: Command::new("ip")
+            .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    };
+    let t = seconds.to_string();
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = client.exec(&["iperf3", "-c", ip, "-t", &t, "-J"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e9;
+        }
+        // The server may not listen yet.
+        last = format!("{} {}", v["error"], String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("iperf3 to {ip} failed: {last}");
+}
+
+fn main() {
+    trellis_tests::require_root();
+    let o = opts();
+    cleanup::on_panic(NAMESPACES, DIRS);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+
+    let mut cluster = Cluster::new(2, NET_CONF, &o.trellisd, &[]);
+    let (a, b) = (cluster.add_pod(0), cluster.add_pod(1));
+    let b_ip = cluster.pods[b].ips[0].clone();
+    assert!(
+        reachable(&cluster.pods[a].ns, &b_ip),
+        "trellis: pod {b_ip} unreachable; node1 log:\n{}",
+        cluster.log(0)
+    );
+    let m = manual();
+    let m_ip = format!("{}.2", manual_subnet(2));
+    assert!(reachable(&m.pods[0], &m_ip), "by hand: pod {m_ip} unreachable");
+    let mq = manual();
+    for (node, theirs) in cluster.nodes.iter().zip(&mq.nodes) {
+        let table = node.ns.exec_ok(&["nft", "list", "table", "inet", "trellis"]);
+        let file = cluster.dir.path().join(format!("{}.nft", theirs.name));
+        std::fs::write(&file, table).expect("write nft table");
+        theirs.exec_ok(&["nft", "-f", file.to_str().expect("UTF-8 path")]);
+    }
+    assert!(
+        reachable(&mq.pods[0], &m_ip),
+        "by hand + masquerade: pod {m_ip} unreachable"
+    );
+    let mtu = |ns: &Netns| ns.exec_ok(&["cat", "/sys/class/net/eth0/mtu"]).trim().to_string();
+    println!(
+        "pod-to-pod TCP over VXLAN across two nodes: trellis vs by hand (iproute2) — iperf3 -t {}, \
+         {} alternating rounds, {cpus} CPUs; pod MTU {} (trellis) / {} (by hand)",
+        o.seconds,
+        o.rounds,
+        mtu(&cluster.pods[a].ns),
+        mtu(&m.pods[0])
+    );
+
+    let (mut ours, mut theirs, mut masq) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=o.rounds {
+        let t = iperf(&cluster.pods[a].ns, &cluster.pods[b].ns, &b_ip, o.seconds);
+        let h = iperf(&m.pods[0], &m.pods[1], &m_ip, o.seconds);
+        let q = iperf(&mq.pods[0], &mq.pods[1], &m_ip, o.seconds);
+        println!("  round {round}: trellis {t:.2}, by hand {h:.2}, by hand + masquerade {q:.2} Gbit/s");
+        ours.push(t);
+        theirs.push(h);
+        masq.push(q);
+    }
+    let (t, h, q) = (median(ours), median(theirs), median(masq));
+    let gbit = |x: f64| format!("{x:.2} Gbit/s");
+    println!(
+        "{:<22}{:>14}{:>14}{:>8}{:>24}{:>8}",
+        "", "trellis", "by hand", "ratio", "by hand + masquerade", "ratio"
+    );
+    println!(
+        "{:<22}{:>14}{:>14}{:>7.0}%{:>24}{:>7.0}%",
+        "throughput (median)",
+        gbit(t),
+        gbit(h),
+        100.0 * t / h,
+        gbit(q),
+        100.0 * t / q
+    );
+}

@@ -1,0 +1,719 @@
+//! BGP mode, the kernel side: install the routes the BGP speaker learned (Calico's BGP mode,
+//! where BIRD learns and felix programs; here `crate::bgp` learns and this module programs).
+//!
+//! # Why this design
+//!
+//! Every node announces its pod CIDR(s) over BGP with its underlay address as next hop. The
+//! routes to the other nodes' pods come from what the speaker *learned* ([`BgpRoute`], handed
+//! over by `Dataplane::set_bgp_routes`), not from the leases: what the network says is what is
+//! installed, so routes through route reflectors or top-of-rack routers, and pod CIDRs of nodes
+//! outside this datastore, work the same way. The leases still allocate the CIDRs, name the
+//! mesh peers and their AS numbers ([`peers`]) and carry the VTEP MACs for VXLAN cross-subnet.
+//!
+//! The speaker never writes routes itself (BIRD's `kernel` protocol would): the reconciler stays
+//! the one owner of protocol-117 routes, with its diffing, its kernel watch (a deleted route is
+//! back within a second) and its metrics.
+//!
+//! How a learned route `prefix via next_hop` is installed:
+//! - next hop on this node's L2 subnet: a plain route, as host-gw
+//!   (`10.244.2.0/24 via 192.168.0.12 dev eth0 proto 117`);
+//! - next hop beyond it: the kernel only takes a directly reachable gateway, so per
+//!   `CrossSubnet` (Calico's `CrossSubnet` modes):
+//!   - `ipip` (default): through the IPIP device, onlink (see [`super::ipip`]);
+//!   - `vxlan`: through a VXLAN device `trellis.1` (VNI [`CROSS_SUBNET_VNI`], port
+//!     [`CROSS_SUBNET_PORT`]) via the remote's VTEP address, with a permanent neighbour and an FDB
+//!     entry, as the vxlan backend — for next hops that are the underlay address of a node whose
+//!     lease publishes a VTEP MAC; other next hops are noted, not routed;
+//!   - `none`: not installed, and noted once (the underlay routers must route pod CIDRs then,
+//!     and announce themselves as next hop).
+//! - not installed either, each noted once: prefixes outside the cluster CIDRs (a peer
+//!   announcing a default route or someone else's network must not capture the node's traffic),
+//!   an IPv6 prefix via an IPv4 next hop (or the reverse), IPv6 through IPIP. This node's own
+//!   prefixes, and routes via this node, are skipped silently (a reflector sends them back).
+//!
+//! IPv6 pods need IPv6 next hops, so an IPv6 underlay; over an IPv4 underlay they are not routed
+//! across nodes (as with host-gw).
+//!
+//! # Start-up and graceful restart
+//!
+//! Until the first RIB is handed over, a reconcile leaves every route untouched: the routes a
+//! previous run installed keep the pods talking while this run's sessions come up, instead of
+//! being removed as "stale" and added back seconds later. Likewise the routes of a peer that is
+//! restarting gracefully (RFC 4724) are still in the speaker's RIB, flagged stale: main passes
+//! them on with the others, and they stay installed until the speaker drops them.
+//!
+//! A kernel without the `ipip` module cannot have the cross-subnet tunnel: that is logged once
+//! at start, routes on the subnet work as usual, and off-subnet ones are noted.
+
+use super::{ipip, vxlan, Desired, Notices, TRELLISD_PROTO};
+use crate::config::{Backend as BackendConfig, ChecksumOffload, CrossSubnet};
+use crate::lease::{BackendData, Lease, MacString};
+use crate::reconcile::{DataplaneError, Underlay};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use trellis_net::{MacAddr, Netlink, Route};
+
+/// The VNI of the cross-subnet VXLAN device (the vxlan backend's default: device `trellis.1`).
+pub const CROSS_SUBNET_VNI: u32 = 1;
+/// Its UDP port (flannel's and the vxlan backend's default).
+pub const CROSS_SUBNET_PORT: u16 = 8472;
+
+/// A route the BGP speaker learned: `prefix` via `next_hop` (a node's underlay address, or a
+/// router's). Stale routes of a gracefully restarting peer are passed like the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BgpRoute {
+    pub prefix: IpNetwork,
+    pub next_hop: IpAddr,
+}
+
+/// A BGP neighbour this node should have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    pub addr: IpAddr,
+    pub asn: u32,
+}
+
+/// The peers of this node (`me`, at `own_ip`): with `Mesh`, every other node whose lease is a BGP
+/// one (in its AS); the route reflectors (in our AS); the configured `Peers`. One per address
+/// (a configured peer wins over the mesh), never ourselves, sorted by address. Empty when the
+/// backend is not BGP.
+pub fn peers(cfg: &BackendConfig, me: &str, own_ip: IpAddr, leases: &BTreeMap<String, Lease>) -> Vec<Peer> {
+    let BackendConfig::Bgp {
+        as_number,
+        mesh,
+        peers,
+        route_reflectors,
+        ..
+    } = cfg
+    else {
+        return vec![];
+    };
+    let mut out = BTreeMap::new();
+    if *mesh {
+        for l in leases.values().filter(|l| l.node != me) {
+            if let BackendData::Bgp { asn, .. } = l.backend {
+                out.insert(l.underlay_ip, asn);
+            }
+        }
+    }
+    for rr in route_reflectors {
+        out.insert(*rr, *as_number);
+    }
+    for p in peers {
+        out.insert(p.ip, p.as_number);
+    }
+    out.remove(&own_ip);
+    out.into_iter().map(|(addr, asn)| Peer { addr, asn }).collect()
+}
+
+/// What this node announces (`Speaker::set_exports`): its pod CIDRs that have a next hop of
+/// their family (the underlay address; an IPv6 CIDR over an IPv4 underlay has none and is left
+/// out), and the IPv4 and IPv6 next hops.
+pub fn exports(own: &Lease, underlay_ip: IpAddr) -> (Vec<IpNetwork>, Option<IpAddr>, Option<IpAddr>) {
+    let (v4, v6) = if underlay_ip.is_ipv4() {
+        (Some(underlay_ip), None)
+    } else {
+        (None, Some(underlay_ip))
+    };
+    let prefixes = own
+        .pod_cidrs
+        .iter()
+        .filter(|c| c.is_ipv4() == underlay_ip.is_ipv4())
+        .map(|c| IpNetwork::new(c.network(), c.prefix()).expect("same prefix length"))
+        .collect();
+    (prefixes, v4, v6)
+}
+
+/// How routes to next hops off the L2 subnet go (the cross-subnet tunnel as it is now).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrossPath {
+    /// Through the IPIP device with this index.
+    Ipip(u32),
+    /// Through the VXLAN device with this index.
+    Vxlan(u32),
+    /// The configured tunnel cannot be had: why.
+    Unavailable(String),
+    /// `CrossSubnet: none`.
+    Refused,
+}
+
+enum Tunnel {
+    None,
+    Ipip(ipip::Ipip),
+    Vxlan(Box<vxlan::Vxlan>),
+    Unavailable(String),
+}
+
+/// The BGP backend: the cross-subnet tunnel and the learned routes.
+pub struct Bgp {
+    asn: u32,
+    vtep_mac: Option<MacAddr>,
+    cluster: Vec<IpNetwork>,
+    tunnel: Tunnel,
+    /// `None` until the speaker's first RIB: then nothing is removed.
+    rib: Option<BTreeMap<IpNetwork, IpAddr>>,
+}
+
+impl Bgp {
+    /// Sets up the cross-subnet tunnel; a kernel without IPIP support leaves it unavailable (logged
+    /// once) rather than failing: routes on the subnet need no tunnel.
+    pub async fn new(
+        cfg: &BackendConfig,
+        node: &str,
+        underlay: &Underlay,
+        cluster: &[IpNetwork],
+        nl: &Netlink,
+        ethtool: trellis_net::ethtool::Ethtool,
+    ) -> Result<Bgp, DataplaneError> {
+        let BackendConfig::Bgp {
+            as_number,
+            cross_subnet,
+            ..
+        } = *cfg
+        else {
+            unreachable!("Bgp::new is only called for the bgp backend")
+        };
+        let (tunnel, vtep_mac) = match cross_subnet {
+            CrossSubnet::None => (Tunnel::None, None),
+            CrossSubnet::Ipip if !underlay.ip.is_ipv4() => (
+                Tunnel::Unavailable(format!(
+                    "IPIP needs an IPv4 underlay, {} has {}",
+                    underlay.name, underlay.ip
+                )),
+                None,
+            ),
+            CrossSubnet::Ipip => match ipip::Ipip::new(underlay, nl).await {
+                Ok(t) => (Tunnel::Ipip(t), None),
+                Err(DataplaneError::Unsupported(why)) => (Tunnel::Unavailable(why), None),
+                Err(e) => return Err(e),
+            },
+            CrossSubnet::Vxlan => {
+                let vx_cfg = BackendConfig::Vxlan {
+                    vni: CROSS_SUBNET_VNI,
+                    port: CROSS_SUBNET_PORT,
+                    direct_routing: false,
+                    checksum_offload: ChecksumOffload::Auto,
+                };
+                let vx = vxlan::Vxlan::new(&vx_cfg, node, underlay, nl, ethtool).await?;
+                (Tunnel::Vxlan(Box::new(vx)), Some(vxlan::vtep_mac(node)))
+            }
+        };
+        if let Tunnel::Unavailable(why) = &tunnel {
+            tracing::warn!(
+                "bgp: no cross-subnet IPIP tunnel ({why}): routes to nodes off {} will not be installed",
+                underlay.prefix
+            );
+        }
+        Ok(Bgp {
+            asn: as_number,
+            vtep_mac,
+            cluster: cluster.to_vec(),
+            tunnel,
+            rib: None,
+        })
+    }
+
+    pub fn backend_data(&self) -> BackendData {
+        BackendData::Bgp {
+            asn: self.asn,
+            vtep_mac: self.vtep_mac.map(MacString),
+        }
+    }
+
+    /// The cross-subnet tunnel's device, if there is one.
+    pub fn device_index(&self) -> Option<u32> {
+        match &self.tunnel {
+            Tunnel::Ipip(t) => Some(t.index()),
+            Tunnel::Vxlan(v) => Some(v.index()),
+            Tunnel::None | Tunnel::Unavailable(_) => None,
+        }
+    }
+
+    fn cross_path(&self) -> CrossPath {
+        match &self.tunnel {
+            Tunnel::None => CrossPath::Refused,
+            Tunnel::Ipip(t) => CrossPath::Ipip(t.index()),
+            Tunnel::Vxlan(v) => CrossPath::Vxlan(v.index()),
+            Tunnel::Unavailable(why) => CrossPath::Unavailable(why.clone()),
+        }
+    }
+
+    /// Makes the tunnel device be there as configured (see `Ipip::ensure`, `Vxlan::ensure`).
+    pub async fn ensure(
+        &mut self,
+        nl: &Netlink,
+        underlay: &Underlay,
+        own: Option<&Lease>,
+    ) -> Result<(), DataplaneError> {
+        match &mut self.tunnel {
+            Tunnel::Ipip(t) => t.ensure(nl, underlay, own).await,
+            Tunnel::Vxlan(v) => v.ensure(nl, underlay, own).await,
+            Tunnel::None | Tunnel::Unavailable(_) => Ok(()),
+        }
+    }
+
+    /// The speaker's RIB, all of it (stale routes included): the desired state from now on.
+    /// Two routes to one prefix: the last one wins.
+    pub fn set_routes(&mut self, routes: Vec<BgpRoute>) {
+        if self.rib.is_none() {
+            tracing::info!(
+                routes = routes.len(),
+                "bgp: first routes from the speaker; reconciling from now on"
+            );
+        }
+        let rib = routes
+            .into_iter()
+            .map(|r| {
+                let prefix = IpNetwork::new(r.prefix.network(), r.prefix.prefix()).expect("same prefix length");
+                (prefix, r.next_hop)
+            })
+            .collect();
+        self.rib = Some(rib);
+    }
+
+    /// Whether the speaker's first RIB has arrived.
+    pub fn has_routes(&self) -> bool {
+        self.rib.is_some()
+    }
+
+    /// See [`desired`]; `false` (nothing computed) before the first RIB.
+    pub fn desired(
+        &self,
+        remotes: &[Lease],
+        own: Option<&Lease>,
+        underlay: &Underlay,
+        out: &mut Desired,
+        notices: &mut Notices,
+    ) -> bool {
+        let Some(rib) = &self.rib else {
+            tracing::debug!("bgp: no routes from the speaker yet: leaving the installed routes in place");
+            return false;
+        };
+        let ctx = Context {
+            cluster: &self.cluster,
+            cross: self.cross_path(),
+            underlay,
+            own,
+            remotes,
+        };
+        for (prefix, next_hop) in rib {
+            ctx.route(*prefix, *next_hop, out, notices);
+        }
+        true
+    }
+}
+
+/// What installing a learned route depends on.
+pub struct Context<'a> {
+    /// The cluster CIDRs: learned prefixes must lie inside one.
+    pub cluster: &'a [IpNetwork],
+    pub cross: CrossPath,
+    pub underlay: &'a Underlay,
+    /// This node's lease (its prefixes are never installed as remote ones).
+    pub own: Option<&'a Lease>,
+    /// The other nodes' leases (for VXLAN cross-subnet: their VTEP MACs).
+    pub remotes: &'a [Lease],
+}
+
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+impl Context<'_> {
+    /// Adds to `out` what installing `prefix via next_hop` takes, or notes why it is not
+    /// installed (keyed by prefix: logged once per prefix and reason).
+    pub fn route(&self, prefix: IpNetwork, next_hop: IpAddr, out: &mut Desired, notices: &mut Notices) {
+        let key = prefix.to_string();
+        let underlay = self.underlay;
+        if next_hop == underlay.ip {
+            return;
+        }
+        let inside = |c: &IpNetwork| {
+            c.is_ipv4() == prefix.is_ipv4() && c.prefix() <= prefix.prefix() && c.contains(prefix.network())
+        };
+        if !self.cluster.iter().any(inside) {
+            let msg = format!(
+                "bgp: learned route {prefix} via {next_hop} is outside the cluster CIDRs {}: not installed",
+                self.cluster
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return notices.note(&key, "outside", msg);
+        }
+        if self
+            .own
+            .is_some_and(|o| o.pod_cidrs.iter().any(|c| overlaps(c, &prefix)))
+        {
+            return;
+        }
+        if prefix.is_ipv4() != next_hop.is_ipv4() {
+            let msg = format!(
+                "bgp: learned route {prefix} via {next_hop}: the next hop is of the other family: not installed"
+            );
+            return notices.note(&key, "family", msg);
+        }
+        if underlay.prefix.contains(next_hop) {
+            let route = Route::new(prefix)
+                .via(next_hop)
+                .dev(underlay.index)
+                .protocol(TRELLISD_PROTO);
+            out.routes.insert(prefix, route);
+            return;
+        }
+        let off = format!(
+            "bgp: learned route {prefix} via {next_hop}: the next hop is off this node's subnet {}",
+            underlay.prefix
+        );
+        match &self.cross {
+            CrossPath::Refused => notices.note(
+                &key,
+                "subnet",
+                format!("{off} and CrossSubnet is \"none\": not installed (the underlay routers must route pod CIDRs)"),
+            ),
+            CrossPath::Unavailable(why) => notices.note(
+                &key,
+                "subnet",
+                format!("{off} and the cross-subnet tunnel is unavailable ({why}): not installed"),
+            ),
+            CrossPath::Ipip(index) => match (prefix, next_hop) {
+                (IpNetwork::V4(_), IpAddr::V4(nh)) if underlay.ip.is_ipv4() => {
+                    out.routes.insert(prefix, ipip::tunnel_route(prefix, nh, *index));
+                }
+                _ => notices.note(
+                    &key,
+                    "subnet",
+                    format!("{off} and IPIP carries IPv4 over IPv4 only: not installed"),
+                ),
+            },
+            CrossPath::Vxlan(index) => self.vxlan_route(prefix, next_hop, *index, &off, out, notices),
+        }
+    }
+
+    /// Through the VXLAN device, via the VTEP of the node whose underlay address is `next_hop`.
+    fn vxlan_route(
+        &self,
+        prefix: IpNetwork,
+        next_hop: IpAddr,
+        index: u32,
+        off: &str,
+        out: &mut Desired,
+        notices: &mut Notices,
+    ) {
+        let key = prefix.to_string();
+        if next_hop.is_ipv4() != self.underlay.ip.is_ipv4() {
+            let msg = format!("{off} and is not of the underlay's family: not installed");
+            return notices.note(&key, "subnet", msg);
+        }
+        let remote = self.remotes.iter().find(|l| l.underlay_ip == next_hop);
+        let found = remote.and_then(|l| match &l.backend {
+            BackendData::Bgp {
+                vtep_mac: Some(mac), ..
+            } => l
+                .pod_cidrs
+                .iter()
+                .find(|c| c.is_ipv4() == prefix.is_ipv4())
+                .map(|c| (c.network(), mac.0)),
+            _ => None,
+        });
+        let Some((vtep, mac)) = found else {
+            let msg = format!(
+                "{off} and no node lease at {next_hop} publishes a VTEP MAC and a pod CIDR of its family (CrossSubnet \
+                 \"vxlan\"): not installed"
+            );
+            return notices.note(&key, "subnet", msg);
+        };
+        let route = Route::new(prefix)
+            .via(vtep)
+            .dev(index)
+            .onlink()
+            .protocol(TRELLISD_PROTO);
+        out.routes.insert(prefix, route);
+        out.neighbours.insert(vtep, mac);
+        out.fdb.insert((mac, next_hop));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BgpPeer;
+
+    fn underlay() -> Underlay {
+        Underlay {
+            index: 2,
+            name: "eth0".into(),
+            ip: "192.168.0.11".parse().unwrap(),
+            prefix: "192.168.0.11/24".parse().unwrap(),
+            mtu: 1500,
+        }
+    }
+
+    fn lease(node: &str, ip: &str, cidrs: &[&str], vtep: bool) -> Lease {
+        Lease {
+            node: node.into(),
+            underlay_ip: ip.parse().unwrap(),
+            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            backend: BackendData::Bgp {
+                asn: 64512,
+                vtep_mac: vtep.then(|| MacString(vxlan::vtep_mac(node))),
+            },
+        }
+    }
+
+    fn cluster() -> Vec<IpNetwork> {
+        vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap()]
+    }
+
+    /// Runs `routes` through a context and returns what it wants and the notices.
+    fn compute(cross: CrossPath, routes: &[(&str, &str)], remotes: &[Lease]) -> (Desired, Vec<String>) {
+        let (cluster, u) = (cluster(), underlay());
+        let own = lease("me", "192.168.0.11", &["10.244.1.0/24", "fd00:244:0:1::/64"], true);
+        let ctx = Context {
+            cluster: &cluster,
+            cross,
+            underlay: &u,
+            own: Some(&own),
+            remotes,
+        };
+        let (mut out, mut notices) = (Desired::default(), Notices::default());
+        for (p, nh) in routes {
+            ctx.route(p.parse().unwrap(), nh.parse().unwrap(), &mut out, &mut notices);
+        }
+        (out, notices.messages().map(str::to_string).collect())
+    }
+
+    fn shown(r: &Route) -> String {
+        format!(
+            "{} via {} dev {}{}",
+            r.destination,
+            r.gateway.unwrap(),
+            r.oif.unwrap(),
+            if r.onlink { " onlink" } else { "" }
+        )
+    }
+
+    #[test]
+    fn on_the_subnet_plain_routes_beyond_it_through_the_ipip_tunnel() {
+        let (out, notices) = compute(
+            CrossPath::Ipip(9),
+            &[
+                ("10.244.2.0/24", "192.168.0.12"),
+                ("10.244.3.0/24", "10.1.0.13"),
+                ("10.244.4.0/26", "192.168.0.14"),
+            ],
+            &[],
+        );
+        assert_eq!(notices, Vec::<String>::new());
+        let routes: Vec<_> = out.routes.values().map(shown).collect();
+        assert_eq!(
+            routes,
+            [
+                "10.244.2.0/24 via 192.168.0.12 dev 2",
+                "10.244.3.0/24 via 10.1.0.13 dev 9 onlink",
+                "10.244.4.0/26 via 192.168.0.14 dev 2"
+            ]
+        );
+        assert!(out.routes.values().all(|r| r.protocol == Some(TRELLISD_PROTO)));
+        assert!(out.neighbours.is_empty() && out.fdb.is_empty());
+    }
+
+    #[test]
+    fn beyond_the_subnet_through_vxlan_to_nodes_that_publish_a_vtep() {
+        let remotes = [
+            lease("far", "10.1.0.13", &["10.244.3.0/24"], true),
+            lease("novtep", "10.1.0.14", &["10.244.4.0/24"], false),
+        ];
+        let (out, notices) = compute(
+            CrossPath::Vxlan(7),
+            &[
+                ("10.244.2.0/24", "192.168.0.12"),
+                ("10.244.3.0/24", "10.1.0.13"),
+                ("10.244.4.0/24", "10.1.0.14"),
+                ("10.244.5.0/24", "10.1.0.15"),
+            ],
+            &remotes,
+        );
+        let routes: Vec<_> = out.routes.values().map(shown).collect();
+        assert_eq!(
+            routes,
+            [
+                "10.244.2.0/24 via 192.168.0.12 dev 2",
+                "10.244.3.0/24 via 10.244.3.0 dev 7 onlink"
+            ]
+        );
+        let mac = vxlan::vtep_mac("far");
+        assert_eq!(out.neighbours, [("10.244.3.0".parse().unwrap(), mac)].into());
+        assert_eq!(out.fdb, [(mac, "10.1.0.13".parse().unwrap())].into());
+        assert_eq!(notices.len(), 2, "{notices:?}");
+        assert!(notices.iter().all(|n| n.contains("VTEP MAC")), "{notices:?}");
+    }
+
+    #[test]
+    fn beyond_the_subnet_refused_without_a_tunnel_once_per_prefix() {
+        for cross in [CrossPath::Refused, CrossPath::Unavailable("no ipip module".into())] {
+            let (out, notices) = compute(
+                cross.clone(),
+                &[
+                    ("10.244.2.0/24", "192.168.0.12"),
+                    ("10.244.3.0/24", "10.1.0.13"),
+                    ("10.244.3.0/24", "10.1.0.13"),
+                ],
+                &[],
+            );
+            assert_eq!(out.routes.len(), 1, "{cross:?}");
+            assert_eq!(notices.len(), 1, "{notices:?}");
+            assert!(
+                notices[0].contains("10.244.3.0/24 via 10.1.0.13") && notices[0].contains("off this node's subnet")
+            );
+            let why = if cross == CrossPath::Refused {
+                "CrossSubnet is \"none\""
+            } else {
+                "no ipip module"
+            };
+            assert!(notices[0].contains(why), "{notices:?}");
+        }
+    }
+
+    #[test]
+    fn what_must_not_be_installed_is_skipped_or_noted() {
+        let (out, notices) = compute(
+            CrossPath::Ipip(9),
+            &[
+                ("0.0.0.0/0", "192.168.0.12"),         // outside the cluster
+                ("10.0.0.0/8", "192.168.0.12"),        // wider than the cluster CIDR
+                ("10.245.0.0/24", "192.168.0.12"),     // outside
+                ("10.244.1.0/24", "192.168.0.12"),     // ours, reflected back
+                ("10.244.1.128/25", "192.168.0.12"),   // inside ours
+                ("10.244.6.0/24", "192.168.0.11"),     // via ourselves
+                ("fd00:244:0:2::/64", "192.168.0.12"), // family mismatch
+                ("fd00:244:0:3::/64", "fd00::13"),     // IPv6 beyond an IPv4 underlay: not through IPIP
+            ],
+            &[],
+        );
+        assert!(out.routes.is_empty(), "{:?}", out.routes.keys().collect::<Vec<_>>());
+        assert_eq!(notices.len(), 5, "{notices:?}");
+        assert_eq!(notices.iter().filter(|n| n.contains("outside the cluster")).count(), 3);
+        assert!(notices
+            .iter()
+            .any(|n| n.contains("fd00:244:0:2::/64") && n.contains("other family")));
+        assert!(notices
+            .iter()
+            .any(|n| n.contains("fd00:244:0:3::/64") && n.contains("IPv4 over IPv4 only")));
+    }
+
+    #[test]
+    fn no_rib_no_desired_state_then_the_rib_is_the_desired_state() {
+        let mut bgp = Bgp {
+            asn: 64512,
+            vtep_mac: None,
+            cluster: cluster(),
+            tunnel: Tunnel::None,
+            rib: None,
+        };
+        let u = underlay();
+        let (mut out, mut notices) = (Desired::default(), Notices::default());
+        assert!(
+            !bgp.desired(&[], None, &u, &mut out, &mut notices),
+            "unknown before the first RIB"
+        );
+        assert!(!bgp.has_routes());
+        bgp.set_routes(vec![
+            BgpRoute {
+                prefix: "10.244.2.7/24".parse().unwrap(),
+                next_hop: "192.168.0.12".parse().unwrap(),
+            },
+            BgpRoute {
+                prefix: "10.244.3.0/24".parse().unwrap(),
+                next_hop: "10.1.0.13".parse().unwrap(),
+            },
+        ]);
+        assert!(bgp.desired(&[], None, &u, &mut out, &mut notices));
+        assert_eq!(
+            out.routes.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.244.2.0/24"],
+            "host bits cleared"
+        );
+        assert_eq!(notices.messages().count(), 1, "CrossSubnet none");
+        // An empty RIB is a known state: everything goes.
+        bgp.set_routes(vec![]);
+        let (mut out, mut notices) = (Desired::default(), Notices::default());
+        assert!(bgp.desired(&[], None, &u, &mut out, &mut notices));
+        assert!(out.routes.is_empty());
+        assert_eq!(
+            bgp.backend_data(),
+            BackendData::Bgp {
+                asn: 64512,
+                vtep_mac: None
+            }
+        );
+    }
+
+    fn bgp_config(mesh: bool) -> BackendConfig {
+        BackendConfig::Bgp {
+            as_number: 64512,
+            mesh,
+            peers: vec![BgpPeer {
+                ip: "192.168.0.1".parse().unwrap(),
+                as_number: 65000,
+            }],
+            route_reflectors: vec!["192.168.0.2".parse().unwrap()],
+            cross_subnet: CrossSubnet::Ipip,
+            hold_time: 90,
+            graceful_restart: 120,
+        }
+    }
+
+    #[test]
+    fn peers_are_the_mesh_the_reflectors_and_the_configured_ones() {
+        let mut leases = BTreeMap::new();
+        for l in [
+            lease("me", "192.168.0.11", &["10.244.1.0/24"], false),
+            lease("n2", "192.168.0.12", &["10.244.2.0/24"], false),
+            Lease {
+                backend: BackendData::Bgp {
+                    asn: 65002,
+                    vtep_mac: None,
+                },
+                ..lease("n3", "10.1.0.13", &["10.244.3.0/24"], false)
+            },
+            Lease {
+                backend: BackendData::HostGw,
+                ..lease("hg", "192.168.0.14", &["10.244.4.0/24"], false)
+            },
+            // A node that also peers as a configured peer: the configured ASN wins.
+            lease("tor", "192.168.0.1", &["10.244.5.0/24"], false),
+        ] {
+            leases.insert(l.node.clone(), l);
+        }
+        let own_ip = "192.168.0.11".parse().unwrap();
+        let show = |ps: Vec<Peer>| ps.iter().map(|p| format!("{} {}", p.addr, p.asn)).collect::<Vec<_>>();
+        assert_eq!(
+            show(peers(&bgp_config(true), "me", own_ip, &leases)),
+            [
+                "10.1.0.13 65002",
+                "192.168.0.1 65000",
+                "192.168.0.2 64512",
+                "192.168.0.12 64512"
+            ]
+        );
+        assert_eq!(
+            show(peers(&bgp_config(false), "me", own_ip, &leases)),
+            ["192.168.0.1 65000", "192.168.0.2 64512"]
+        );
+        assert!(peers(&BackendConfig::HostGw, "me", own_ip, &leases).is_empty());
+    }
+
+    #[test]
+    fn exports_are_the_cidrs_with_a_next_hop_of_their_family() {
+        let own = lease("me", "192.168.0.11", &["10.244.1.5/24", "fd00:244:1::/64"], false);
+        let (prefixes, v4, v6) = exports(&own, "192.168.0.11".parse().unwrap());
+        assert_eq!(prefixes, ["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
+        assert_eq!((v4, v6), (Some("192.168.0.11".parse().unwrap()), None));
+        let (prefixes, v4, v6) = exports(&own, "fd00::11".parse().unwrap());
+        assert_eq!(prefixes, ["fd00:244:1::/64".parse::<IpNetwork>().unwrap()]);
+        assert_eq!((v4, v6), (None, Some("fd00::11".parse().unwrap())));
+    }
+}

@@ -1,0 +1,216 @@
+//! Sockets and bytes: the listening socket, outgoing connections, and one task per connection
+//! that frames what it reads into messages and writes what the peer task queues.
+//!
+//! Sockets are created in the speaker's network namespace (by a short-lived thread that has
+//! entered it, see `trellis_net::netns`), so one process can run speakers for several
+//! namespaces (the tests do); the caller's threads never change namespace.
+
+use super::wire::{decode_header, Notification, HEADER_LEN};
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How long a write may block before the connection is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After our last message (a NOTIFICATION, usually), how long we read on before closing, so that
+/// unread bytes do not turn the close into a reset that loses that message.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Aborts the task when dropped.
+pub struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn socket(netns: Option<&File>, v6: bool) -> io::Result<TcpSocket> {
+    let make = move || if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
+    match netns {
+        None => make(),
+        Some(ns) => trellis_net::netns::run_in_fd(ns.as_fd(), make).map_err(io::Error::other)?,
+    }
+}
+
+/// The listening socket (SO_REUSEADDR, so a restarted speaker binds at once).
+pub fn listen(netns: Option<&File>, addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket(netns, addr.is_ipv6())?;
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(64)
+}
+
+/// A connection to `peer`, from `source` when given (same family).
+pub async fn connect(
+    netns: Option<&File>,
+    peer: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = socket(netns, peer.is_ipv6())?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv6() == peer.is_ipv6() && !ip.is_unspecified()) {
+        s.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, s.connect(peer))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// What a connection task reports.
+#[derive(Debug)]
+pub enum IoEvent {
+    /// A message whose header was valid: type and body.
+    Frame(u8, Vec<u8>),
+    /// The stream cannot be framed; nothing more is read.
+    Malformed(Notification),
+    /// The connection closed or failed; nothing more is read.
+    Closed(String),
+}
+
+/// The peer task's end of a connection. Dropping it closes the connection once everything
+/// queued is written.
+pub struct ConnHandle {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl ConnHandle {
+    pub fn send(&self, bytes: Vec<u8>) {
+        // Fails only when the task has ended, which it has reported as Closed.
+        let _ = self.tx.send(bytes);
+    }
+}
+
+/// Starts the task of a connection: events go to `events` tagged with `id`.
+pub fn spawn_conn<E: Send + 'static>(
+    stream: TcpStream,
+    events: mpsc::UnboundedSender<E>,
+    tag: impl Fn(IoEvent) -> E + Send + 'static,
+) -> ConnHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(conn_task(stream, rx, move |ev| {
+        let _ = events.send(tag(ev));
+    }));
+    ConnHandle { tx }
+}
+
+async fn conn_task(mut stream: TcpStream, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, report: impl Fn(IoEvent)) {
+    let (mut rd, mut wr) = stream.split();
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            r = rd.read(&mut chunk), if reading => match r {
+                Ok(0) => {
+                    reading = false;
+                    report(IoEvent::Closed("closed by the peer".into()));
+                }
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Err(e) = frames(&mut buf, &report) {
+                        reading = false;
+                        report(IoEvent::Malformed(e));
+                    }
+                }
+                Err(e) => {
+                    reading = false;
+                    report(IoEvent::Closed(e.to_string()));
+                }
+            },
+            out = rx.recv() => match out {
+                Some(mut bytes) => {
+                    while let Ok(more) = rx.try_recv() {
+                        bytes.extend_from_slice(&more);
+                        if bytes.len() > 256 * 1024 {
+                            break;
+                        }
+                    }
+                    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            report(IoEvent::Closed(format!("write: {e}")));
+                            return;
+                        }
+                        Err(_) => {
+                            report(IoEvent::Closed("write timed out".into()));
+                            return;
+                        }
+                    }
+                }
+                // The peer task let go: everything it queued is written.
+                None => break,
+            },
+        }
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = wr.shutdown().await;
+        while let Ok(n) = rd.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Reports every complete message in `buf` and keeps the rest.
+fn frames(buf: &mut Vec<u8>, report: &impl Fn(IoEvent)) -> Result<(), Notification> {
+    let mut at = 0;
+    let result = loop {
+        let rest = &buf[at..];
+        if rest.len() < HEADER_LEN {
+            break Ok(());
+        }
+        let header: &[u8; HEADER_LEN] = rest[..HEADER_LEN].try_into().expect("length checked");
+        let (ty, body_len) = match decode_header(header) {
+            Ok(h) => h,
+            Err(e) => break Err(e),
+        };
+        if rest.len() < HEADER_LEN + body_len {
+            break Ok(());
+        }
+        report(IoEvent::Frame(ty, rest[HEADER_LEN..HEADER_LEN + body_len].to_vec()));
+        at += HEADER_LEN + body_len;
+    };
+    buf.drain(..at);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::{err, Message};
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn framing_across_reads() {
+        let mut stream = Message::Keepalive.encode(true);
+        stream.extend(Message::RouteRefresh(1, 1).encode(true));
+        let got = RefCell::new(Vec::new());
+        let report = |e: IoEvent| got.borrow_mut().push(format!("{e:?}"));
+        let mut buf = Vec::new();
+        for b in &stream[..25] {
+            buf.push(*b);
+            frames(&mut buf, &report).unwrap();
+        }
+        assert_eq!(got.borrow().len(), 1);
+        buf.extend_from_slice(&stream[25..]);
+        frames(&mut buf, &report).unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(got.borrow().len(), 2);
+        buf.extend_from_slice(&[0u8; 19]);
+        assert_eq!(
+            frames(&mut buf, &report).unwrap_err().subcode,
+            err::HEADER_NOT_SYNCHRONIZED
+        );
+    }
+}

@@ -1,0 +1,602 @@
+//! One task per configured peer: connecting with backoff, accepting, collision resolution,
+//! import of what the peer sends, export of ours.
+//!
+//! States (RFC 4271 §8): Idle while waiting out the backoff (the peer may still connect to us),
+//! Connect while our connection attempt runs, Active when none runs and we wait; each TCP
+//! connection then has a [`Session`] (OpenSent → OpenConfirm → Established).
+//!
+//! Both sides connect, so two connections to one peer are normal at start. Collision
+//! resolution (RFC 4271 §6.8) runs when a connection accepts the peer's OPEN, before it answers
+//! KEEPALIVE, against every other connection to the peer whatever its state (the peer's
+//! identifier is known from this OPEN): the connection opened by the side with the higher BGP
+//! identifier survives, the other gets Cease/7. Both sides apply the same rule to the same
+//! pair, so they keep the same connection; an Established loser is closed too (RFC 4271's
+//! optional collision detection in Established), which can only happen in the first
+//! milliseconds. Two connections opened by the peer mean it started over (a restart, or a
+//! half-open connection it forgot): the old one is dropped as if TCP had failed, so a
+//! graceful-restart peer's routes stay while the new session resyncs. (A peer with the lower
+//! identifier that rebooted without closing its connection waits for our hold timer.)
+//!
+//! Backoff: the first attempt is immediate, then 250 ms doubling per failure up to the
+//! configured connect-retry time (with ±20% jitter), reset once a session is established.
+
+use super::io::{self, AbortOnDrop, ConnHandle, IoEvent};
+use super::policy::{self, Exports, Throttle};
+use super::rib::Path;
+use super::session::{CloseReason, Output, Session, State};
+use super::wire::{err, Attr, Family, Message, Notification, Update};
+use super::{CoreMsg, PeerConfig, PeerEvent, Shared};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// At most this many connections per peer at once (two is a collision; more is abuse).
+const MAX_CONNECTIONS: usize = 3;
+
+pub enum PeerCmd {
+    Incoming(TcpStream),
+    /// De-configured: Cease and end.
+    Stop,
+}
+
+enum Event {
+    Connected(std::io::Result<TcpStream>),
+    Io(u64, IoEvent),
+}
+
+struct Conn {
+    id: u64,
+    outgoing: bool,
+    session: Session,
+    io: ConnHandle,
+    local_addr: IpAddr,
+    /// Reached Established.
+    up: bool,
+}
+
+pub struct PeerTask {
+    shared: Arc<Shared>,
+    cfg: PeerConfig,
+    generation: u64,
+    core: mpsc::UnboundedSender<CoreMsg>,
+    exports: watch::Receiver<Arc<Exports>>,
+    cmds: mpsc::UnboundedReceiver<PeerCmd>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    conns: Vec<Conn>,
+    next_id: u64,
+    connecting: Option<AbortOnDrop>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    /// What the established session was sent: prefix → next hop.
+    advertised: BTreeMap<IpNetwork, IpAddr>,
+    rejected: Throttle,
+    rng: u64,
+}
+
+impl PeerTask {
+    pub fn new(
+        shared: Arc<Shared>,
+        cfg: PeerConfig,
+        generation: u64,
+        core: mpsc::UnboundedSender<CoreMsg>,
+        exports: watch::Receiver<Arc<Exports>>,
+        cmds: mpsc::UnboundedReceiver<PeerCmd>,
+    ) -> PeerTask {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let seed = u64::from(u32::from(shared.cfg.router_id)) ^ generation.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+        PeerTask {
+            shared,
+            cfg,
+            generation,
+            core,
+            exports,
+            cmds,
+            events_tx,
+            events,
+            conns: Vec::new(),
+            next_id: 0,
+            connecting: None,
+            retry_at: Some(Instant::now()),
+            failures: 0,
+            advertised: BTreeMap::new(),
+            rejected: Throttle::new(Duration::from_secs(10)),
+            rng: seed | 1,
+        }
+    }
+
+    pub async fn run(mut self) {
+        tracing::debug!(peer = %self.cfg.addr, asn = self.cfg.asn, "BGP peer configured");
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(PeerCmd::Incoming(stream)) => self.accept(stream),
+                    Some(PeerCmd::Stop) | None => {
+                        self.stop(Notification::cease(err::CEASE_PEER_DECONFIGURED));
+                        return;
+                    }
+                },
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                r = self.exports.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.send_exports();
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => self.on_timers(),
+            }
+        }
+    }
+
+    fn state(&self) -> State {
+        if let Some(c) = self.conns.iter().max_by_key(|c| c.session.state() as u8) {
+            return c.session.state();
+        }
+        if self.connecting.is_some() {
+            State::Connect
+        } else if self.retry_at.is_some() {
+            State::Idle
+        } else {
+            State::Active
+        }
+    }
+
+    fn established(&self) -> Option<&Conn> {
+        self.conns.iter().find(|c| c.session.state() == State::Established)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let retry = self
+            .retry_at
+            .filter(|_| self.conns.is_empty() && self.connecting.is_none());
+        self.conns
+            .iter()
+            .filter_map(|c| c.session.next_deadline())
+            .chain(retry)
+            .min()
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<u64> = self.conns.iter().map(|c| c.id).collect();
+        for id in ids {
+            if let Some(c) = self.conn_mut(id) {
+                let out = c.session.on_timer(now);
+                self.apply(id, out);
+            }
+        }
+        if self.retry_at.is_some_and(|t| t <= now) && self.conns.is_empty() && self.connecting.is_none() {
+            self.retry_at = None;
+            self.start_connect();
+        }
+    }
+
+    fn start_connect(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let peer = SocketAddr::new(self.cfg.addr, shared.cfg.peer_port);
+        let events = self.events_tx.clone();
+        let timeout = shared.cfg.connect_retry.max(Duration::from_secs(2));
+        tracing::debug!(%peer, "connecting");
+        self.connecting = Some(AbortOnDrop(tokio::spawn(async move {
+            let source = Some(shared.cfg.listen.ip());
+            let r = io::connect(shared.netns.as_ref(), peer, source, timeout).await;
+            let _ = events.send(Event::Connected(r));
+        })));
+    }
+
+    fn backoff(&mut self) -> Duration {
+        let cap = self.shared.cfg.connect_retry.max(FIRST_RETRY);
+        let base = FIRST_RETRY.saturating_mul(1 << self.failures.min(16)).min(cap);
+        // xorshift64: ±20% jitter, so that peers that failed together do not retry together.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let factor = 0.8 + (self.rng % 1000) as f64 / 2500.0;
+        base.mul_f64(factor)
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.conns.is_empty() && self.connecting.is_none() && self.retry_at.is_none() {
+            let delay = self.backoff();
+            tracing::debug!(peer = %self.cfg.addr, ?delay, "next connection attempt");
+            self.retry_at = Some(Instant::now() + delay);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected(Ok(stream)) => {
+                self.connecting = None;
+                if self.established().is_some() {
+                    return;
+                }
+                self.add_conn(stream, true);
+            }
+            Event::Connected(Err(e)) => {
+                self.connecting = None;
+                self.failures = self.failures.saturating_add(1);
+                tracing::debug!(peer = %self.cfg.addr, error = %e, "connection attempt failed");
+                self.schedule_retry();
+            }
+            Event::Io(id, ev) => {
+                let now = Instant::now();
+                let Some(c) = self.conn_mut(id) else { return };
+                let out = match ev {
+                    IoEvent::Frame(ty, body) => c.session.on_frame(now, ty, &body),
+                    IoEvent::Malformed(n) => c.session.on_malformed(n),
+                    IoEvent::Closed(why) => c.session.on_tcp_closed(why),
+                };
+                self.apply(id, out);
+            }
+        }
+    }
+
+    fn accept(&mut self, stream: TcpStream) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::warn!(peer = %self.cfg.addr, "too many connections from the peer; refusing one");
+            return;
+        }
+        tracing::debug!(peer = %self.cfg.addr, "accepted a connection");
+        let _ = stream.set_nodelay(true);
+        self.add_conn(stream, false);
+    }
+
+    fn add_conn(&mut self, stream: TcpStream, outgoing: bool) {
+        let Ok(local_addr) = stream.local_addr().map(|a| a.ip().to_canonical()) else {
+            return;
+        };
+        self.retry_at = None;
+        let id = self.next_id;
+        self.next_id += 1;
+        let io = io::spawn_conn(stream, self.events_tx.clone(), move |ev| Event::Io(id, ev));
+        let (session, out) = Session::start(Arc::clone(&self.shared.local), self.cfg.asn, Instant::now());
+        self.conns.push(Conn {
+            id,
+            outgoing,
+            session,
+            io,
+            local_addr,
+            up: false,
+        });
+        self.apply(id, out);
+    }
+
+    fn conn_mut(&mut self, id: u64) -> Option<&mut Conn> {
+        self.conns.iter_mut().find(|c| c.id == id)
+    }
+
+    /// Carries out what a session asked for.
+    fn apply(&mut self, id: u64, outputs: Vec<Output>) {
+        for o in outputs {
+            let Some(c) = self.conn_mut(id) else { return };
+            match o {
+                Output::Send(m) => c.io.send(m.encode(c.session.four_octet_as())),
+                Output::OpenReceived => self.resolve_collision(id),
+                Output::Established => self.on_established(id),
+                Output::Update(u) => self.on_update(id, u),
+                Output::RouteRefresh(f) => self.refresh(id, f),
+                Output::Closed(reason) => self.on_closed(id, reason),
+            }
+        }
+    }
+
+    /// Collision resolution (RFC 4271 §6.8), when connection `id` has just accepted the peer's
+    /// OPEN and before it answers KEEPALIVE. See the module docs for the rule.
+    fn resolve_collision(&mut self, id: u64) {
+        let Some(c) = self.conns.iter().find(|c| c.id == id) else {
+            return;
+        };
+        let Some(theirs) = c.session.negotiated().map(|n| (n.remote_id, n.remote_asn)) else {
+            return;
+        };
+        let this_outgoing = c.outgoing;
+        // RFC 6286 §2.3: the AS breaks a tie of identifiers.
+        let ours = (self.shared.cfg.router_id, self.shared.cfg.asn);
+        let winner_is_outgoing = ours > theirs;
+        let others: Vec<(u64, bool)> = self
+            .conns
+            .iter()
+            .filter(|o| o.id != id)
+            .map(|o| (o.id, o.outgoing))
+            .collect();
+        for (other, other_outgoing) in others {
+            if other_outgoing == this_outgoing {
+                // Two connections opened by the peer: it started over (a restart, or a half-open
+                // connection it has forgotten). The old one goes as if TCP had failed, so a
+                // graceful-restart peer's routes are kept until the new session resyncs.
+                tracing::info!(peer = %self.cfg.addr, "the peer opened a new connection: replacing the old one");
+                let out = self
+                    .conn_mut(other)
+                    .map(|o| o.session.on_tcp_closed("replaced by the peer's new connection".into()))
+                    .unwrap_or_default();
+                self.apply(other, out);
+                continue;
+            }
+            let victim = if this_outgoing == winner_is_outgoing { other } else { id };
+            tracing::debug!(peer = %self.cfg.addr, "connection collision: closing one of two connections");
+            self.close(victim, Notification::cease(err::CEASE_COLLISION));
+            if victim == id {
+                return;
+            }
+        }
+    }
+
+    fn close(&mut self, id: u64, n: Notification) {
+        if let Some(c) = self.conn_mut(id) {
+            let out = c.session.stop(n);
+            self.apply(id, out);
+        }
+    }
+
+    fn stop(&mut self, n: Notification) {
+        let ids: Vec<u64> = self.conns.iter().map(|c| c.id).collect();
+        for id in ids {
+            self.close(id, n.clone());
+        }
+    }
+
+    fn on_established(&mut self, id: u64) {
+        let Some(c) = self.conns.iter().find(|c| c.id == id) else {
+            return;
+        };
+        let n = c
+            .session
+            .negotiated()
+            .cloned()
+            .expect("established sessions negotiated");
+        tracing::info!(
+            peer = %self.cfg.addr, asn = n.remote_asn, remote_id = %n.remote_id, hold_time = n.hold_time,
+            families = ?n.families, graceful_restart = n.peer_graceful_restart.is_some(),
+            "BGP session established"
+        );
+        if let Some(c) = self.conn_mut(id) {
+            c.up = true;
+        }
+        // Any other connection is now surplus.
+        let others: Vec<u64> = self.conns.iter().filter(|o| o.id != id).map(|o| o.id).collect();
+        for other in others {
+            self.close(other, Notification::cease(err::CEASE_COLLISION));
+        }
+        self.failures = 0;
+        self.retry_at = None;
+        self.connecting = None;
+        self.shared.set_established(self.cfg.addr, self.generation, true);
+        let keep: Vec<Family> = n
+            .peer_graceful_restart
+            .iter()
+            .flat_map(|gr| {
+                gr.families
+                    .iter()
+                    .filter(|(_, forwarding)| *forwarding)
+                    .map(|(f, _)| *f)
+            })
+            .collect();
+        self.to_core(PeerEvent::Up {
+            keep_stale: keep,
+            families: n.families.clone(),
+        });
+        self.advertised.clear();
+        self.send_exports();
+        // End-of-RIB after the initial updates (RFC 4724 §2).
+        for f in &n.families {
+            self.send_to(id, Update::end_of_rib(*f));
+        }
+    }
+
+    fn on_closed(&mut self, id: u64, reason: CloseReason) {
+        let Some(pos) = self.conns.iter().position(|c| c.id == id) else {
+            return;
+        };
+        // Dropping the connection's handle closes it after the queued NOTIFICATION.
+        let c = self.conns.remove(pos);
+        let negotiated = c.session.negotiated().cloned();
+        let log_reason = match &reason {
+            CloseReason::Sent(n) => format!("sent NOTIFICATION {n}"),
+            CloseReason::Received(n) => format!("received NOTIFICATION {n}"),
+            CloseReason::Tcp(why) => why.clone(),
+        };
+        if let (true, Some(n)) = (c.up, negotiated) {
+            let retain: Vec<Family> = match (&n.peer_graceful_restart, reason.keeps_routes()) {
+                (Some(gr), true) if gr.restart_time > 0 => gr
+                    .families
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .filter(|f| n.families.contains(f))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let restart_time = n
+                .peer_graceful_restart
+                .as_ref()
+                .map_or(Duration::ZERO, |gr| Duration::from_secs(u64::from(gr.restart_time)));
+            tracing::warn!(
+                peer = %self.cfg.addr, reason = %log_reason, kept_stale = ?retain,
+                "BGP session down"
+            );
+            self.shared.set_established(self.cfg.addr, self.generation, false);
+            self.advertised.clear();
+            self.to_core(PeerEvent::Down { retain, restart_time });
+        } else {
+            let collision = matches!(&reason, CloseReason::Sent(n) | CloseReason::Received(n)
+                if n.code == err::CEASE && n.subcode == err::CEASE_COLLISION);
+            if !collision {
+                self.failures = self.failures.saturating_add(1);
+            }
+            tracing::debug!(peer = %self.cfg.addr, reason = %log_reason, state = ?self.state(), "BGP connection closed");
+        }
+        self.schedule_retry();
+    }
+
+    fn to_core(&self, event: PeerEvent) {
+        let _ = self.core.send(CoreMsg::Peer {
+            peer: self.cfg.addr,
+            generation: self.generation,
+            event,
+        });
+    }
+
+    fn send_to(&mut self, id: u64, u: Update) {
+        if let Some(c) = self.conn_mut(id) {
+            let m = Message::Update(u);
+            c.io.send(m.encode(c.session.four_octet_as()));
+        }
+    }
+
+    /// Brings the established session's Adj-RIB-Out to the current exports.
+    fn send_exports(&mut self) {
+        let Some(c) = self.established() else { return };
+        let (id, local_addr) = (c.id, c.local_addr);
+        let n = c
+            .session
+            .negotiated()
+            .cloned()
+            .expect("established sessions negotiated");
+        let exports = Arc::clone(&self.exports.borrow_and_update());
+        let want = exports.for_session(&n.families, local_addr);
+        let withdraw: Vec<IpNetwork> = self
+            .advertised
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
+        let announce: BTreeMap<IpNetwork, IpAddr> = want
+            .iter()
+            .filter(|(p, nh)| self.advertised.get(p) != Some(nh))
+            .map(|(p, nh)| (*p, *nh))
+            .collect();
+        if !announce.is_empty() || !withdraw.is_empty() {
+            tracing::debug!(peer = %self.cfg.addr, announce = announce.len(), withdraw = withdraw.len(), "sending exports");
+        }
+        for u in policy::updates(&announce, &withdraw, self.shared.cfg.asn, &n) {
+            self.send_to(id, u);
+        }
+        self.advertised = want;
+    }
+
+    /// ROUTE-REFRESH: everything of the family again.
+    fn refresh(&mut self, id: u64, family: Family) {
+        let Some(n) = self
+            .conns
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.session.negotiated().cloned())
+        else {
+            return;
+        };
+        tracing::debug!(peer = %self.cfg.addr, ?family, "ROUTE-REFRESH: sending our routes again");
+        let again: BTreeMap<IpNetwork, IpAddr> = self
+            .advertised
+            .iter()
+            .filter(|(p, _)| Family::of(p) == family)
+            .map(|(p, nh)| (*p, *nh))
+            .collect();
+        for u in policy::updates(&again, &[], self.shared.cfg.asn, &n) {
+            self.send_to(id, u);
+        }
+        self.send_to(id, Update::end_of_rib(family));
+    }
+
+    /// An UPDATE from the established session: import policy, then to the RIB.
+    fn on_update(&mut self, id: u64, u: Update) {
+        let Some(c) = self.conns.iter().find(|c| c.id == id) else {
+            return;
+        };
+        let local_addr = c.local_addr;
+        let n = c
+            .session
+            .negotiated()
+            .cloned()
+            .expect("established sessions negotiated");
+        if let Some(family) = u.as_end_of_rib() {
+            tracing::debug!(peer = %self.cfg.addr, ?family, "End-of-RIB received");
+            self.to_core(PeerEvent::EndOfRib(family));
+            return;
+        }
+        let mut withdraw: Vec<IpNetwork> = u.withdrawn.clone();
+        let mut announced: Vec<(IpNetwork, IpAddr)> = Vec::new();
+        let mut next_hop_v4 = None;
+        let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, false);
+        for a in &u.attrs {
+            match a {
+                Attr::NextHop(ip) => next_hop_v4 = Some(IpAddr::V4(*ip)),
+                Attr::AsPath(p) => {
+                    as_path_len = p.len() as u32;
+                    looped |= n.ebgp && p.contains(self.shared.cfg.asn);
+                }
+                Attr::As4Path(p) => looped |= n.ebgp && p.contains(self.shared.cfg.asn),
+                // LOCAL_PREF from an external peer is ignored (RFC 4271 §5.1.5).
+                Attr::LocalPref(lp) if !n.ebgp => local_pref = *lp,
+                // Our own routes reflected back to us (RFC 4456 §8).
+                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = true,
+                Attr::MpUnreach(m) if n.families.contains(&m.family) => withdraw.extend(&m.withdrawn),
+                Attr::MpReach(m) if n.families.contains(&m.family) => {
+                    announced.extend(m.nlri.iter().map(|p| (*p, m.next_hop)));
+                }
+                _ => {}
+            }
+        }
+        if let Some(nh) = next_hop_v4 {
+            if n.families.contains(&Family::Ipv4Unicast) {
+                announced.extend(u.nlri.iter().map(|p| (*p, nh)));
+            }
+        }
+        let exports = Arc::clone(&self.exports.borrow());
+        let ours: Vec<IpAddr> = [Some(local_addr), Some(IpAddr::V4(self.shared.cfg.router_id))]
+            .into_iter()
+            .chain([exports.next_hop_v4, exports.next_hop_v6])
+            .flatten()
+            .collect();
+        let mut accept = Vec::new();
+        let now = Instant::now();
+        for (prefix, nh) in announced {
+            let nh = policy::normalize_next_hop(nh);
+            let verdict = if looped {
+                Ok(false)
+            } else {
+                policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours).map(|()| true)
+            };
+            match verdict {
+                Ok(true) => accept.push((
+                    prefix,
+                    Path {
+                        next_hop: nh,
+                        local_pref,
+                        as_path_len,
+                        ebgp: n.ebgp,
+                    },
+                )),
+                Ok(false) => withdraw.push(prefix),
+                Err(why) => {
+                    // Treated as withdrawn: it replaces whatever the peer sent before for it.
+                    withdraw.push(prefix);
+                    if let Some(held_back) = self.rejected.allow(now) {
+                        tracing::warn!(
+                            peer = %self.cfg.addr, %prefix, next_hop = %nh, reason = %why, held_back,
+                            "dropped a route from a BGP peer"
+                        );
+                    }
+                }
+            }
+        }
+        if accept.is_empty() && withdraw.is_empty() {
+            return;
+        }
+        self.to_core(PeerEvent::Routes {
+            announce: accept,
+            withdraw,
+        });
+    }
+}
+
+impl Drop for PeerTask {
+    fn drop(&mut self) {
+        self.shared.set_established(self.cfg.addr, self.generation, false);
+    }
+}

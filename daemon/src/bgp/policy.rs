@@ -1,0 +1,354 @@
+//! Import and export policy, and the UPDATEs that carry our exports.
+//!
+//! - Import: a prefix is accepted only inside one of the cluster CIDRs (`import_within`), never
+//!   a default route, with a usable next hop that is not this node. Everything else is dropped
+//!   (and counted in a rate-limited warning): a peer cannot hijack 0.0.0.0/0 or anything
+//!   outside the pod network.
+//! - Export: exactly the node's pod CIDRs, next hop = the node's underlay address (per family),
+//!   ORIGIN IGP, an empty AS_PATH to iBGP peers (with LOCAL_PREF 100) and our AS to eBGP peers.
+//!   We never re-advertise what we learned: each node speaks for itself (a route reflector
+//!   does the reflecting).
+
+use super::session::Negotiated;
+use super::wire::{AsPath, AsSegment, Attr, Family, MpReach, MpUnreach, Update, AS_SEQUENCE};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why an announced prefix was not imported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    OutsideClusterCidrs,
+    DefaultRoute,
+    NextHopIsThisNode,
+    NextHopUnusable,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rejected::OutsideClusterCidrs => "outside the cluster CIDRs",
+            Rejected::DefaultRoute => "a default route",
+            Rejected::NextHopIsThisNode => "next hop is this node",
+            Rejected::NextHopUnusable => "next hop unusable (link-local or unspecified)",
+        })
+    }
+}
+
+/// Whether `prefix` lies inside one of `within` (same family, at least as long).
+pub fn inside(prefix: &IpNetwork, within: &[IpNetwork]) -> bool {
+    within
+        .iter()
+        .any(|c| Family::of(c) == Family::of(prefix) && c.prefix() <= prefix.prefix() && c.contains(prefix.network()))
+}
+
+/// The next hop as the kernel will use it: an IPv4-mapped IPv6 address is the IPv4 address.
+pub fn normalize_next_hop(nh: IpAddr) -> IpAddr {
+    nh.to_canonical()
+}
+
+/// Import policy for one announced prefix with next hop `next_hop` (normalized).
+pub fn check_import(
+    prefix: &IpNetwork,
+    next_hop: IpAddr,
+    within: &[IpNetwork],
+    ours: &[IpAddr],
+) -> Result<(), Rejected> {
+    if prefix.prefix() == 0 {
+        return Err(Rejected::DefaultRoute);
+    }
+    if !inside(prefix, within) {
+        return Err(Rejected::OutsideClusterCidrs);
+    }
+    if ours.contains(&next_hop) {
+        return Err(Rejected::NextHopIsThisNode);
+    }
+    let unusable = match next_hop {
+        IpAddr::V4(a) => a.is_unspecified(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_unicast_link_local(),
+    };
+    if unusable {
+        return Err(Rejected::NextHopUnusable);
+    }
+    Ok(())
+}
+
+/// At most one log line per period; counts what it held back.
+pub struct Throttle {
+    period: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    pub fn new(period: Duration) -> Throttle {
+        Throttle {
+            period,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(n)`: log now, mentioning the `n` events held back since the last line.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now < t + self.period => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+/// What this node exports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exports {
+    pub prefixes: Vec<IpNetwork>,
+    pub next_hop_v4: Option<IpAddr>,
+    pub next_hop_v6: Option<IpAddr>,
+}
+
+impl Exports {
+    /// Host bits cleared, sorted, without duplicates.
+    pub fn new(prefixes: Vec<IpNetwork>, next_hop_v4: Option<IpAddr>, next_hop_v6: Option<IpAddr>) -> Exports {
+        let mut prefixes: Vec<IpNetwork> = prefixes
+            .into_iter()
+            .map(|p| IpNetwork::new(p.network(), p.prefix()).expect("same length"))
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        Exports {
+            prefixes,
+            next_hop_v4,
+            next_hop_v6,
+        }
+    }
+
+    /// Prefix → next hop for a session: families it carries, next hop of the family, or the
+    /// session's own address when none is given and it is of the family.
+    pub fn for_session(&self, families: &[Family], session_addr: IpAddr) -> BTreeMap<IpNetwork, IpAddr> {
+        let mut out = BTreeMap::new();
+        for p in &self.prefixes {
+            let family = Family::of(p);
+            if !families.contains(&family) {
+                continue;
+            }
+            let next_hop = match family {
+                Family::Ipv4Unicast => self.next_hop_v4.or(session_addr.is_ipv4().then_some(session_addr)),
+                Family::Ipv6Unicast => self.next_hop_v6.or(session_addr.is_ipv6().then_some(session_addr)),
+            };
+            if let Some(nh) = next_hop {
+                out.insert(*p, nh);
+            }
+        }
+        out
+    }
+}
+
+/// Prefixes per UPDATE, so that one stays well under 4096 bytes (5 bytes per IPv4 prefix,
+/// 17 per IPv6 one, plus at most about 100 bytes of attributes).
+const V4_PER_UPDATE: usize = 700;
+const V6_PER_UPDATE: usize = 200;
+
+/// The UPDATEs that withdraw `withdraw` and announce `announce` (prefix → next hop) to a peer.
+pub fn updates(
+    announce: &BTreeMap<IpNetwork, IpAddr>,
+    withdraw: &[IpNetwork],
+    local_asn: u32,
+    session: &Negotiated,
+) -> Vec<Update> {
+    let mut out = Vec::new();
+    let (w4, w6): (Vec<IpNetwork>, Vec<IpNetwork>) = withdraw.iter().partition(|p| p.is_ipv4());
+    for chunk in w4.chunks(V4_PER_UPDATE) {
+        out.push(Update {
+            withdrawn: chunk.to_vec(),
+            ..Default::default()
+        });
+    }
+    for chunk in w6.chunks(V6_PER_UPDATE) {
+        out.push(Update {
+            attrs: vec![Attr::MpUnreach(MpUnreach {
+                family: Family::Ipv6Unicast,
+                withdrawn: chunk.to_vec(),
+            })],
+            ..Default::default()
+        });
+    }
+
+    let mut common = vec![Attr::Origin(0)];
+    if session.ebgp {
+        let segment = AsSegment {
+            kind: AS_SEQUENCE,
+            asns: vec![local_asn],
+        };
+        common.push(Attr::AsPath(AsPath(vec![segment.clone()])));
+        if !session.four_octet_as && local_asn > u32::from(u16::MAX) {
+            common.push(Attr::As4Path(AsPath(vec![segment])));
+        }
+    } else {
+        common.push(Attr::AsPath(AsPath::default()));
+        common.push(Attr::LocalPref(100));
+    }
+    let mut groups: BTreeMap<(Family, IpAddr), Vec<IpNetwork>> = BTreeMap::new();
+    for (p, nh) in announce {
+        groups.entry((Family::of(p), *nh)).or_default().push(*p);
+    }
+    for ((family, nh), prefixes) in groups {
+        match (family, nh) {
+            (Family::Ipv4Unicast, IpAddr::V4(nh)) => {
+                for chunk in prefixes.chunks(V4_PER_UPDATE) {
+                    let mut attrs = common.clone();
+                    attrs.push(Attr::NextHop(nh));
+                    out.push(Update {
+                        attrs,
+                        nlri: chunk.to_vec(),
+                        ..Default::default()
+                    });
+                }
+            }
+            (Family::Ipv4Unicast, IpAddr::V6(_)) => {
+                tracing::warn!(%nh, "an IPv4 prefix with an IPv6 next hop is not exported (RFC 8950 is not supported)");
+            }
+            (Family::Ipv6Unicast, nh) => {
+                let next_hop = match nh {
+                    IpAddr::V6(a) => a,
+                    IpAddr::V4(a) => a.to_ipv6_mapped(),
+                };
+                for chunk in prefixes.chunks(V6_PER_UPDATE) {
+                    let mut attrs = common.clone();
+                    attrs.push(Attr::MpReach(MpReach {
+                        family,
+                        next_hop: IpAddr::V6(next_hop),
+                        link_local: None::<Ipv6Addr>,
+                        nlri: chunk.to_vec(),
+                    }));
+                    out.push(Update {
+                        attrs,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::{decode_update, Message, HEADER_LEN, MAX_MESSAGE_LEN};
+    use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn import_policy() {
+        let within = [net("10.244.0.0/16"), net("fd00:244::/48")];
+        let ours = [ip("192.168.77.11")];
+        let nh = ip("192.168.77.12");
+        assert_eq!(check_import(&net("10.244.3.0/24"), nh, &within, &ours), Ok(()));
+        assert_eq!(check_import(&net("10.244.0.0/16"), nh, &within, &ours), Ok(()));
+        assert_eq!(check_import(&net("fd00:244:0:3::/64"), nh, &within, &ours), Ok(()));
+        assert_eq!(
+            check_import(&net("0.0.0.0/0"), nh, &within, &ours),
+            Err(Rejected::DefaultRoute)
+        );
+        for p in ["10.0.0.0/8", "10.245.0.0/24", "172.16.0.0/24", "fd00::/16"] {
+            assert_eq!(
+                check_import(&net(p), nh, &within, &ours),
+                Err(Rejected::OutsideClusterCidrs),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            check_import(&net("10.244.3.0/24"), ours[0], &within, &ours),
+            Err(Rejected::NextHopIsThisNode)
+        );
+        assert_eq!(
+            check_import(&net("fd00:244:0:3::/64"), ip("fe80::1"), &within, &ours),
+            Err(Rejected::NextHopUnusable)
+        );
+        assert_eq!(normalize_next_hop(ip("::ffff:192.168.77.12")), nh);
+    }
+
+    #[test]
+    fn throttle() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(Duration::from_secs(10));
+        assert_eq!(t.allow(t0), Some(0));
+        assert_eq!(t.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(2)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(10)), Some(2));
+    }
+
+    fn session(ebgp: bool, four_octet_as: bool) -> Negotiated {
+        Negotiated {
+            remote_id: "192.168.77.1".parse().unwrap(),
+            remote_asn: if ebgp { 65001 } else { 64512 },
+            ebgp,
+            hold_time: 90,
+            four_octet_as,
+            families: Family::ALL.to_vec(),
+            peer_graceful_restart: None,
+        }
+    }
+
+    #[test]
+    fn exports_per_session() {
+        let e = Exports::new(
+            vec![net("10.244.1.7/24"), net("fd00:244:1::/64"), net("10.244.1.0/24")],
+            None,
+            Some(ip("fd00:77::11")),
+        );
+        assert_eq!(e.prefixes, [net("10.244.1.0/24"), net("fd00:244:1::/64")]);
+        let m = e.for_session(&Family::ALL, ip("192.168.77.11"));
+        assert_eq!(m[&net("10.244.1.0/24")], ip("192.168.77.11"), "the session's address");
+        assert_eq!(m[&net("fd00:244:1::/64")], ip("fd00:77::11"));
+        assert_eq!(e.for_session(&[Family::Ipv4Unicast], ip("192.168.77.11")).len(), 1);
+    }
+
+    #[test]
+    fn updates_fit_in_messages_and_carry_the_right_attributes() {
+        let mut announce = BTreeMap::new();
+        for i in 0..2000u32 {
+            let a = std::net::Ipv4Addr::from(0x0af4_0000 + (i << 8));
+            announce.insert(IpNetwork::new(IpAddr::V4(a), 24).unwrap(), ip("192.168.77.11"));
+            let b = Ipv6Addr::from((0xfd00_0244u128 << 96) | (u128::from(i) << 64));
+            announce.insert(IpNetwork::new(IpAddr::V6(b), 64).unwrap(), ip("fd00:77::11"));
+        }
+        let withdraw: Vec<IpNetwork> = announce.keys().copied().collect();
+        for (ebgp, four) in [(false, true), (true, true), (true, false)] {
+            let s = session(ebgp, four);
+            let ups = updates(&announce, &withdraw, 4_200_000_001, &s);
+            let (mut announced, mut withdrawn) = (0, 0);
+            for u in &ups {
+                let bytes = Message::Update(u.clone()).encode(four);
+                assert!(bytes.len() <= MAX_MESSAGE_LEN, "{} bytes", bytes.len());
+                let d = decode_update(&bytes[HEADER_LEN..], four).unwrap();
+                withdrawn += d.withdrawn.len();
+                announced += d.nlri.len();
+                for a in &d.attrs {
+                    match a {
+                        Attr::MpReach(r) => announced += r.nlri.len(),
+                        Attr::MpUnreach(r) => withdrawn += r.withdrawn.len(),
+                        Attr::LocalPref(_) => assert!(!ebgp),
+                        Attr::AsPath(p) => assert_eq!(p.len(), usize::from(ebgp)),
+                        Attr::As4Path(_) => assert!(!four),
+                        _ => {}
+                    }
+                }
+            }
+            assert_eq!((announced, withdrawn), (4000, 4000));
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The BGP speaker against BIRD 2: iBGP, route reflection, eBGP to a top-of-rack router,
+//! BIRD restarting, and our graceful restart. BIRD and the speakers run in namespaces made by
+//! each test (see `common/bird.rs`).
+
+#[path = "common/bird.rs"]
+mod bird;
+
+use bird::*;
+use std::time::{Duration, Instant};
+use trellisd::bgp::PeerConfig;
+
+const T: Duration = Duration::from_secs(20);
+
+/// BIRD with its own prefixes: one inside the cluster CIDRs per family, and two it must not
+/// get us to accept (a default route, a prefix outside the cluster).
+fn bird_with_statics(asn: u32) -> BirdConf {
+    let mut c = BirdConf::new(asn);
+    c.statics = vec![
+        "10.244.100.0/24".into(),
+        "0.0.0.0/0".into(),
+        "172.16.5.0/24".into(),
+        "fd00:244:0:100::/64".into(),
+        "::/0".into(),
+    ];
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ibgp_with_bird_both_ways_and_only_cluster_prefixes_learned() {
+    let mut lab = Lab::new(1);
+    lab.start_bird(&bird_with_statics(ASN).neighbor(node_v4(1), ASN, false));
+    let started = Instant::now();
+    let (s, mut rx) = lab.speaker(1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    let routes = wait_routes(&mut rx, T, "BIRD's cluster prefixes", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4) && has(r, "fd00:244:0:100::/64", BIRD_V6)
+    })
+    .await;
+    eprintln!("speaker start to BIRD's routes learned: {:?}", started.elapsed());
+    // The default routes and the prefix outside the cluster CIDRs were dropped.
+    assert_eq!(routes.len(), 2, "{routes:#?}");
+
+    lab.bird()
+        .wait_routes(T, "our pod CIDRs via our underlay addresses", |r| {
+            bird_has(r, "10.244.1.0/24", "192.168.77.11") && bird_has(r, "fd00:244:0:1::/64", "fd00:77::11")
+        })
+        .await;
+    let r = lab.bird().routes();
+    let ours = &r["10.244.1.0/24"];
+    assert!(ours.contains("BGP.origin: IGP"), "{ours}");
+    assert!(ours.contains("BGP.local_pref: 100"), "{ours}");
+
+    // ROUTE-REFRESH (`birdc reload in`): we send our routes again.
+    let received = || -> u64 {
+        lab.bird()
+            .birdc(&["show", "protocols", "all", "n0"])
+            .lines()
+            .filter(|l| l.trim_start().starts_with("Import updates:"))
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = received();
+    lab.bird().birdc(&["reload", "in", "n0"]);
+    let t = Instant::now();
+    while received() < before + 2 {
+        assert!(
+            t.elapsed() < T,
+            "no UPDATEs after ROUTE-REFRESH ({} then {})",
+            before,
+            received()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A new export reaches BIRD, a removed one is withdrawn.
+    s.set_exports(vec!["10.244.7.0/24".parse().unwrap()], Some(node_v4(1)), None);
+    lab.bird()
+        .wait_routes(T, "the new export only", |r| {
+            bird_has(r, "10.244.7.0/24", "192.168.77.11") && !r.contains_key("10.244.1.0/24")
+        })
+        .await;
+    // Nothing of ours is left in BIRD's table from the IPv6 side either.
+    assert!(!lab.bird().routes().contains_key("fd00:244:0:1::/64"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bird_as_route_reflector_for_three_speakers() {
+    let mut lab = Lab::new(3);
+    let mut conf = BirdConf::new(ASN);
+    for i in 1..=3 {
+        conf = conf.neighbor(node_v4(i), ASN, true);
+    }
+    lab.start_bird(&conf);
+    let started = Instant::now();
+    let mut speakers = Vec::new();
+    for i in 1..=3 {
+        speakers.push(lab.speaker(i, vec![bird_peer()]).await);
+    }
+    for (n, (_, rx)) in speakers.iter_mut().enumerate() {
+        let i = n + 1;
+        wait_routes(rx, T, &format!("node {i} learns the others' CIDRs"), |r| {
+            (1..=3).filter(|j| *j != i).all(|j| {
+                has(r, &format!("10.244.{j}.0/24"), &node_v4(j).to_string())
+                    && has(r, &format!("fd00:244:0:{j}::/64"), &node_v6(j).to_string())
+            }) && r.len() == 4
+        })
+        .await;
+    }
+    eprintln!(
+        "route reflector: start of 3 speakers to all routes learned by all: {:?}",
+        started.elapsed()
+    );
+    if std::env::var_os("TRELLIS_BIRD_DEBUG").is_some() {
+        eprintln!("{}", lab.bird().log_text());
+    }
+
+    // A change on one speaker reaches the others through the reflector.
+    let t = Instant::now();
+    speakers[0].0.set_exports(
+        vec!["10.244.1.0/24".parse().unwrap(), "10.244.11.0/24".parse().unwrap()],
+        Some(node_v4(1)),
+        Some(node_v6(1)),
+    );
+    for (_, rx) in speakers.iter_mut().skip(1) {
+        wait_routes(rx, T, "the new prefix", |r| has(r, "10.244.11.0/24", "192.168.77.11")).await;
+    }
+    eprintln!(
+        "route reflector: a new prefix reaches both other speakers in {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebgp_top_of_rack_learns_every_node() {
+    let mut lab = Lab::new(3);
+    let tor_asn = 65001;
+    let mut conf = bird_with_statics(tor_asn);
+    for i in 1..=3 {
+        conf = conf.neighbor(node_v4(i), ASN, false);
+    }
+    lab.start_bird(&conf);
+    let tor = PeerConfig {
+        addr: BIRD_V4.parse().unwrap(),
+        asn: tor_asn,
+    };
+    let mut speakers = Vec::new();
+    for i in 1..=3 {
+        speakers.push(lab.speaker(i, vec![tor.clone()]).await);
+    }
+    lab.bird()
+        .wait_routes(T, "every node's pod CIDRs", |r| {
+            (1..=3).all(|i| {
+                bird_has(r, &format!("10.244.{i}.0/24"), &node_v4(i).to_string())
+                    && bird_has(r, &format!("fd00:244:0:{i}::/64"), &node_v6(i).to_string())
+            })
+        })
+        .await;
+    let r = lab.bird().routes();
+    assert!(
+        r["10.244.2.0/24"].contains("BGP.as_path: 64512"),
+        "{}",
+        r["10.244.2.0/24"]
+    );
+    // The ToR's own cluster prefix is learned; the other nodes' prefixes come back from the
+    // ToR with our AS in the path and are dropped as loops.
+    for (s, rx) in &mut speakers {
+        let routes = wait_routes(rx, T, "the ToR's prefixes", |r| {
+            has(r, "10.244.100.0/24", BIRD_V4) && has(r, "fd00:244:0:100::/64", BIRD_V6)
+        })
+        .await;
+        assert_eq!(
+            routes.keys().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ["10.244.100.0/24", "fd00:244:0:100::/64"],
+            "{routes:#?}"
+        );
+        assert_eq!(s.established(), [BIRD_V4.parse::<std::net::IpAddr>().unwrap()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bird_restarts_sessions_come_back() {
+    let mut lab = Lab::new(1);
+    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
+    conf.graceful_restart = true;
+    lab.start_bird(&conf);
+    let (s, mut rx) = lab.speaker(1, vec![bird_peer()]).await;
+    let bird_ip = BIRD_V4.parse().unwrap();
+    wait_established(&s, &[bird_ip], T).await;
+    wait_routes(&mut rx, T, "BIRD's prefix", |r| has(r, "10.244.100.0/24", BIRD_V4)).await;
+
+    // SIGTERM: BIRD says Cease, so its routes go at once.
+    lab.bird.as_mut().unwrap().stop(false);
+    wait_routes(&mut rx, T, "BIRD's routes gone", |r| r.is_empty()).await;
+    let t = Instant::now();
+    lab.bird.as_mut().unwrap().spawn(false);
+    wait_routes(&mut rx, T, "BIRD's prefix again", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    eprintln!("BIRD restarted (SIGTERM): routes back after {:?}", t.elapsed());
+    lab.bird()
+        .wait_routes(T, "our prefix again", |r| bird_has(r, "10.244.1.0/24", "192.168.77.11"))
+        .await;
+
+    // SIGKILL: no NOTIFICATION; BIRD negotiated graceful restart, so its routes stay, stale.
+    lab.bird.as_mut().unwrap().stop(true);
+    let stale = wait_routes(&mut rx, T, "BIRD's routes marked stale", |r| {
+        r.values().all(|x| x.stale) && r.len() == 2
+    })
+    .await;
+    assert!(stale.contains_key(&"10.244.100.0/24".parse().unwrap()));
+    assert!(s.established().is_empty());
+    lab.bird.as_mut().unwrap().spawn(false);
+    wait_routes(&mut rx, T, "BIRD's routes fresh again", |r| {
+        r.len() == 2 && has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    wait_established(&s, &[bird_ip], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_graceful_restart_bird_keeps_our_routes() {
+    let mut lab = Lab::new(1);
+    let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
+    conf.graceful_restart = true;
+    lab.start_bird(&conf);
+    let (s, _rx) = lab.speaker(1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    let bird = lab.bird.take().unwrap();
+    bird.wait_routes(T, "our prefix", |r| bird_has(r, "10.244.1.0/24", "192.168.77.11"))
+        .await;
+
+    // The daemon goes away (as on SIGTERM or a crash): the sessions close without a
+    // NOTIFICATION.
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = bird.routes();
+    assert!(
+        bird_has(&during, "10.244.1.0/24", "192.168.77.11"),
+        "BIRD dropped our routes during the restart: {during:#?}\n{}",
+        bird.log_text()
+    );
+    let protocol = bird.birdc(&["show", "protocols", "all", "n0"]);
+    assert!(!protocol.contains("Established"), "{protocol}");
+    assert!(protocol.contains("Neighbor graceful restart active"), "{protocol}");
+    eprintln!(
+        "during our restart, BIRD holds: {}\n{protocol}",
+        during["10.244.1.0/24"]
+    );
+
+    // Back, as a restart: R and F bits, End-of-RIB after our routes.
+    // This time without the IPv6 CIDR: it goes at our End-of-RIB, the other is refreshed.
+    let mut cfg = lab.config(1);
+    cfg.restarted = true;
+    let exports = vec!["10.244.1.0/24".parse().unwrap()];
+    let (s, _rx) = lab.speaker_exporting(cfg, exports, 1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    bird.wait_routes(T, "only the refreshed prefix", |r| {
+        bird_has(r, "10.244.1.0/24", "192.168.77.11") && !r.contains_key("fd00:244:0:1::/64")
+    })
+    .await;
+    let after = bird.routes();
+    assert!(!after["10.244.1.0/24"].contains("stale"), "{after:#?}");
+    drop(s);
+    drop(bird);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_prefixes_from_bird() {
+    let mut lab = Lab::new(1);
+    let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
+    conf.statics = (0..10_000u32)
+        .map(|i| format!("10.{}.{}.0/24", 100 + i / 256, i % 256))
+        .collect();
+    lab.start_bird(&conf);
+    // Wait until BIRD has them all in its table.
+    let t = Instant::now();
+    while lab.bird().count() < 10_000 {
+        assert!(t.elapsed() < T, "BIRD holds {} routes", lab.bird().count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cfg = lab.config(1);
+    cfg.import_within = vec!["10.0.0.0/8".parse().unwrap()];
+    let started = Instant::now();
+    let (s, mut rx) = lab.speaker_with(cfg, 1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    let established = started.elapsed();
+    wait_routes(&mut rx, T, "10,000 prefixes", |r| r.len() == 10_000).await;
+    eprintln!(
+        "10,000 prefixes from BIRD: session up {established:?} after start, all learned {:?} after start",
+        started.elapsed()
+    );
+    if std::env::var_os("TRELLIS_BIRD_DEBUG").is_some() {
+        eprintln!("{}", lab.bird().log_text());
+    }
+}

@@ -1,0 +1,172 @@
+//! BGP mode end to end: real `trellisd` processes speaking BGP to each other (full mesh) or to a
+//! real BIRD route reflector in the underlay namespace, pods wired by the real plugins, traffic
+//! over the BGP-learned routes.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+
+fn trellisd() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
+    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
+    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
+    p
+}
+
+fn net_conf(backend: &str) -> String {
+    format!(r#"{{"Network": "10.244.0.0/16", "Backend": {backend}}}"#)
+}
+
+fn cluster(backend: &str, nodes: usize) -> Cluster {
+    let mut c = Cluster::new(
+        nodes,
+        &net_conf(backend),
+        &trellisd(),
+        &["--lease-ttl", "10", "--resync", "5"],
+    );
+    for node in 0..nodes {
+        c.add_pod(node);
+        c.add_pod(node);
+    }
+    c
+}
+
+fn reach(c: &Cluster, what: &str) {
+    if let Err(missing) = c.all_reach_all(Duration::from_secs(20)) {
+        panic!("{what}: unreachable:\n{missing}\nnode1 log:\n{}", c.log(0));
+    }
+}
+
+#[test]
+fn bgp_full_mesh_every_pod_reaches_every_pod() {
+    let c = cluster(r#"{"Type": "bgp", "ASNumber": 64512, "Mesh": true, "HoldTime": 9}"#, 3);
+    reach(&c, "bgp mesh");
+    // The routes are BGP's: via the other nodes' underlay addresses, with trellisd's protocol.
+    let routes = c.nodes[0].ns.exec_ok(&["ip", "route", "show", "proto", "117"]);
+    assert_eq!(routes.lines().count(), 2, "{routes}");
+    assert!(
+        routes.contains(&format!("via {UNDERLAY}.12")) && routes.contains(&format!("via {UNDERLAY}.13")),
+        "{routes}"
+    );
+}
+
+/// BIRD in the underlay namespace as route reflector for `n` nodes (AS 64512).
+fn start_bird_rr(c: &Cluster, n: usize) -> Proc {
+    let mut conf = format!("log stderr all;\nrouter id {UNDERLAY}.1;\nprotocol device {{ }}\n");
+    for i in 1..=n {
+        conf += &format!(
+            "protocol bgp node{i} {{\n  local {UNDERLAY}.1 as 64512;\n  neighbor {UNDERLAY}.{} as 64512;\n  \
+             direct;\n  rr client;\n  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 2;\n  \
+             graceful restart on;\n  ipv4 {{ import all; export all; }};\n}}\n",
+            10 + i
+        );
+    }
+    let dir = c.dir.path();
+    std::fs::write(dir.join("bird.conf"), conf).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &c.underlay.name, "bird", "-f", "-c"])
+        .arg(dir.join("bird.conf"))
+        .arg("-s")
+        .arg(dir.join("bird.ctl"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("bird.log")).unwrap())
+        .spawn()
+        .expect("bird (Debian bird2)");
+    Proc { child }
+}
+
+fn birdc(c: &Cluster, args: &[&str]) -> String {
+    let sock = c.dir.path().join("bird.ctl");
+    let mut argv = vec!["birdc", "-s", sock.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    String::from_utf8_lossy(&c.underlay.exec(&argv).stdout).into_owned()
+}
+
+#[test]
+fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
+    let backend = format!(
+        r#"{{"Type": "bgp", "ASNumber": 64512, "Mesh": false, "RouteReflectors": ["{UNDERLAY}.1"], "HoldTime": 9}}"#
+    );
+    let mut c = Cluster::new(
+        3,
+        &net_conf(&backend),
+        &trellisd(),
+        &["--lease-ttl", "10", "--resync", "5"],
+    );
+    let _bird = start_bird_rr(&c, 3);
+    for node in 0..3 {
+        c.add_pod(node);
+        c.add_pod(node);
+    }
+    reach(&c, "bgp via BIRD");
+    // BIRD's own table holds every node's pod CIDR with that node as next hop.
+    let t = Instant::now();
+    loop {
+        let table = birdc(&c, &["show", "route", "protocol", "node1"])
+            + &birdc(&c, &["show", "route", "protocol", "node2"])
+            + &birdc(&c, &["show", "route", "protocol", "node3"]);
+        let all = (0..3).all(|i| {
+            let cidr = c.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            table.lines().any(|l| l.starts_with(&cidr)) && table.contains(&format!("via {UNDERLAY}.{}", 11 + i))
+        });
+        if all {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "BIRD's table lacks a node's CIDR:\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn bgp_daemon_restart_with_graceful_restart_loses_no_ping() {
+    let mut c = cluster(r#"{"Type": "bgp", "ASNumber": 64512, "Mesh": true, "HoldTime": 9}"#, 3);
+    reach(&c, "bgp mesh");
+    let target = c.pods[2].ips[0].clone();
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.pods[0].ns.name,
+            "ping",
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            "-c",
+            "120",
+            &target,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Restart the daemon of the node the target pod is on, and the first pod's.
+    for i in [1, 0] {
+        c.stop_daemon(i);
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_daemon(i);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text.lines().find(|l| l.contains("packets transmitted")).unwrap();
+    let nums: Vec<u32> = stats
+        .split(|ch: char| !ch.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert_eq!(
+        nums[0],
+        nums[1],
+        "pings lost across BGP daemon restarts: {stats}\nnode1 log:\n{}",
+        c.log(0)
+    );
+    reach(&c, "after restarts");
+}

@@ -1,0 +1,458 @@
+//! BIRD 2 and a small underlay for the BGP speaker's tests.
+//!
+//! ```text
+//!   node ns N (ul0 192.168.77.1N/24, fd00:77::1N/64)  — a trellisd BGP speaker (in-process)
+//!     │ veth ul0 <-> uN
+//!   underlay ns (bridge br0 192.168.77.1/24, fd00:77::1/64) — BIRD runs here
+//! ```
+//!
+//! Every namespace is a guard (unique name, deleted on drop, also on panic); BIRD is killed
+//! before its namespace goes. Nothing runs outside the namespaces the test made.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use trellis_tests::{Netns, TempDir};
+use trellisd::bgp::{BgpConfig, LearnedRoute, PeerConfig, Routes, Speaker};
+use trellisd::metrics::Metrics;
+
+pub const ASN: u32 = 64512;
+pub const CLUSTER_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_V6: &str = "fd00:244::/48";
+pub const BIRD_V4: &str = "192.168.77.1";
+pub const BIRD_V6: &str = "fd00:77::1";
+
+pub fn node_v4(i: usize) -> IpAddr {
+    format!("192.168.77.{}", 10 + i).parse().unwrap()
+}
+pub fn node_v6(i: usize) -> IpAddr {
+    format!("fd00:77::{}", 10 + i).parse().unwrap()
+}
+/// Node i's pod CIDRs.
+pub fn pod_cidrs(i: usize) -> Vec<ipnetwork::IpNetwork> {
+    vec![
+        format!("10.244.{i}.0/24").parse().unwrap(),
+        format!("fd00:244:0:{i}::/64").parse().unwrap(),
+    ]
+}
+
+/// Logs to the test's output (shown when it fails, or with `--nocapture`).
+pub fn log_to_test_output() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "trellisd=debug".into()))
+            .init()
+    });
+}
+
+pub struct Lab {
+    /// First: BIRD is killed before the namespaces go.
+    pub bird: Option<Bird>,
+    pub nodes: Vec<Netns>,
+    pub underlay: Netns,
+    pub dir: TempDir,
+}
+
+impl Lab {
+    /// The underlay and `n` node namespaces (nodes numbered from 1).
+    pub fn new(n: usize) -> Lab {
+        trellis_tests::require_root();
+        log_to_test_output();
+        let dir = TempDir::new("bgp");
+        let underlay = Netns::new("tbgu");
+        nodad(&underlay);
+        underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        underlay.exec_ok(&["ip", "addr", "add", &format!("{BIRD_V4}/24"), "dev", "br0"]);
+        underlay.exec_ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{BIRD_V6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
+        underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let ns = Netns::new("tbgn");
+            nodad(&ns);
+            trellis_tests::sh(&format!(
+                "ip link add u{i} netns {u} type veth peer name ul0 netns {n}",
+                u = underlay.name,
+                n = ns.name
+            ));
+            underlay.exec_ok(&["ip", "link", "set", &format!("u{i}"), "master", "br0", "up"]);
+            ns.exec_ok(&["ip", "addr", "add", &format!("{}/24", node_v4(i)), "dev", "ul0"]);
+            ns.exec_ok(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", node_v6(i)),
+                "dev",
+                "ul0",
+                "nodad",
+            ]);
+            ns.exec_ok(&["ip", "link", "set", "ul0", "up"]);
+            nodes.push(ns);
+        }
+        Lab {
+            bird: None,
+            nodes,
+            underlay,
+            dir,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Netns {
+        &self.nodes[i - 1]
+    }
+
+    /// Starts BIRD in the underlay namespace with `conf`.
+    pub fn start_bird(&mut self, conf: &BirdConf) {
+        self.bird = Some(Bird::start(&self.underlay, self.dir.path(), &conf.render()));
+    }
+
+    pub fn bird(&self) -> &Bird {
+        self.bird.as_ref().expect("BIRD started")
+    }
+
+    /// A speaker for node i (AS 64512, fast timers, learning only the cluster CIDRs).
+    pub fn config(&self, i: usize) -> BgpConfig {
+        let IpAddr::V4(id) = node_v4(i) else { unreachable!() };
+        let mut cfg = BgpConfig::new(ASN, id);
+        cfg.hold_time = 9;
+        cfg.connect_retry = Duration::from_secs(1);
+        cfg.graceful_restart_secs = 30;
+        cfg.import_within = vec![CLUSTER_V4.parse().unwrap(), CLUSTER_V6.parse().unwrap()];
+        cfg.netns = Some(self.node(i).path());
+        cfg
+    }
+
+    /// Starts node i's speaker exporting its pod CIDRs, with `peers`.
+    pub async fn speaker(&self, i: usize, peers: Vec<PeerConfig>) -> (Speaker, tokio::sync::watch::Receiver<Routes>) {
+        self.speaker_with(self.config(i), i, peers).await
+    }
+
+    pub async fn speaker_with(
+        &self,
+        cfg: BgpConfig,
+        i: usize,
+        peers: Vec<PeerConfig>,
+    ) -> (Speaker, tokio::sync::watch::Receiver<Routes>) {
+        self.speaker_exporting(cfg, pod_cidrs(i), i, peers).await
+    }
+
+    /// Node i's speaker exporting `exports` (set before the peers, so the first UPDATEs carry
+    /// them).
+    pub async fn speaker_exporting(
+        &self,
+        cfg: BgpConfig,
+        exports: Vec<ipnetwork::IpNetwork>,
+        i: usize,
+        peers: Vec<PeerConfig>,
+    ) -> (Speaker, tokio::sync::watch::Receiver<Routes>) {
+        // A speaker of the same node just dropped may still hold the port for a moment.
+        let mut tries = 0;
+        let (s, rx) = loop {
+            match Speaker::start(cfg.clone(), Metrics::new()).await {
+                Ok(x) => break x,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("speaker {i}: {e}"),
+            }
+        };
+        s.set_exports(exports, Some(node_v4(i)), Some(node_v6(i)));
+        s.set_peers(peers);
+        (s, rx)
+    }
+}
+
+fn nodad(ns: &Netns) {
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
+}
+
+pub fn bird_peer() -> PeerConfig {
+    PeerConfig {
+        addr: BIRD_V4.parse().unwrap(),
+        asn: ASN,
+    }
+}
+
+pub fn node_peer(i: usize) -> PeerConfig {
+    PeerConfig {
+        addr: node_v4(i),
+        asn: ASN,
+    }
+}
+
+/// Waits until the routes satisfy `ok`; panics with them after `within`.
+pub async fn wait_routes(
+    rx: &mut tokio::sync::watch::Receiver<Routes>,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&Routes) -> bool,
+) -> Routes {
+    let found = match tokio::time::timeout(within, rx.wait_for(|r| ok(r))).await {
+        Ok(Ok(routes)) => Some(routes.clone()),
+        _ => None,
+    };
+    found.unwrap_or_else(|| panic!("{what}: not within {within:?}; routes: {:#?}", *rx.borrow()))
+}
+
+/// The route to `prefix` via `next_hop`, fresh.
+pub fn has(routes: &Routes, prefix: &str, next_hop: &str) -> bool {
+    routes
+        .get(&prefix.parse().unwrap())
+        .is_some_and(|r: &LearnedRoute| r.next_hop == next_hop.parse::<IpAddr>().unwrap() && !r.stale)
+}
+
+pub async fn wait_established(s: &Speaker, peers: &[IpAddr], within: Duration) {
+    let t = Instant::now();
+    loop {
+        let up = s.established();
+        if peers.iter().all(|p| up.contains(p)) {
+            return;
+        }
+        assert!(
+            t.elapsed() < within,
+            "sessions to {peers:?} not established within {within:?}; up: {up:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A BIRD neighbor.
+pub struct Neighbor {
+    pub addr: IpAddr,
+    pub asn: u32,
+    pub rr_client: bool,
+}
+
+/// A bird.conf: one router, static routes to export, BGP neighbors.
+pub struct BirdConf {
+    pub router_id: Ipv4Addr,
+    pub asn: u32,
+    /// Static (blackhole) routes BIRD exports, IPv4 and IPv6.
+    pub statics: Vec<String>,
+    pub neighbors: Vec<Neighbor>,
+    /// `graceful restart on` (else BIRD's default, `aware`).
+    pub graceful_restart: bool,
+}
+
+impl BirdConf {
+    pub fn new(asn: u32) -> BirdConf {
+        BirdConf {
+            router_id: BIRD_V4.parse().unwrap(),
+            asn,
+            statics: Vec::new(),
+            neighbors: Vec::new(),
+            graceful_restart: false,
+        }
+    }
+
+    pub fn neighbor(mut self, addr: IpAddr, asn: u32, rr_client: bool) -> BirdConf {
+        self.neighbors.push(Neighbor { addr, asn, rr_client });
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut c = format!(
+            "log stderr all;\nrouter id {};\nprotocol device {{ }}\n",
+            self.router_id
+        );
+        let (v4, v6): (Vec<&String>, Vec<&String>) = self.statics.iter().partition(|s| !s.contains(':'));
+        for (name, channel, routes) in [("s4", "ipv4", v4), ("s6", "ipv6", v6)] {
+            c += &format!("protocol static {name} {{\n  {channel};\n");
+            for r in routes {
+                c += &format!("  route {r} blackhole;\n");
+            }
+            c += "}\n";
+        }
+        for (n, nb) in self.neighbors.iter().enumerate() {
+            let ibgp = nb.asn == self.asn;
+            c += &format!(
+                "protocol bgp n{n} {{\n  local {BIRD_V4} as {};\n  neighbor {} as {};\n",
+                self.asn, nb.addr, nb.asn
+            );
+            if ibgp {
+                // Directly connected iBGP peers: without this BIRD resolves next hops
+                // recursively and marks our routes unreachable.
+                c += "  direct;\n";
+            }
+            if nb.rr_client {
+                c += "  rr client;\n";
+            }
+            if std::env::var_os("TRELLIS_BIRD_DEBUG").is_some() {
+                c += "  debug { states, events, packets };\n";
+            }
+            c += "  hold time 9; keepalive time 3;\n";
+            c += "  connect delay time 1; connect retry time 2; error wait time 1, 2;\n";
+            if self.graceful_restart {
+                c += "  graceful restart on; graceful restart time 30;\n";
+            }
+            c += "  ipv4 { import all; export all; };\n";
+            c += &format!("  ipv6 {{ import all; export all; next hop address {BIRD_V6}; }};\n}}\n");
+        }
+        c
+    }
+}
+
+/// A BIRD process in a namespace, killed on drop.
+pub struct Bird {
+    child: Option<Child>,
+    ns: String,
+    pub conf: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Bird {
+    pub fn start(ns: &Netns, dir: &Path, conf: &str) -> Bird {
+        let conf_path = dir.join("bird.conf");
+        std::fs::write(&conf_path, conf).expect("write bird.conf");
+        let mut b = Bird {
+            child: None,
+            ns: ns.name.clone(),
+            conf: conf_path,
+            socket: dir.join("bird.ctl"),
+            log: dir.join("bird.log"),
+        };
+        b.spawn(false);
+        b
+    }
+
+    /// `recovery`: `bird -R`, graceful-restart recovery (the R bit).
+    pub fn spawn(&mut self, recovery: bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("bird log");
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "bird", "-f", "-c"])
+            .arg(&self.conf)
+            .arg("-s")
+            .arg(&self.socket)
+            .arg("-P")
+            .arg(self.socket.with_extension("pid"));
+        if recovery {
+            cmd.arg("-R");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("run bird (Debian package bird2)");
+        self.child = Some(child);
+        let t = Instant::now();
+        while !self.birdc(&["show", "status"]).contains("Daemon is up") {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("bird exited ({status}): {}", self.log_text());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "bird did not start: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (BIRD closes its sessions with a Cease) or SIGKILL (no goodbye); waits.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut c) = self.child.take() {
+            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// BIRD's routes: prefix → the lines describing it (`unicast [n0 ...] * (100) [i]`,
+    /// `via 192.168.77.11 on br0`).
+    pub fn routes(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in self.birdc(&["show", "route", "all"]).lines() {
+            if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('/') {
+                let mut parts = line.split_whitespace();
+                let prefix = parts.next().unwrap().to_string();
+                out.insert(prefix.clone(), line.to_string());
+                current = Some(prefix);
+            } else if line.starts_with("Table ") || line.trim().is_empty() {
+                current = None;
+            } else if let Some(p) = &current {
+                let e = out.get_mut(p).unwrap();
+                e.push('\n');
+                e.push_str(line.trim());
+            }
+        }
+        out
+    }
+
+    /// How many routes BIRD's tables hold.
+    pub fn count(&self) -> usize {
+        self.birdc(&["show", "route", "count"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+            .sum()
+    }
+
+    /// Waits until BIRD's routes satisfy `ok`.
+    pub async fn wait_routes(&self, within: Duration, what: &str, ok: impl Fn(&BTreeMap<String, String>) -> bool) {
+        let t = Instant::now();
+        loop {
+            let r = self.routes();
+            if ok(&r) {
+                return;
+            }
+            assert!(
+                t.elapsed() < within,
+                "BIRD: {what}: not within {within:?}; its routes: {r:#?}\nprotocols:\n{}\nlog:\n{}",
+                self.birdc(&["show", "protocols", "all"]),
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Whether BIRD has `prefix` via `gateway` (`via 192.168.77.11`).
+pub fn bird_has(routes: &BTreeMap<String, String>, prefix: &str, gateway: &str) -> bool {
+    routes
+        .get(prefix)
+        .is_some_and(|r| r.contains(&format!("via {gateway} ")) || r.contains(&format!("via {gateway}\n")))
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}

@@ -1,0 +1,260 @@
+//! BGP mode, kernel side, between three node namespaces: the routes come from what the speaker
+//! learned (handed over with `set_bgp_routes`; no speaker runs here), nothing moves before the
+//! first RIB, plain routes on the subnet, a tunnel (VXLAN here; IPIP where the kernel has it)
+//! to a node behind a router.
+
+mod dataplane_support;
+
+use dataplane_support::*;
+use trellis_net::Route;
+use trellisd::backend::bgp::BgpRoute;
+use trellisd::backend::TRELLISD_PROTO;
+use trellisd::config::{Backend, CrossSubnet};
+use trellisd::lease::BackendData;
+use trellisd::reconcile::{Dataplane, ReconcileReport};
+
+fn bgp(cross_subnet: CrossSubnet) -> Backend {
+    Backend::Bgp {
+        as_number: 64512,
+        mesh: true,
+        peers: vec![],
+        route_reflectors: vec![],
+        cross_subnet,
+        hold_time: 90,
+        graceful_restart: 120,
+    }
+}
+
+/// What node `i`'s speaker would have learned from the others: their pod CIDRs via their
+/// underlay addresses.
+fn learned(c: &Cluster, i: usize) -> Vec<BgpRoute> {
+    c.nodes
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .flat_map(|(_, n)| {
+            n.cidrs.iter().map(|cidr| BgpRoute {
+                prefix: *cidr,
+                next_hop: n.underlay.ip,
+            })
+        })
+        .collect()
+}
+
+/// Hands every node its RIB and reconciles.
+async fn learn_everything(
+    c: &Cluster,
+    dps: &mut [Dataplane],
+    leases: &std::collections::BTreeMap<String, trellisd::lease::Lease>,
+) {
+    for (i, dp) in dps.iter_mut().enumerate() {
+        dp.set_bgp_routes(learned(c, i)).unwrap();
+        dp.reconcile(leases).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() {
+    let c = cluster("bgp", false).await;
+    let n1 = &c.nodes[0];
+    // An earlier run's routes: one still right, one to a node that has gone since.
+    n1.ip(&[
+        "route",
+        "add",
+        "10.244.2.0/24",
+        "via",
+        "192.168.77.12",
+        "dev",
+        "ul0",
+        "proto",
+        "117",
+    ]);
+    n1.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "192.168.77.19",
+        "dev",
+        "ul0",
+        "proto",
+        "117",
+    ]);
+
+    let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Ipip)).await;
+    assert_eq!(
+        dps[0].backend_data(),
+        BackendData::Bgp {
+            asn: 64512,
+            vtep_mac: None
+        }
+    );
+    assert_eq!(dps[0].pod_mtu(), 1480, "room for the cross-subnet IPIP tunnel");
+    // No RIB yet: reconciling leaves everything in place, however often.
+    for _ in 0..2 {
+        assert_eq!(dps[0].reconcile(&leases).await.unwrap(), ReconcileReport::default());
+    }
+    assert_eq!(
+        dps[0].installed_routes().await.unwrap(),
+        2,
+        "the speaker's `restarted` flag"
+    );
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0") && routes.contains("10.244.9.0/24"),
+        "{routes}"
+    );
+
+    // The first RIB: plain routes on the subnet; the gone node's route removed.
+    dps[0].set_bgp_routes(learned(&c, 0)).unwrap();
+    assert_eq!(
+        dps[0].reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 1 }
+    );
+    learn_everything(&c, &mut dps, &leases).await;
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
+    assert!(routes.contains("10.244.3.0/24 via 192.168.77.13 dev ul0"), "{routes}");
+    assert!(!routes.contains("10.244.9.0"), "{routes}");
+    assert_full_mesh(&c).await;
+    for dp in &mut dps {
+        assert_eq!(dp.reconcile(&leases).await.unwrap(), ReconcileReport::default());
+    }
+
+    // A deleted route is noticed and put back.
+    let mut changes = dps[0].kernel_changes();
+    n1.ip(&["route", "del", "10.244.3.0/24"]);
+    assert!(fired(&mut changes, 3).await, "the kernel watch saw the deletion");
+    assert_eq!(
+        dps[0].reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 0 }
+    );
+
+    // What must not be installed: outside the cluster, off the subnet (through IPIP where the
+    // kernel has it, otherwise noted as impossible), our own prefix reflected back.
+    let mut rib = learned(&c, 0);
+    for (prefix, via) in [
+        ("0.0.0.0/0", "192.168.77.12"),
+        ("10.244.8.0/24", "10.99.0.8"),
+        ("10.244.1.0/24", "192.168.77.12"),
+    ] {
+        rib.push(BgpRoute {
+            prefix: prefix.parse().unwrap(),
+            next_hop: via.parse().unwrap(),
+        });
+    }
+    dps[0].set_bgp_routes(rib).unwrap();
+    let tunnel = n1.nl.link_by_name("trellis.ipip").await.unwrap();
+    let report = dps[0].reconcile(&leases).await.unwrap();
+    let notices: Vec<_> = dps[0].notices().map(str::to_string).collect();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("0.0.0.0/0") && n.contains("outside the cluster")),
+        "{notices:?}"
+    );
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(
+        !routes.contains("default") && !routes.contains("10.244.1.0"),
+        "{routes}"
+    );
+    if tunnel.is_some() {
+        assert_eq!(report, ReconcileReport { added: 1, removed: 0 });
+        assert!(
+            routes.contains("10.244.8.0/24 via 10.99.0.8 dev trellis.ipip onlink"),
+            "{routes}"
+        );
+    } else {
+        eprintln!("note: no IPIP support in this kernel: the off-subnet route is refused, as it must be");
+        assert_eq!(report, ReconcileReport::default());
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.contains("10.244.8.0/24 via 10.99.0.8") && n.contains("tunnel is unavailable")),
+            "{notices:?}"
+        );
+    }
+
+    // A withdrawn route goes.
+    let mut rib = learned(&c, 0);
+    rib.retain(|r| r.prefix.to_string() != "10.244.3.0/24");
+    dps[0].set_bgp_routes(rib).unwrap();
+    dps[0].reconcile(&leases).await.unwrap();
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(
+        routes.contains("10.244.2.0/24") && !routes.contains("10.244.3.0/24"),
+        "{routes}"
+    );
+    assert!(!pings(n1, c.nodes[2].pod_ip4).await, "no route, no way");
+}
+
+#[tokio::test]
+async fn cross_subnet_vxlan_to_a_node_behind_a_router() {
+    let mut c = cluster("bgpvx", false).await;
+    put_last_node_behind_a_router(&mut c).await;
+    let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Vxlan)).await;
+    assert!(matches!(
+        dps[0].backend_data(),
+        BackendData::Bgp { vtep_mac: Some(_), .. }
+    ));
+    assert_eq!(dps[0].pod_mtu(), 1450);
+    learn_everything(&c, &mut dps, &leases).await;
+
+    let (n1, n3) = (&c.nodes[0], &c.nodes[2]);
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
+    assert!(
+        routes.contains("10.244.3.0/24 via 10.244.3.0 dev trellis.1 onlink"),
+        "{routes}"
+    );
+    let fdb = run("bridge", &["-n", n1.ns.name(), "fdb", "show", "dev", "trellis.1"]);
+    assert!(fdb.contains("dst 192.168.78.13 self permanent"), "{fdb}");
+    let routes3 = n3.ip(&["route", "show", "proto", "117"]);
+    assert!(
+        routes3.contains("10.244.1.0/24 via 10.244.1.0 dev trellis.1 onlink")
+            && routes3.contains("10.244.2.0/24 via 10.244.2.0 dev trellis.1 onlink"),
+        "{routes3}"
+    );
+    assert_full_mesh(&c).await;
+    for dp in &mut dps {
+        assert_eq!(dp.reconcile(&leases).await.unwrap(), ReconcileReport::default());
+    }
+
+    // CrossSubnet none would refuse it: the kernel would not take the gateway.
+    let mut none = c.nodes[0].dataplane(&bgp(CrossSubnet::None)).await;
+    none.set_own(&leases["node-1"]).await.unwrap();
+    none.set_bgp_routes(learned(&c, 0)).unwrap();
+    none.reconcile(&leases).await.unwrap();
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(!routes.contains("10.244.3.0/24"), "{routes}");
+    let notices: Vec<_> = none.notices().collect();
+    assert!(
+        notices.len() == 1 && notices[0].contains("CrossSubnet is \"none\""),
+        "{notices:?}"
+    );
+}
+
+#[tokio::test]
+async fn cross_subnet_ipip_to_a_node_behind_a_router() {
+    if let Err(why) = ipip_support().await {
+        eprintln!("SKIPPED cross_subnet_ipip_to_a_node_behind_a_router: {why}");
+        return;
+    }
+    let mut c = cluster("bgpip", false).await;
+    put_last_node_behind_a_router(&mut c).await;
+    let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Ipip)).await;
+    learn_everything(&c, &mut dps, &leases).await;
+    let n1 = &c.nodes[0];
+    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
+    assert!(
+        routes.contains("10.244.3.0/24 via 192.168.78.13 dev trellis.ipip onlink"),
+        "{routes}"
+    );
+    let ours: Vec<Route> = n1.our_routes().await;
+    assert!(ours.iter().all(|r| r.protocol == Some(TRELLISD_PROTO)));
+    assert_full_mesh(&c).await;
+    for dp in &mut dps {
+        assert_eq!(dp.reconcile(&leases).await.unwrap(), ReconcileReport::default());
+    }
+}
