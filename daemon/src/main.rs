@@ -224,6 +224,10 @@ async fn run(args: Args) -> Result<(), String> {
         _ => None,
     };
     let mut peers_set: Option<Vec<std::net::IpAddr>> = None;
+    // Whether the datastore's first snapshot arrived. Until then only this node's lease is known:
+    // a reconcile would drop every route kept from before a restart, and an empty BGP peer list
+    // would let the speaker call itself synced.
+    let mut have_snapshot = false;
     let mut leases: BTreeMap<String, Lease> = BTreeMap::new();
     leases.insert(own.node.clone(), own.clone());
     let mut kernel = dp.kernel_changes();
@@ -251,6 +255,7 @@ async fn run(args: Args) -> Result<(), String> {
             _ = rib_changed => {}
             ev = events.recv() => match ev {
                 Some(ev) => {
+                    have_snapshot = true;
                     apply(&mut leases, ev, &own);
                     // Nodes often join or leave in bursts: take every event already queued (and
                     // those arriving within 10 ms) before one reconcile, not one each.
@@ -276,6 +281,11 @@ async fn run(args: Args) -> Result<(), String> {
                 info!("interrupted: exiting; the dataplane stays in place");
                 return Ok(());
             }
+        }
+        if !have_snapshot {
+            // Only this node's lease is known: reconciling now would remove every route to the
+            // other nodes kept from before a restart.
+            continue;
         }
         metrics.leases().set(leases.len() as i64);
         if let Some(b) = bgp.as_mut() {
