@@ -441,26 +441,14 @@ mod tests {
     use super::*;
     use crate::config::BgpPeer;
 
-    fn underlay() -> Underlay {
-        Underlay {
-            index: 2,
-            name: "eth0".into(),
-            ip: "192.168.0.11".parse().unwrap(),
-            prefix: "192.168.0.11/24".parse().unwrap(),
-            mtu: 1500,
-        }
-    }
+    use crate::backend::fixtures::underlay;
 
     fn lease(node: &str, ip: &str, cidrs: &[&str], vtep: bool) -> Lease {
-        Lease {
-            node: node.into(),
-            underlay_ip: ip.parse().unwrap(),
-            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            backend: BackendData::Bgp {
-                asn: 64512,
-                vtep_mac: vtep.then(|| MacString(vxlan::vtep_mac(node))),
-            },
-        }
+        let backend = BackendData::Bgp {
+            asn: 64512,
+            vtep_mac: vtep.then(|| MacString(vxlan::vtep_mac(node))),
+        };
+        crate::backend::fixtures::lease(node, ip, cidrs, backend)
     }
 
     fn cluster() -> Vec<IpNetwork> {

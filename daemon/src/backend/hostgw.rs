@@ -86,23 +86,10 @@ mod tests {
     use super::*;
     use crate::backend::TRELLISD_PROTO;
 
-    fn underlay() -> Underlay {
-        Underlay {
-            index: 2,
-            name: "eth0".into(),
-            ip: "192.168.0.11".parse().unwrap(),
-            prefix: "192.168.0.11/24".parse().unwrap(),
-            mtu: 1500,
-        }
-    }
+    use crate::backend::fixtures::underlay;
 
     fn lease(node: &str, ip: &str, cidrs: &[&str]) -> Lease {
-        Lease {
-            node: node.into(),
-            underlay_ip: ip.parse().unwrap(),
-            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            backend: BackendData::HostGw,
-        }
+        crate::backend::fixtures::lease(node, ip, cidrs, BackendData::HostGw)
     }
 
     #[test]

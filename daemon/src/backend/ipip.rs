@@ -242,23 +242,10 @@ pub fn desired(index: u32, remote: &Lease, underlay: &Underlay, out: &mut Desire
 mod tests {
     use super::*;
 
-    fn underlay() -> Underlay {
-        Underlay {
-            index: 2,
-            name: "eth0".into(),
-            ip: "192.168.0.11".parse().unwrap(),
-            prefix: "192.168.0.11/24".parse().unwrap(),
-            mtu: 1500,
-        }
-    }
+    use crate::backend::fixtures::underlay;
 
     fn lease(node: &str, ip: &str, cidrs: &[&str]) -> Lease {
-        Lease {
-            node: node.into(),
-            underlay_ip: ip.parse().unwrap(),
-            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            backend: BackendData::Ipip,
-        }
+        crate::backend::fixtures::lease(node, ip, cidrs, BackendData::Ipip)
     }
 
     #[test]

@@ -182,3 +182,30 @@ impl Backend {
         true
     }
 }
+
+/// Test fixtures shared by the backends' unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::lease::{BackendData, Lease};
+    use crate::reconcile::Underlay;
+
+    /// A node on 192.168.0.0/24 at .11, MTU 1500.
+    pub fn underlay() -> Underlay {
+        Underlay {
+            index: 2,
+            name: "eth0".into(),
+            ip: "192.168.0.11".parse().unwrap(),
+            prefix: "192.168.0.11/24".parse().unwrap(),
+            mtu: 1500,
+        }
+    }
+
+    pub fn lease(node: &str, ip: &str, cidrs: &[&str], backend: BackendData) -> Lease {
+        Lease {
+            node: node.into(),
+            underlay_ip: ip.parse().unwrap(),
+            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            backend,
+        }
+    }
+}

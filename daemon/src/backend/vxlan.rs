@@ -477,26 +477,14 @@ mod tests {
         );
     }
 
-    fn underlay() -> Underlay {
-        Underlay {
-            index: 2,
-            name: "eth0".into(),
-            ip: "192.168.0.11".parse().unwrap(),
-            prefix: "192.168.0.11/24".parse().unwrap(),
-            mtu: 1500,
-        }
-    }
+    use crate::backend::fixtures::underlay;
 
     fn lease(node: &str, ip: &str, cidrs: &[&str], vni: u32) -> Lease {
-        Lease {
-            node: node.into(),
-            underlay_ip: ip.parse().unwrap(),
-            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            backend: BackendData::Vxlan {
-                vtep_mac: MacString(vtep_mac(node)),
-                vni,
-            },
-        }
+        let backend = BackendData::Vxlan {
+            vtep_mac: MacString(vtep_mac(node)),
+            vni,
+        };
+        crate::backend::fixtures::lease(node, ip, cidrs, backend)
     }
 
     #[test]
