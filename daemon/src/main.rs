@@ -267,8 +267,9 @@ async fn run(args: Args) -> Result<(), String> {
                 None => return Err("the datastore stopped".into()),
             },
             Some(()) = kernel.recv() => {
-                // Coalesce a burst of kernel notifications into one reconcile.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Coalesce a burst of kernel notifications into one reconcile; short, since a
+                // deleted route is traffic lost (20 ms here made repairs take 21 ms).
+                tokio::time::sleep(Duration::from_millis(2)).await;
                 while kernel.try_recv().is_ok() {}
             }
             _ = resync.tick() => {}
