@@ -20,6 +20,9 @@ use crate::netns::{run_in, THREAD_NETNS};
 use crate::reply::{self, Failure, Msg};
 use crate::NetError;
 
+/// How long to wait for the kernel's answer to one request.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How many times a dump is tried when the kernel says it was interrupted.
 const DUMP_ATTEMPTS: u32 = 10;
 
@@ -68,7 +71,11 @@ impl Netlink {
         let request = request(msg, flags);
         let mut handle = self.handle.clone();
         let replies = handle.request(request).map_err(|_| Failure::Closed)?;
-        Ok(replies.collect().await)
+        // The kernel always answers; a reply that never comes (a lost message, a wedged
+        // connection) must become an error the caller can retry, not a hang.
+        tokio::time::timeout(REPLY_TIMEOUT, replies.collect())
+            .await
+            .map_err(|_| Failure::Unexpected(format!("no answer from the kernel within {REPLY_TIMEOUT:?}")))
     }
 
     /// Send a request that changes something (`extra_flags`: `NLM_F_CREATE`, `NLM_F_EXCL`,

@@ -15,7 +15,7 @@ type Ctx = Context<PluginFields>;
 /// never polled by threads of their own.
 fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
     tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .map_err(|e| CniError::new(code::IO, "cannot start the netlink runtime").with_details(e.to_string()))
 }

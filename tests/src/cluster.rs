@@ -43,6 +43,35 @@ pub struct Pod {
     pub ips: Vec<String>,
 }
 
+/// At most this many clusters at once in one test process: each runs etcd and several daemons,
+/// and on a 2-core machine more of them starve each other past the tests' time limits.
+const MAX_CLUSTERS: usize = 2;
+
+static RUNNING: (std::sync::Mutex<usize>, std::sync::Condvar) = (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// A slot among the [`MAX_CLUSTERS`], given back on drop.
+pub struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let (lock, cv) = &RUNNING;
+        let mut n = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MAX_CLUSTERS {
+            n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (lock, cv) = &RUNNING;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        cv.notify_one();
+    }
+}
+
 pub struct Cluster {
     /// Dropped in field order: pods, daemons and etcd before the namespaces they run in.
     pub pods: Vec<Pod>,
@@ -51,6 +80,8 @@ pub struct Cluster {
     pub underlay: Netns,
     pub dir: TempDir,
     pub bin: PathBuf,
+    /// Last: the slot is given back once everything else is gone.
+    pub slot: Slot,
 }
 
 impl Cluster {
@@ -58,6 +89,7 @@ impl Cluster {
     /// `trellisd` with the extra `daemon_args`; waits until every node wrote its CNI config.
     pub fn new(n: usize, net_conf: &str, trellisd: &Path, daemon_args: &[&str]) -> Cluster {
         crate::require_root();
+        let slot = Slot::take();
         let dir = TempDir::new("cluster");
         let underlay = Netns::new("tcu");
         underlay.exec_ok(&["ip", "link", "add", "ulbr0", "type", "bridge"]);
@@ -71,6 +103,7 @@ impl Cluster {
             underlay,
             dir,
             bin: trellisd.parent().expect("binary dir").to_path_buf(),
+            slot,
         };
         c.start_etcd();
         for i in 1..=n {
@@ -206,8 +239,8 @@ impl Cluster {
         let t = Instant::now();
         while !path.exists() {
             assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "node{} wrote no CNI config in 30 s; its log:\n{}",
+                t.elapsed() < Duration::from_secs(60),
+                "node{} wrote no CNI config in 60 s; its log:\n{}",
                 i + 1,
                 self.log(i)
             );
