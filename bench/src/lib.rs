@@ -124,3 +124,21 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
+
+/// A `current_thread` runtime with IO and timers, for the benchmarks' netlink work.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The calling thread's namespace's main-table prefix count (cheap: no dump).
+pub fn fib_prefixes() -> usize {
+    let text = std::fs::read_to_string("/proc/thread-self/net/fib_triestat").expect("fib_triestat");
+    let main = text.split("Main:").nth(1).unwrap_or_default();
+    main.lines()
+        .find_map(|l| l.trim().strip_prefix("Prefixes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}

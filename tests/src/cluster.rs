@@ -27,6 +27,34 @@ impl Drop for Proc {
     }
 }
 
+/// A single-member etcd listening on `ip` (ports 2379 and 2380) inside `ns`, its data in
+/// `dir/etcd` (kept across restarts) and its log in `dir/etcd.log`.
+pub fn spawn_etcd(ns: &Netns, ip: &str, name: &str, dir: &Path) -> Proc {
+    let url = |port: u16| format!("http://{ip}:{port}");
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "etcd", "--name", name, "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url(2379),
+            "--advertise-client-urls",
+            &url(2379),
+        ])
+        .args([
+            "--listen-peer-urls",
+            &url(2380),
+            "--initial-advertise-peer-urls",
+            &url(2380),
+        ])
+        .args(["--initial-cluster", &format!("{name}={}", url(2380))])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("etcd (apt-get install etcd-server)");
+    Proc { child }
+}
+
 pub struct Node {
     /// First: the daemon is killed before its namespace is deleted.
     pub daemon: Option<Proc>,
@@ -157,38 +185,8 @@ impl Cluster {
 
     /// Starts (or restarts, on the same data dir) etcd in the underlay namespace.
     pub fn start_etcd(&mut self) {
-        let data = self.dir.path().join("etcd");
-        let url = |port: u16| format!("http://{UNDERLAY}.1:{port}");
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.underlay.name,
-                "etcd",
-                "--name",
-                "tc",
-                "--data-dir",
-            ])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &url(2379),
-                "--advertise-client-urls",
-                &url(2379),
-            ])
-            .args([
-                "--listen-peer-urls",
-                &url(2380),
-                "--initial-advertise-peer-urls",
-                &url(2380),
-            ])
-            .args(["--initial-cluster", &format!("tc={}", url(2380))])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd (apt-get install etcd-server)");
-        self.etcd = Some(Proc { child });
+        let ip = format!("{UNDERLAY}.1");
+        self.etcd = Some(spawn_etcd(&self.underlay, &ip, "tc", self.dir.path()));
     }
 
     pub fn stop_etcd(&mut self) {

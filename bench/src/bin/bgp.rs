@@ -26,7 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use trellis_bench::cleanup;
+use trellis_bench::{cleanup, fib_prefixes, runtime};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{Netlink, RouteFilter};
 use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
@@ -77,23 +77,6 @@ fn opts() -> Opts {
 }
 
 // ---- Polling the kernel -----------------------------------------------------------------------
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// The calling thread's namespace's main-table prefix count (cheap: no dump).
-fn fib_prefixes() -> usize {
-    let text = std::fs::read_to_string("/proc/thread-self/net/fib_triestat").expect("fib_triestat");
-    let main = text.split("Main:").nth(1).unwrap_or_default();
-    main.lines()
-        .find_map(|l| l.trim().strip_prefix("Prefixes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn fib_prefixes_in(ns: &Path) -> usize {
     trellis_net::netns::run_in(ns, fib_prefixes).expect("entering the namespace")

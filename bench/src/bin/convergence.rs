@@ -32,7 +32,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use trellis_bench::{cleanup, median};
+use trellis_bench::{cleanup, fib_prefixes, median, runtime};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{NeighbourState, Netlink, RouteFilter};
 use trellis_tests::cluster::Proc;
@@ -195,23 +195,6 @@ fn counts_in(ns: &Netns) -> Counts {
         rt.block_on(async { counts(&Netlink::connect().expect("netlink")).await })
     })
     .expect("entering the namespace")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// The calling thread's namespace's main-table prefix count (cheap: no dump).
-fn fib_prefixes() -> usize {
-    let text = std::fs::read_to_string("/proc/thread-self/net/fib_triestat").expect("fib_triestat");
-    let main = text.split("Main:").nth(1).unwrap_or_default();
-    main.lines()
-        .find_map(|l| l.trim().strip_prefix("Prefixes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The near-kernel limit: the same objects with `bridge -batch` and `ip -batch` in a fresh
@@ -617,29 +600,7 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize) -> Trial {
 }
 
 fn start_etcd(underlay: &Netns, dir: &Path) -> Proc {
-    let url = |port: u16| format!("http://{ETCD_IP}:{port}");
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &underlay.name, "etcd", "--name", "bc", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args([
-            "--listen-client-urls",
-            &url(2379),
-            "--advertise-client-urls",
-            &url(2379),
-        ])
-        .args([
-            "--listen-peer-urls",
-            &url(2380),
-            "--initial-advertise-peer-urls",
-            &url(2380),
-        ])
-        .args(["--initial-cluster", &format!("bc={}", url(2380))])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("etcd (apt-get install etcd-server)");
-    Proc { child }
+    trellis_tests::cluster::spawn_etcd(underlay, ETCD_IP, "bc", dir)
 }
 
 fn secs(d: Duration) -> String {
