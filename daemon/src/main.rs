@@ -89,6 +89,11 @@ struct Args {
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     resync: u64,
+    /// Program plain routes, each with its own gateway, even where the kernel has nexthop
+    /// objects (Linux 5.3+; by default routes go by nexthop object, which the kernel inserts in
+    /// flat time however many nodes there are). Nexthops left from an earlier run are removed.
+    #[arg(long)]
+    no_nexthop_objects: bool,
 }
 
 fn main() {
@@ -147,6 +152,7 @@ async fn run(args: Args) -> Result<(), String> {
             backend: conf.backend.clone(),
             underlay: underlay.clone(),
             cluster_cidrs: conf.cluster_cidrs(),
+            nexthop_objects: !args.no_nexthop_objects,
         },
         metrics.clone(),
     )

@@ -8,11 +8,15 @@
 //! 1. makes the backend's device be there (recreated if someone deleted it);
 //! 2. computes the kernel objects the other nodes' leases call for ([`Desired`]) — in BGP mode,
 //!    the routes the BGP speaker learned ([`Dataplane::set_bgp_routes`]) instead;
-//! 3. reads what the kernel holds: routes with [`TRELLISD_PROTO`] in the main table, permanent
-//!    neighbours and FDB entries on our device;
+//! 3. reads what the kernel holds: routes with [`TRELLISD_PROTO`] in the main table, our
+//!    nexthop objects, permanent neighbours and FDB entries on our device;
 //! 4. applies the difference ([`plan`]): adds and replaces what is missing or wrong, removes what
 //!    no lease wants — including what an earlier run left behind (a node gone while we were
 //!    down, an old CIDR) — and touches nothing else.
+//!
+//! Where the kernel has nexthop objects (Linux 5.3+), every route goes by one of ours instead of
+//! carrying its own gateway: route insertion then stays flat as the table grows ([`nexthop`]
+//! says why and how). `DataplaneConfig::nexthop_objects` turns that off.
 //!
 //! It is idempotent (a second run with the same leases sends nothing), so main.rs can call it on
 //! every datastore event, on kernel notifications ([`Dataplane::kernel_changes`]) and
@@ -26,6 +30,10 @@
 //!
 //! Nothing is torn down when the `Dataplane` is dropped: pods keep talking while the daemon
 //! restarts, and the next daemon adopts what it finds.
+
+mod nexthop;
+
+pub use nexthop::ID_RANGE as NEXTHOP_ID_RANGE;
 
 use crate::backend::bgp::BgpRoute;
 use crate::backend::{kernel_watch, Backend, Desired, Notices, TRELLISD_PROTO};
@@ -44,7 +52,7 @@ use trellis_net::ethtool::Ethtool;
 use trellis_net::netns::{run_in, THREAD_NETNS};
 use trellis_net::nft::{Masquerade, MasqueradeConfig, NftError};
 use trellis_net::route::RT_TABLE_MAIN;
-use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Route, RouteFilter};
+use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Nexthop, Route, RouteFilter};
 
 /// The link this node's traffic to the other nodes leaves by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +75,9 @@ pub struct DataplaneConfig {
     pub underlay: Underlay,
     /// Traffic to these is never masqueraded (pod to pod keeps its source).
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// Routes by kernel nexthop object where the kernel has them (see the module docs);
+    /// `false`: plain routes, each with its gateway (and our leftover nexthops removed).
+    pub nexthop_objects: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +117,20 @@ pub struct Dataplane {
     metrics: Metrics,
     own: Option<Lease>,
     notices: Notices,
+    nexthops: NexthopSupport,
     interest: Arc<kernel_watch::Interest>,
     watcher: tokio::task::JoinHandle<()>,
+}
+
+/// Whether routes go by nexthop object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NexthopSupport {
+    /// The kernel has none (before 5.3): plain routes, and no nexthop is read.
+    Missing,
+    /// The kernel has them but the configuration says no: plain routes, ours removed.
+    Off,
+    /// Routes by nexthop object.
+    On,
 }
 
 impl Dataplane {
@@ -130,10 +153,19 @@ impl Dataplane {
         let masq_cfg = MasqueradeConfig::new(cfg.cluster_cidrs.iter().copied());
         let masquerade = run_in(&ns, move || Masquerade::new(masq_cfg))??;
         let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &cfg.cluster_cidrs, &nl, ethtool).await?;
+        let nexthops = match (nl.nexthops_supported().await?, cfg.nexthop_objects) {
+            (false, _) => {
+                tracing::info!("this kernel has no nexthop objects (Linux 5.3+): plain routes");
+                NexthopSupport::Missing
+            }
+            (true, false) => NexthopSupport::Off,
+            (true, true) => NexthopSupport::On,
+        };
         let interest = Arc::new(kernel_watch::Interest::default());
         interest.set_device(backend.device_index());
         let ns_file = Arc::new(ns_file);
-        let watcher = kernel_watch::spawn(ns, Arc::clone(&interest), Arc::clone(&ns_file))?;
+        let watch_nexthops = nexthops != NexthopSupport::Missing;
+        let watcher = kernel_watch::spawn(ns, Arc::clone(&interest), Arc::clone(&ns_file), watch_nexthops)?;
         Ok(Dataplane {
             cfg,
             nl,
@@ -142,6 +174,7 @@ impl Dataplane {
             metrics,
             own: None,
             notices: Notices::default(),
+            nexthops,
             interest,
             watcher,
         })
@@ -272,7 +305,7 @@ impl Dataplane {
         self.interest.set_routes(desired.routes.keys().copied().collect());
 
         let actual = self.actual(device).await?;
-        let plan = plan(&desired, &actual);
+        let plan = plan(&desired, &actual, self.nexthops == NexthopSupport::On);
         self.apply(plan, device).await
     }
 
@@ -299,10 +332,21 @@ impl Dataplane {
                 }
             }
         }
+        let (mut nexthops, mut nexthop_ids) = (Vec::new(), BTreeSet::new());
+        if self.nexthops != NexthopSupport::Missing {
+            for nh in self.nl.nexthops().await? {
+                nexthop_ids.insert(nh.id);
+                if nexthop::is_ours(&nh) {
+                    nexthops.push(nh);
+                }
+            }
+        }
         Ok(Actual {
             routes,
             neighbours,
             fdb,
+            nexthops,
+            nexthop_ids,
         })
     }
 
@@ -328,11 +372,28 @@ impl Dataplane {
                 count(nl.replace_neighbour(dev, *ip, *mac).await, &mut report.added);
             }
         }
+        // Nexthops before the routes that name them; a nexthop that could not be added (its ID
+        // taken since we read the kernel) must not get routes, which would go by someone else's.
+        let mut missing = BTreeSet::new();
+        for nh in &plan.add_nexthops {
+            let r = nl.add_nexthop(nh).await;
+            if r.is_err() {
+                missing.insert(nh.id);
+            }
+            count(r, &mut report.added);
+        }
         for route in &plan.add_routes {
+            if route.nexthop_id.is_some_and(|id| missing.contains(&id)) {
+                continue;
+            }
             count(nl.replace_route(route).await, &mut report.added);
         }
         for route in &plan.del_routes {
             count(nl.del_route(route).await, &mut report.removed);
+        }
+        // After the routes moved off them: deleting a nexthop deletes the routes using it.
+        for id in &plan.del_nexthops {
+            count(nl.del_nexthop(*id).await, &mut report.removed);
         }
         if let Some(dev) = device {
             for ip in &plan.del_neighbours {
@@ -381,6 +442,10 @@ pub struct Actual {
     pub neighbours: BTreeMap<IpAddr, Option<MacAddr>>,
     /// Permanent FDB entries (self) on our device: (MAC, remote).
     pub fdb: BTreeSet<(MacAddr, IpAddr)>,
+    /// Our nexthop objects (protocol and ID range ours).
+    pub nexthops: Vec<Nexthop>,
+    /// The IDs of every nexthop object in the namespace, anyone's.
+    pub nexthop_ids: BTreeSet<u32>,
 }
 
 /// The changes that turn `Actual` into `Desired`.
@@ -392,15 +457,20 @@ pub struct Plan {
     pub del_neighbours: Vec<IpAddr>,
     pub add_fdb: Vec<(MacAddr, IpAddr)>,
     pub del_fdb: Vec<(MacAddr, IpAddr)>,
+    /// Added before the routes (new IDs, never replacing).
+    pub add_nexthops: Vec<Nexthop>,
+    /// Deleted after the routes.
+    pub del_nexthops: Vec<u32>,
 }
 
 /// A route as the kernel holds it is the one we want when it goes the same way; its metric,
-/// scope and MTU are not compared.
+/// scope and MTU are not compared. By nexthop object, the object's ID is the way (the gateway
+/// and device the kernel reports with it are the object's).
 fn same_route(want: &Route, have: &Route) -> bool {
     want.destination == have.destination
-        && want.gateway == have.gateway
-        && want.oif == have.oif
-        && want.onlink == have.onlink
+        && want.nexthop_id == have.nexthop_id
+        && (want.nexthop_id.is_some()
+            || (want.gateway == have.gateway && want.oif == have.oif && want.onlink == have.onlink))
 }
 
 /// The metric a route added without one gets: `ip route replace` of one of ours replaces a route
@@ -413,16 +483,27 @@ fn default_metric(route: &Route) -> u32 {
     }
 }
 
-/// The difference between what the leases call for and what the kernel holds.
-pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
+/// The difference between what the leases call for and what the kernel holds; with
+/// `nexthop_objects`, routes by nexthop object (our nexthops not wanted are removed either way).
+pub fn plan(desired: &Desired, actual: &Actual, nexthop_objects: bool) -> Plan {
     let mut p = Plan::default();
+    let by_nexthop;
+    let routes = if nexthop_objects {
+        let a = nexthop::assign(&desired.routes, &actual.nexthops, &actual.nexthop_ids);
+        (p.add_nexthops, p.del_nexthops) = (a.add, a.del);
+        by_nexthop = a.routes;
+        &by_nexthop
+    } else {
+        p.del_nexthops = actual.nexthops.iter().map(|n| n.id).collect();
+        &desired.routes
+    };
     // Indexed once: scanning every actual route for every desired one made a no-op resync at
     // 10,000 nodes cost about 70 ms, most of it in that scan (bench/src/bin/convergence.rs).
     let mut by_dst: std::collections::HashMap<IpNetwork, Vec<&Route>> = std::collections::HashMap::new();
     for have in &actual.routes {
         by_dst.entry(have.destination).or_default().push(have);
     }
-    for want in desired.routes.values() {
+    for want in routes.values() {
         let present = by_dst
             .get(&want.destination)
             .is_some_and(|v| v.iter().any(|have| same_route(want, have)));
@@ -431,7 +512,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
         }
     }
     for have in &actual.routes {
-        match desired.routes.get(&have.destination) {
+        match routes.get(&have.destination) {
             Some(want) if same_route(want, have) => {}
             // Replaced in place by the add above.
             Some(_) if have.metric.unwrap_or(0) == default_metric(have) => {}
@@ -458,7 +539,8 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
 mod tests {
     use super::*;
 
-    fn route(dst: &str, via: &str, dev: u32) -> Route {
+    /// `DST via VIA dev DEV onlink proto 117`, as the VXLAN backend asks for.
+    pub(super) fn route(dst: &str, via: &str, dev: u32) -> Route {
         Route::new(dst.parse().unwrap())
             .via(via.parse().unwrap())
             .dev(dev)
@@ -488,7 +570,7 @@ mod tests {
         desired.fdb.insert((mac, "192.168.0.12".parse().unwrap()));
 
         // Nothing there: everything is added.
-        let p = plan(&desired, &Actual::default());
+        let p = plan(&desired, &Actual::default(), false);
         assert_eq!((p.add_routes.len(), p.add_neighbours.len(), p.add_fdb.len()), (2, 1, 1));
 
         // Everything there (as the kernel reports it): nothing to do.
@@ -496,8 +578,9 @@ mod tests {
             routes: desired.routes.values().map(as_kernel_has_it).collect(),
             neighbours: [("10.244.2.0".parse().unwrap(), Some(mac))].into(),
             fdb: desired.fdb.clone(),
+            ..Default::default()
         };
-        assert_eq!(plan(&desired, &actual), Plan::default());
+        assert_eq!(plan(&desired, &actual, false), Plan::default());
 
         // Stale and changed objects: removed, replaced.
         let mut actual = actual;
@@ -509,7 +592,7 @@ mod tests {
         actual.neighbours.insert("10.244.2.0".parse().unwrap(), Some(other));
         actual.neighbours.insert("10.244.9.0".parse().unwrap(), Some(other));
         actual.fdb = [(mac, "192.168.0.99".parse().unwrap())].into();
-        let p = plan(&desired, &actual);
+        let p = plan(&desired, &actual, false);
         assert_eq!(
             p.add_routes
                 .iter()
@@ -544,8 +627,44 @@ mod tests {
                 routes: vec![odd.clone()],
                 ..Default::default()
             },
+            false,
         );
         assert_eq!((p.add_routes, p.del_routes), (vec![want], vec![odd]));
+    }
+
+    #[test]
+    fn routes_move_onto_nexthop_objects_in_place_and_back() {
+        let want = route("10.244.2.0/24", "10.244.2.0", 7);
+        let mut desired = Desired::default();
+        desired.routes.insert(want.destination, want.clone());
+        // An earlier daemon (or --no-nexthop-objects) left the plain route.
+        let plain = Actual {
+            routes: vec![as_kernel_has_it(&want)],
+            nexthop_ids: [NEXTHOP_ID_RANGE.start].into(), // someone else's
+            ..Default::default()
+        };
+        let p = plan(&desired, &plain, true);
+        let id = NEXTHOP_ID_RANGE.start + 1;
+        assert_eq!(p.add_nexthops.iter().map(|n| n.id).collect::<Vec<_>>(), [id]);
+        assert_eq!(p.add_routes.len(), 1);
+        assert_eq!(p.add_routes[0].nexthop_id, Some(id));
+        assert!(p.del_routes.is_empty(), "replaced in place, not deleted and re-added");
+
+        // As the kernel then reports it: the nexthop's gateway, device and flags on the route.
+        let mut by_nexthop = as_kernel_has_it(&want);
+        by_nexthop.nexthop_id = Some(id);
+        let converged = Actual {
+            routes: vec![by_nexthop],
+            nexthops: p.add_nexthops.clone(),
+            nexthop_ids: [NEXTHOP_ID_RANGE.start, id].into(),
+            ..Default::default()
+        };
+        assert_eq!(plan(&desired, &converged, true), Plan::default());
+
+        // Nexthop objects turned off: the plain route replaces it in place, then ours goes.
+        let p = plan(&desired, &converged, false);
+        assert_eq!((p.add_routes, p.del_routes.len()), (vec![want], 0));
+        assert_eq!(p.del_nexthops, [id]);
     }
 
     /// main.rs runs the dataplane inside spawned tasks.

@@ -99,20 +99,25 @@ async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() 
         2,
         "the speaker's `restarted` flag"
     );
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(
         routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0") && routes.contains("10.244.9.0/24"),
         "{routes}"
     );
 
-    // The first RIB: plain routes on the subnet; the gone node's route removed.
+    // The first RIB: direct routes on the subnet (by nexthop object: the earlier run's plain
+    // route to node-2 moves onto one in place); the gone node's route removed.
     dps[0].set_bgp_routes(learned(&c, 0)).unwrap();
     assert_eq!(
         dps[0].reconcile(&leases).await.unwrap(),
-        ReconcileReport { added: 1, removed: 1 }
+        ReconcileReport {
+            added: 2 + 2,
+            removed: 1
+        },
+        "2 nexthops, 2 routes"
     );
     learn_everything(&c, &mut dps, &leases).await;
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert!(routes.contains("10.244.3.0/24 via 192.168.77.13 dev ul0"), "{routes}");
     assert!(!routes.contains("10.244.9.0"), "{routes}");
@@ -153,13 +158,17 @@ async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() 
             .any(|n| n.contains("0.0.0.0/0") && n.contains("outside the cluster")),
         "{notices:?}"
     );
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(
         !routes.contains("default") && !routes.contains("10.244.1.0"),
         "{routes}"
     );
     if tunnel.is_some() {
-        assert_eq!(report, ReconcileReport { added: 1, removed: 0 });
+        assert_eq!(
+            report,
+            ReconcileReport { added: 2, removed: 0 },
+            "a nexthop and its route"
+        );
         assert!(
             routes.contains("10.244.8.0/24 via 10.99.0.8 dev trellis.ipip onlink"),
             "{routes}"
@@ -180,7 +189,7 @@ async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() 
     rib.retain(|r| r.prefix.to_string() != "10.244.3.0/24");
     dps[0].set_bgp_routes(rib).unwrap();
     dps[0].reconcile(&leases).await.unwrap();
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(
         routes.contains("10.244.2.0/24") && !routes.contains("10.244.3.0/24"),
         "{routes}"
@@ -201,7 +210,7 @@ async fn cross_subnet_vxlan_to_a_node_behind_a_router() {
     learn_everything(&c, &mut dps, &leases).await;
 
     let (n1, n3) = (&c.nodes[0], &c.nodes[2]);
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert!(
         routes.contains("10.244.3.0/24 via 10.244.3.0 dev trellis.1 onlink"),
@@ -209,7 +218,7 @@ async fn cross_subnet_vxlan_to_a_node_behind_a_router() {
     );
     let fdb = run("bridge", &["-n", n1.ns.name(), "fdb", "show", "dev", "trellis.1"]);
     assert!(fdb.contains("dst 192.168.78.13 self permanent"), "{fdb}");
-    let routes3 = n3.ip(&["route", "show", "proto", "117"]);
+    let routes3 = n3.routes(&["route", "show", "proto", "117"]);
     assert!(
         routes3.contains("10.244.1.0/24 via 10.244.1.0 dev trellis.1 onlink")
             && routes3.contains("10.244.2.0/24 via 10.244.2.0 dev trellis.1 onlink"),
@@ -225,7 +234,7 @@ async fn cross_subnet_vxlan_to_a_node_behind_a_router() {
     none.set_own(&leases["node-1"]).await.unwrap();
     none.set_bgp_routes(learned(&c, 0)).unwrap();
     none.reconcile(&leases).await.unwrap();
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(!routes.contains("10.244.3.0/24"), "{routes}");
     let notices: Vec<_> = none.notices().collect();
     assert!(
@@ -245,7 +254,7 @@ async fn cross_subnet_ipip_to_a_node_behind_a_router() {
     let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Ipip)).await;
     learn_everything(&c, &mut dps, &leases).await;
     let n1 = &c.nodes[0];
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert!(
         routes.contains("10.244.3.0/24 via 192.168.78.13 dev trellis.ipip onlink"),

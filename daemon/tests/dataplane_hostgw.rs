@@ -48,7 +48,7 @@ async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
     let n1 = &c.nodes[0];
     assert_eq!(dps[0].pod_mtu(), 1500, "no encapsulation");
     assert!(n1.nl.link_by_name("trellis.1").await.unwrap().is_none(), "no device");
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert!(routes.contains("10.244.3.0/24 via 192.168.77.13 dev ul0"), "{routes}");
     assert_full_mesh(&c).await;
@@ -64,7 +64,7 @@ async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
     for _ in 0..3 {
         assert_eq!(dps[0].reconcile(&leases).await.unwrap(), ReconcileReport::default());
     }
-    assert!(!n1.ip(&["route", "show"]).contains("10.244.9.0"));
+    assert!(!n1.routes(&["route", "show"]).contains("10.244.9.0"));
     let notices: Vec<_> = dps[0].notices().collect();
     assert!(notices.len() == 1 && notices[0].contains("node-9"), "{notices:?}");
     let refusal = "node node-9 (underlay 10.99.0.9) is not on this node's subnet";
@@ -75,16 +75,17 @@ async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
     leases.insert(far.node.clone(), far.clone());
     assert_eq!(
         dps[0].reconcile(&leases).await.unwrap(),
-        ReconcileReport { added: 1, removed: 0 }
+        ReconcileReport { added: 2, removed: 0 },
+        "a nexthop and its route"
     );
     assert!(n1
-        .ip(&["route", "show"])
+        .routes(&["route", "show"])
         .contains("10.244.9.0/24 via 192.168.77.19 dev ul0"));
     far.underlay_ip = "10.99.0.9".parse().unwrap();
     leases.insert(far.node.clone(), far);
     assert_eq!(
         dps[0].reconcile(&leases).await.unwrap(),
-        ReconcileReport { added: 0, removed: 1 }
+        ReconcileReport { added: 0, removed: 2 }
     );
     assert_eq!(logs.count(refusal), 2);
     assert_full_mesh(&c).await;
@@ -95,9 +96,9 @@ async fn vxlan_with_direct_routing_goes_direct_on_the_subnet_and_carries_ipv6_ov
     let c = cluster("dr", true).await;
     let (mut dps, leases) = start(&c, &vxlan(true)).await;
     let n1 = &c.nodes[0];
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
-    let routes6 = n1.ip(&["-6", "route", "show", "proto", "117"]);
+    let routes6 = n1.routes(&["-6", "route", "show", "proto", "117"]);
     assert!(
         routes6.contains("fd00:244:2::/64 via fd00:244:2:: dev trellis.1"),
         "{routes6}"

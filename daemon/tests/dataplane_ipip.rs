@@ -30,7 +30,7 @@ async fn ipip_carries_pods_across_nodes_on_and_off_the_subnet() {
     }
     let addrs = n1.ip(&["addr", "show", "dev", "trellis.ipip"]);
     assert!(addrs.contains("10.244.1.0/32"), "{addrs}");
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     for want in [
         "10.244.2.0/24 via 192.168.77.12 dev trellis.ipip onlink",
         "10.244.3.0/24 via 192.168.78.13 dev trellis.ipip onlink",
@@ -58,12 +58,18 @@ async fn ipip_carries_pods_across_nodes_on_and_off_the_subnet() {
         assert_eq!(dp.reconcile(&leases).await.unwrap(), ReconcileReport::default());
     }
 
-    // Someone deletes the device: noticed, recreated with its address and routes.
+    // Someone deletes the device: noticed, recreated with its address, nexthops and routes.
     let mut changes = dps[0].kernel_changes();
     n1.ip(&["link", "del", "trellis.ipip"]);
     assert!(fired(&mut changes, 3).await);
     let report = dps[0].reconcile(&leases).await.unwrap();
-    assert_eq!(report, ReconcileReport { added: 2, removed: 0 });
+    assert_eq!(
+        report,
+        ReconcileReport {
+            added: 2 + 2,
+            removed: 0
+        }
+    );
     assert_full_mesh(&c).await;
 }
 

@@ -1,6 +1,7 @@
 //! The VXLAN dataplane between three node namespaces: pods reach each other (IPv4 and IPv6),
-//! a removed lease takes its objects along, what someone deletes comes back, stale routes of
-//! ours go at start-up, and a restart changes nothing.
+//! with routes by nexthop object (the default) and plain; a removed lease takes its objects
+//! along, what someone deletes comes back, stale routes of ours go at start-up, a restart
+//! changes nothing, and switching between the two kinds of route loses no packet.
 
 mod dataplane_support;
 
@@ -9,7 +10,7 @@ use trellis_net::ethtool::Ethtool;
 use trellisd::backend::vxlan::{tx_checksum_offload, vtep_mac};
 use trellisd::config::ChecksumOffload;
 use trellisd::metrics::Metrics;
-use trellisd::reconcile::{Dataplane, ReconcileReport};
+use trellisd::reconcile::{Dataplane, ReconcileReport, NEXTHOP_ID_RANGE};
 
 fn bridge(node: &Node, args: &[&str]) -> String {
     run("bridge", &[&["-n", node.ns.name()], args].concat())
@@ -17,7 +18,21 @@ fn bridge(node: &Node, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along() {
-    let c = cluster("vx", true).await;
+    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with("vx", true).await;
+}
+
+#[tokio::test]
+async fn the_same_with_plain_routes() {
+    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with("vxp", false).await;
+}
+
+async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(tag: &str, nexthops: bool) {
+    let mut c = cluster(tag, true).await;
+    if !nexthops {
+        c.plain_routes();
+    }
+    // Per remote CIDR, one nexthop object more (or none).
+    let nh = |n: usize| if nexthops { n } else { 0 };
     let backend = vxlan(false);
     let (mut dps, mut leases) = start(&c, &backend).await;
     let (n1, n3) = (&c.nodes[0], &c.nodes[2]);
@@ -49,16 +64,28 @@ async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along() {
     assert_eq!(ethtool.tx_checksum("trellis.1").unwrap(), want_csum);
 
     // Route + permanent neighbour per remote CIDR, one FDB entry per remote node.
-    let routes = n1.ip(&["route", "show", "proto", "117"]);
+    let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(
         routes.contains("10.244.2.0/24 via 10.244.2.0 dev trellis.1 onlink"),
         "{routes}"
     );
-    let routes6 = n1.ip(&["-6", "route", "show", "proto", "117"]);
+    let routes6 = n1.routes(&["-6", "route", "show", "proto", "117"]);
     assert!(
         routes6.contains("fd00:244:3::/64 via fd00:244:3:: dev trellis.1"),
         "{routes6}"
     );
+    // By nexthop object: each route names one of ours, one per remote CIDR.
+    let all_routes = n1.ip(&["route", "show", "proto", "117"]) + &n1.ip(&["-6", "route", "show", "proto", "117"]);
+    assert_eq!(all_routes.matches(" nhid ").count(), nh(4), "{all_routes}");
+    let ours = n1.our_nexthops();
+    assert_eq!(ours.len(), nh(4), "{ours:?}");
+    if nexthops {
+        assert!(
+            ours.iter()
+                .any(|l| l.contains("via 10.244.2.0 dev trellis.1 scope link proto 117 onlink")),
+            "{ours:?}"
+        );
+    }
     let neigh = n1.ip(&["neigh", "show", "dev", "trellis.1"]);
     assert!(
         neigh.contains(&format!("10.244.2.0 lladdr {mac2} PERMANENT")),
@@ -91,14 +118,21 @@ async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along() {
     }
     assert_full_mesh(&c).await;
 
-    // node-3 leaves: its 2 routes, 2 neighbours and FDB entry go on the others.
+    // node-3 leaves: its 2 routes (and nexthops), 2 neighbours and FDB entry go on the others.
     leases.remove("node-3");
     for dp in &mut dps[..2] {
         let report = dp.reconcile(&leases).await.unwrap();
-        assert_eq!(report, ReconcileReport { added: 0, removed: 5 });
+        assert_eq!(
+            report,
+            ReconcileReport {
+                added: 0,
+                removed: 5 + nh(2)
+            }
+        );
     }
     assert!(!n1.ip(&["route", "show", "proto", "117"]).contains("10.244.3.0"));
     assert!(!n1.ip(&["-6", "route", "show", "proto", "117"]).contains("fd00:244:3::"));
+    assert_eq!(n1.our_nexthops().len(), nh(2));
     assert!(!n1.ip(&["neigh", "show", "dev", "trellis.1"]).contains("10.244.3.0"));
     assert!(!bridge(n1, &["fdb", "show", "dev", "trellis.1"]).contains(&mac3));
     assert!(pings(n1, c.nodes[1].pod_ip4).await);
@@ -117,12 +151,30 @@ async fn what_someone_deletes_comes_back_and_the_kernel_watch_says_so() {
     assert!(fired(&mut changes, 1).await, "a deleted route wakes the reconciler");
     assert_eq!(
         dp.reconcile(&leases).await.unwrap(),
-        ReconcileReport { added: 1, removed: 0 }
+        ReconcileReport { added: 1, removed: 0 },
+        "the route again, by the nexthop that stayed"
     );
     assert!(n1
-        .ip(&["route", "show", "proto", "117"])
+        .routes(&["route", "show", "proto", "117"])
         .contains("10.244.2.0/24 via 10.244.2.0"));
     assert!(!fired(&mut changes, 1).await, "our own repair does not wake it again");
+
+    // A nexthop deleted by hand takes its route along (without a route notification).
+    let nexthop = n1
+        .our_nexthops()
+        .into_iter()
+        .find(|l| l.contains("via 10.244.3.0 "))
+        .expect("the nexthop to node-3's VTEP");
+    let id = nexthop.split(' ').nth(1).unwrap().to_string();
+    n1.ip(&["nexthop", "del", "id", &id]);
+    assert!(!n1.ip(&["route", "show"]).contains("10.244.3.0/24"));
+    assert!(fired(&mut changes, 1).await, "a deleted nexthop wakes the reconciler");
+    assert_eq!(
+        dp.reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 2, removed: 0 },
+        "the nexthop and its route"
+    );
+    assert!(pings(n1, c.nodes[2].pod_ip4).await);
 
     n1.ip(&["neigh", "del", "fd00:244:3::", "dev", "trellis.1"]);
     assert!(fired(&mut changes, 1).await, "a deleted neighbour wakes the reconciler");
@@ -161,14 +213,22 @@ async fn what_someone_deletes_comes_back_and_the_kernel_watch_says_so() {
     assert!(fired(&mut changes, 1).await, "a replaced route wakes the reconciler");
     assert_eq!(dp.reconcile(&leases).await.unwrap().added, 1);
     assert!(n1
-        .ip(&["route", "show", "10.244.3.0/24"])
+        .routes(&["route", "show", "10.244.3.0/24"])
         .contains("via 10.244.3.0 dev trellis.1"));
 
-    // The whole device: recreated with everything on it.
+    // The whole device: recreated with everything on it (the kernel deleted the nexthops on
+    // it, and their routes, with it).
     n1.ip(&["link", "del", "trellis.1"]);
     assert!(fired(&mut changes, 1).await, "a deleted device wakes the reconciler");
     let report = dp.reconcile(&leases).await.unwrap();
-    assert_eq!(report, ReconcileReport { added: 10, removed: 0 });
+    assert_eq!(
+        report,
+        ReconcileReport {
+            added: 4 + 4 + 4 + 2,
+            removed: 0
+        },
+        "4 nexthops, 4 routes, 4 neighbours, 2 FDB entries"
+    );
     assert_full_mesh(&c).await;
 }
 
@@ -191,13 +251,36 @@ async fn start_up_removes_stale_routes_of_ours_only_and_a_restart_changes_nothin
         "117",
     ]);
     n1.ip(&["route", "add", "10.55.0.0/24", "via", "192.168.77.98", "dev", "ul0"]);
+    // Nexthops: one of ours that no route wants any more, and someone else's (in our ID range,
+    // even, but not our protocol) that must stay.
+    let stale = (NEXTHOP_ID_RANGE.start + 500).to_string();
+    let theirs = (NEXTHOP_ID_RANGE.start + 501).to_string();
+    let nexthop = |id: &str, proto: &str| {
+        n1.ip(&[
+            "nexthop",
+            "add",
+            "id",
+            id,
+            "via",
+            "192.168.77.99",
+            "dev",
+            "ul0",
+            "proto",
+            proto,
+        ])
+    };
+    nexthop(&stale, "117");
+    nexthop(&theirs, "boot");
     let old = "link add trellis.1 type vxlan id 1 dstport 4789 local 192.168.77.11 dev ul0 nolearning";
     n1.ip(&old.split(' ').collect::<Vec<_>>());
 
     let (mut dps, leases) = start(&c, &backend).await;
-    let routes = n1.ip(&["route", "show"]);
+    let routes = n1.routes(&["route", "show"]);
     assert!(!routes.contains("10.244.99.0/24"), "{routes}");
     assert!(routes.contains("10.55.0.0/24 via 192.168.77.98"), "{routes}");
+    let nexthops = n1.ip(&["nexthop", "show"]);
+    assert!(!nexthops.contains(&format!("id {stale} ")), "{nexthops}");
+    assert!(nexthops.contains(&format!("id {theirs} ")), "{nexthops}");
     assert!(n1.ip(&["-d", "link", "show", "trellis.1"]).contains("dstport 8472"));
     assert_full_mesh(&c).await;
 
@@ -221,4 +304,76 @@ async fn start_up_removes_stale_routes_of_ours_only_and_a_restart_changes_nothin
         assert!(text.contains(want), "{want:?} not in {text}");
     }
     assert_full_mesh(&c).await;
+}
+
+/// Pings from `from`'s pod to `to`, every 10 ms for `secs`, in the background: the count of
+/// replies lost (`ping -c` counts what was sent when it ends, so none is in flight).
+fn continuous_ping(from: &Node, to: std::net::IpAddr, secs: u32) -> std::thread::JoinHandle<(u32, u32)> {
+    let (ns, to) = (from.pod.name().to_string(), to.to_string());
+    std::thread::spawn(move || {
+        let count = (secs * 100).to_string();
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "ping", "-q", "-i", "0.01", "-W", "1", "-c", &count, &to,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let stats = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let num = |word: &str| -> u32 {
+            let before = stats.split(word).next().unwrap();
+            before.split_whitespace().last().unwrap().parse().unwrap()
+        };
+        (num(" packets transmitted"), num(" received"))
+    })
+}
+
+#[tokio::test]
+async fn switching_between_plain_routes_and_nexthops_loses_no_packet() {
+    let mut c = cluster("sw", true).await;
+    c.plain_routes();
+    let backend = vxlan(false);
+    let (mut dps, leases) = start(&c, &backend).await;
+    let n1 = &c.nodes[0];
+    assert!(n1.our_nexthops().is_empty());
+    let pings4 = continuous_ping(n1, c.nodes[1].pod_ip4, 3);
+    let pings6 = continuous_ping(n1, c.nodes[2].pod_ip6.unwrap(), 3);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // An upgrade to a daemon with nexthop objects: every route replaced in place.
+    drop(dps.remove(0));
+    let mut cfg = n1.config(&backend);
+    cfg.nexthop_objects = true;
+    let mut dp = Dataplane::new_in(cfg.clone(), Metrics::new(), n1.ns.path())
+        .await
+        .unwrap();
+    dp.set_own(&leases["node-1"]).await.unwrap();
+    let report = dp.reconcile(&leases).await.unwrap();
+    assert_eq!(
+        report,
+        ReconcileReport { added: 8, removed: 0 },
+        "4 nexthops, 4 routes replaced"
+    );
+    assert_eq!(n1.our_nexthops().len(), 4);
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+
+    // And back: plain routes in place, then our nexthops removed.
+    drop(dp);
+    cfg.nexthop_objects = false;
+    let mut dp = Dataplane::new_in(cfg, Metrics::new(), n1.ns.path()).await.unwrap();
+    dp.set_own(&leases["node-1"]).await.unwrap();
+    let report = dp.reconcile(&leases).await.unwrap();
+    assert_eq!(report, ReconcileReport { added: 4, removed: 4 });
+    assert!(n1.our_nexthops().is_empty());
+    assert!(!n1.ip(&["route", "show", "proto", "117"]).contains("nhid"));
+
+    for (what, pings) in [("IPv4", pings4), ("IPv6", pings6)] {
+        let (sent, received) = tokio::task::spawn_blocking(move || pings.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(received, sent, "{what}: {received} of {sent} pings answered");
+    }
 }

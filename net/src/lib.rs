@@ -4,9 +4,10 @@
 //! - [`netns`]: run code inside a network namespace without moving the caller ([`netns::run_in`]),
 //!   and named namespaces for tests ([`netns::NetnsGuard`]).
 //! - [`Netlink`]: an rtnetlink connection bound to one namespace, with typed async verbs for
-//!   links ([`link`]: veth, bridge, VXLAN, IPIP), addresses ([`addr`]), routes ([`route`]), neighbours ([`neigh`]) and
-//!   VXLAN FDB entries ([`fdb`]).
-//! - [`monitor`]: kernel change notifications (routes, neighbours, FDB, links, addresses).
+//!   links ([`link`]: veth, bridge, VXLAN, IPIP), addresses ([`addr`]), routes ([`route`]),
+//!   nexthop objects ([`nexthop`]), neighbours ([`neigh`]) and VXLAN FDB entries ([`fdb`]).
+//! - [`monitor`]: kernel change notifications (routes, nexthops, neighbours, FDB, links,
+//!   addresses).
 //! - [`ethtool`]: TX checksum offload through the `SIOCETHTOOL` ioctl.
 //! - [`sysctl`]: `/proc/sys` parameters (per namespace of the calling thread).
 //! - [`nft`], nftables: masquerade for pod traffic.
@@ -32,10 +33,12 @@ mod family;
 pub mod fdb;
 pub mod link;
 mod mac;
+mod message;
 pub mod monitor;
 pub mod neigh;
 mod netlink;
 pub mod netns;
+pub mod nexthop;
 pub mod nft;
 mod reply;
 pub mod route;
@@ -50,4 +53,5 @@ pub use link::{BridgeConfig, IpipConfig, IpipInfo, LinkChange, LinkInfo, VethCon
 pub use mac::MacAddr;
 pub use neigh::{Neighbour, NeighbourState};
 pub use netlink::Netlink;
+pub use nexthop::Nexthop;
 pub use route::{Route, RouteFilter, RouteScope, RouteType};

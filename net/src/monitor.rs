@@ -1,5 +1,5 @@
-//! Kernel change notifications (`ip monitor`): links, addresses, routes, neighbours and FDB
-//! entries as they change, typed with the same structs the dumps return.
+//! Kernel change notifications (`ip monitor`): links, addresses, routes, nexthop objects,
+//! neighbours and FDB entries as they change, typed with the same structs the dumps return.
 //!
 //! Why: a daemon that keeps routes in place must learn within a second that someone deleted one,
 //! not at its next periodic resync. The kernel multicasts every change on the `RTNLGRP_*`
@@ -19,10 +19,13 @@ use futures::StreamExt;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::route::RouteFlags;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_proto::NetlinkCodec;
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr, TokioSocket};
 
+use crate::message::RtMessage;
 use crate::netns::{run_in, THREAD_NETNS};
-use crate::{AddressInfo, FdbEntry, LinkInfo, Neighbour, NetError, Route};
+use crate::nexthop::RTM_DELNEXTHOP;
+use crate::{AddressInfo, FdbEntry, LinkInfo, Neighbour, NetError, Nexthop, Route};
 
 /// Receive buffer asked for (the kernel caps it at `net.core.rmem_max` without CAP_NET_ADMIN).
 const RECEIVE_BUFFER: usize = 4 << 20;
@@ -42,6 +45,8 @@ pub enum Group {
     Ipv6Address,
     /// IPv6 routes.
     Ipv6Route,
+    /// Nexthop objects (Linux 5.3+; joining it fails on older kernels).
+    Nexthop,
 }
 
 impl Group {
@@ -54,6 +59,7 @@ impl Group {
             Group::Ipv4Route => 7,
             Group::Ipv6Address => 9,
             Group::Ipv6Route => 11,
+            Group::Nexthop => 32,
         }
     }
 }
@@ -84,16 +90,28 @@ pub enum Change {
         deleted: bool,
         entry: FdbEntry,
     },
+    /// A nexthop object. When one is deleted, the routes using it go too, and IPv4 ones
+    /// without a notification of their own.
+    Nexthop {
+        deleted: bool,
+        nexthop: Nexthop,
+    },
     /// Notifications were lost (the socket buffer overflowed): read the state again.
     Overrun,
 }
 
 impl Change {
     /// The typed change in a notification; `None` for messages this crate does not type.
-    pub(crate) fn from_message(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<Change> {
+    pub(crate) fn from_message(msg: NetlinkMessage<RtMessage>) -> Option<Change> {
         let inner = match msg.payload {
             NetlinkPayload::Overrun(_) => return Some(Change::Overrun),
-            NetlinkPayload::InnerMessage(inner) => inner,
+            NetlinkPayload::InnerMessage(RtMessage::Route(inner)) => inner,
+            NetlinkPayload::InnerMessage(RtMessage::Nexthop(ty, nh)) => {
+                return Some(Change::Nexthop {
+                    deleted: ty == RTM_DELNEXTHOP,
+                    nexthop: Nexthop::from_message(&nh)?,
+                })
+            }
             _ => return None,
         };
         use RouteNetlinkMessage as M;
@@ -147,7 +165,7 @@ fn inner_kind(header: &netlink_packet_core::NetlinkHeader) -> Kind {
 /// A socket subscribed to some notification groups of one namespace.
 #[derive(Debug)]
 pub struct Monitor {
-    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    messages: UnboundedReceiver<(NetlinkMessage<RtMessage>, SocketAddr)>,
 }
 
 impl Monitor {
@@ -167,7 +185,8 @@ impl Monitor {
             open_socket(&groups)
         })?
         .map_err(|e| NetError::io(format!("opening a netlink monitor socket in {}", ns.display()), e))?;
-        let (connection, _handle, messages) = rtnetlink::from_socket(socket);
+        let (connection, _handle, messages) =
+            netlink_proto::from_socket_with_codec::<RtMessage, TokioSocket, NetlinkCodec>(socket);
         runtime.spawn(connection);
         Ok(Self { messages })
     }
@@ -203,8 +222,8 @@ mod tests {
     use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
     use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 
-    fn notification(msg: RouteNetlinkMessage) -> NetlinkMessage<RouteNetlinkMessage> {
-        let mut m = NetlinkMessage::from(msg);
+    fn notification(msg: impl Into<RtMessage>) -> NetlinkMessage<RtMessage> {
+        let mut m = NetlinkMessage::from(msg.into());
         m.finalize();
         m
     }
@@ -247,8 +266,17 @@ mod tests {
             Some(Change::Neighbour { deleted: false, .. })
         ));
 
-        let overrun =
-            NetlinkMessage::<RouteNetlinkMessage>::new(NetlinkHeader::default(), NetlinkPayload::Overrun(vec![]));
+        let nh = crate::nexthop::NexthopMessage {
+            family: libc::AF_INET as u8,
+            attributes: vec![crate::nexthop::NexthopAttribute::Id(9)],
+            ..Default::default()
+        };
+        match Change::from_message(notification(RtMessage::Nexthop(RTM_DELNEXTHOP, nh))) {
+            Some(Change::Nexthop { deleted: true, nexthop }) => assert_eq!(nexthop.id, 9),
+            other => panic!("{other:?}"),
+        }
+
+        let overrun = NetlinkMessage::<RtMessage>::new(NetlinkHeader::default(), NetlinkPayload::Overrun(vec![]));
         assert_eq!(Change::from_message(overrun), Some(Change::Overrun));
     }
 }

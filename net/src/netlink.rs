@@ -7,15 +7,21 @@
 //!
 //! Requests go through three primitives ([`Netlink::ack`], [`Netlink::single`] and
 //! [`Netlink::dump`]) that read the kernel's answer headers included (see [`crate::reply`]).
-//! The typed verbs (links, addresses, routes, neighbours) live in their own modules.
+//! The typed verbs (links, addresses, routes, neighbours, nexthops) live in their own modules.
+//!
+//! The connection is netlink-proto's, typed with our [`RtMessage`] rather than rtnetlink's
+//! `RouteNetlinkMessage`, so that nexthop messages (which netlink-packet-route lacks) travel on
+//! it too.
 
 use std::path::Path;
 
 use futures::StreamExt;
 use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, TokioSocket};
+use netlink_proto::{ConnectionHandle, NetlinkCodec};
+use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr, TokioSocket};
 
+use crate::message::RtMessage;
 use crate::netns::{run_in, THREAD_NETNS};
 use crate::reply::{self, Failure, Msg};
 use crate::NetError;
@@ -31,7 +37,7 @@ const DUMP_ATTEMPTS: u32 = 10;
 /// Cheap to clone; the connection closes when the last clone is dropped.
 #[derive(Clone, Debug)]
 pub struct Netlink {
-    handle: rtnetlink::Handle,
+    handle: ConnectionHandle<RtMessage>,
 }
 
 impl Netlink {
@@ -52,7 +58,8 @@ impl Netlink {
             open_socket()
         })?
         .map_err(|e| NetError::io(format!("opening a netlink socket in {}", ns.display()), e))?;
-        let (mut connection, handle, _unsolicited) = rtnetlink::from_socket(socket);
+        let (mut connection, handle, _unsolicited) =
+            netlink_proto::from_socket_with_codec::<RtMessage, TokioSocket, NetlinkCodec>(socket);
         // Needed to see NLM_F_DUMP_INTR on NLMSG_DONE, and to tell an ACK from a lost connection.
         connection.set_forward_done(true);
         connection.set_forward_ack(true);
@@ -60,17 +67,12 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    /// The underlying rtnetlink handle, for requests this crate does not wrap. Beware: this
-    /// connection forwards ACK and DONE messages, which rtnetlink's own `get()` requests report
-    /// as unexpected messages.
-    pub fn rtnetlink(&self) -> &rtnetlink::Handle {
-        &self.handle
-    }
-
-    async fn exchange(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<Msg>, Failure> {
+    async fn exchange(&self, msg: RtMessage, flags: u16) -> Result<Vec<Msg>, Failure> {
         let request = request(msg, flags);
-        let mut handle = self.handle.clone();
-        let replies = handle.request(request).map_err(|_| Failure::Closed)?;
+        let replies = self
+            .handle
+            .request(request, SocketAddr::new(0, 0))
+            .map_err(|_| Failure::Closed)?;
         // The kernel always answers; a reply that never comes (a lost message, a wedged
         // connection) must become an error the caller can retry, not a hang.
         tokio::time::timeout(REPLY_TIMEOUT, replies.collect())
@@ -80,17 +82,33 @@ impl Netlink {
 
     /// Send a request that changes something (`extra_flags`: `NLM_F_CREATE`, `NLM_F_EXCL`,
     /// `NLM_F_REPLACE`, ...) and wait for the kernel's ACK.
-    pub(crate) async fn ack(&self, msg: RouteNetlinkMessage, extra_flags: u16) -> Result<(), Failure> {
-        reply::ack(self.exchange(msg, ACK_FLAGS | extra_flags).await?)
+    pub(crate) async fn ack(&self, msg: impl Into<RtMessage>, extra_flags: u16) -> Result<(), Failure> {
+        reply::ack(self.exchange(msg.into(), ACK_FLAGS | extra_flags).await?)
     }
 
     /// Send a non-dump `RTM_GET*` request and return the one answer.
     pub(crate) async fn single(&self, msg: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, Failure> {
-        reply::single(self.exchange(msg, NLM_F_REQUEST).await?)
+        match reply::single(self.exchange(msg.into(), NLM_F_REQUEST).await?)? {
+            RtMessage::Route(m) => Ok(m),
+            other => Err(Failure::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Dump a table, retrying when the kernel flags the dump as interrupted.
     pub(crate) async fn dump(&self, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+        Ok(self
+            .dump_rt(msg.into())
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                RtMessage::Route(m) => Some(m),
+                RtMessage::Nexthop(..) => None,
+            })
+            .collect())
+    }
+
+    /// [`Netlink::dump`] for any message, nexthops included.
+    pub(crate) async fn dump_rt(&self, msg: RtMessage) -> Result<Vec<RtMessage>, Failure> {
         for attempt in 1.. {
             match reply::dump(self.exchange(msg.clone(), NLM_F_REQUEST | NLM_F_DUMP).await?) {
                 Err(Failure::Interrupted { .. }) if attempt < DUMP_ATTEMPTS => continue,
@@ -107,7 +125,7 @@ pub(crate) const ACK_FLAGS: u16 = NLM_F_REQUEST | NLM_F_ACK;
 
 /// The netlink message sent for `msg` with these header flags (the sequence number is set when
 /// it is sent); unit tests encode it to check the bytes the kernel gets.
-pub(crate) fn request(msg: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+pub(crate) fn request(msg: RtMessage, flags: u16) -> NetlinkMessage<RtMessage> {
     let mut request = NetlinkMessage::from(msg);
     request.header.flags = flags;
     request

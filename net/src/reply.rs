@@ -12,11 +12,11 @@
 //! (see `Netlink::connect_in`), and the dump is read here, headers included.
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP_INTR};
-use netlink_packet_route::RouteNetlinkMessage;
 
+use crate::message::RtMessage;
 use crate::NetError;
 
-pub(crate) type Msg = NetlinkMessage<RouteNetlinkMessage>;
+pub(crate) type Msg = NetlinkMessage<RtMessage>;
 
 /// Why a request failed, before the caller adds what it was doing.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub(crate) fn ack(replies: Vec<Msg>) -> Result<(), Failure> {
 }
 
 /// The answer to a non-dump `RTM_GET*`: exactly one message, or an error.
-pub(crate) fn single(replies: Vec<Msg>) -> Result<RouteNetlinkMessage, Failure> {
+pub(crate) fn single(replies: Vec<Msg>) -> Result<RtMessage, Failure> {
     for reply in replies {
         let (header, payload) = reply.into_parts();
         match payload {
@@ -70,7 +70,7 @@ pub(crate) fn single(replies: Vec<Msg>) -> Result<RouteNetlinkMessage, Failure> 
 
 /// The answer to an `NLM_F_DUMP` request: every message, unless the dump was interrupted
 /// (`Failure::Interrupted`, to be retried) or cut short.
-pub(crate) fn dump(replies: Vec<Msg>) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+pub(crate) fn dump(replies: Vec<Msg>) -> Result<Vec<RtMessage>, Failure> {
     let mut out = Vec::with_capacity(replies.len());
     let mut interrupted = false;
     let mut done = false;
@@ -155,11 +155,12 @@ mod tests {
 
     use netlink_packet_core::{DoneMessage, ErrorMessage, NLM_F_MULTIPART};
     use netlink_packet_route::link::LinkMessage;
+    use netlink_packet_route::RouteNetlinkMessage;
 
     use super::*;
 
     fn inner(flags: u16) -> Msg {
-        let mut m = NetlinkMessage::from(RouteNetlinkMessage::NewLink(LinkMessage::default()));
+        let mut m = NetlinkMessage::from(RtMessage::Route(RouteNetlinkMessage::NewLink(LinkMessage::default())));
         m.header.flags = flags;
         m
     }

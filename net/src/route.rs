@@ -52,6 +52,10 @@ pub struct Route {
     pub mtu: Option<u32>,
     /// Preferred source address (`RTA_PREFSRC`).
     pub pref_src: Option<IpAddr>,
+    /// `nhid ID`: the route goes by a nexthop object ([`crate::nexthop`]). A route built with one
+    /// sends no gateway, device or `onlink` of its own (the kernel refuses both at once); one
+    /// read from the kernel reports the nexthop's gateway and device as well.
+    pub nexthop_id: Option<u32>,
 }
 
 impl Route {
@@ -69,6 +73,7 @@ impl Route {
             metric: None,
             mtu: None,
             pref_src: None,
+            nexthop_id: None,
         }
     }
 
@@ -132,6 +137,12 @@ impl Route {
         self
     }
 
+    /// `nhid ID`.
+    pub fn nexthop(mut self, id: u32) -> Self {
+        self.nexthop_id = Some(id);
+        self
+    }
+
     /// The family of the destination.
     pub fn family(&self) -> IpFamily {
         IpFamily::of(self.destination.ip())
@@ -154,6 +165,7 @@ impl Route {
                 RouteAttribute::Oif(i) => route.oif = Some(*i),
                 RouteAttribute::Priority(p) => route.metric = Some(*p),
                 RouteAttribute::Table(t) => route.table = *t,
+                RouteAttribute::NhId(id) => route.nexthop_id = Some(*id),
                 RouteAttribute::Metrics(metrics) => {
                     for m in metrics {
                         if let RouteMetric::Mtu(mtu) = m {
@@ -171,6 +183,9 @@ impl Route {
     /// `10.1.0.0/24 via 10.0.0.2 dev vxlan0 table 100 onlink`, with the link name looked up.
     async fn describe(&self, nl: &Netlink) -> String {
         let mut s = self.destination.to_string();
+        if let Some(id) = self.nexthop_id {
+            s.push_str(&format!(" nhid {id}"));
+        }
         if let Some(gw) = self.gateway {
             s.push_str(&format!(" via {gw}"));
         }
@@ -207,7 +222,8 @@ enum Op {
 /// The one routine that builds a route message, for either family.
 fn route_message(r: &Route, op: Op) -> Result<RouteMessage, NetError> {
     let family = r.family();
-    for ip in [r.gateway, r.pref_src].into_iter().flatten() {
+    let gateway = r.gateway.filter(|_| r.nexthop_id.is_none());
+    for ip in [gateway, r.pref_src].into_iter().flatten() {
         if IpFamily::of(ip) != family {
             return Err(NetError::InvalidArgument(format!(
                 "route {}: {ip} is not of the same family",
@@ -230,10 +246,16 @@ fn route_message(r: &Route, op: Op) -> Result<RouteMessage, NetError> {
         (Op::Del, _) => RouteScope::NoWhere,
         (_, RouteType::Local | RouteType::Nat) => RouteScope::Host,
         (_, RouteType::Broadcast | RouteType::Multicast | RouteType::Anycast) => RouteScope::Link,
-        (_, RouteType::Unicast | RouteType::Unspec) if r.gateway.is_none() => RouteScope::Link,
+        // A nexthop object with a gateway refuses a link-scope route ("Scope mismatch with
+        // nexthop"); iproute2 gives `nhid` routes universe scope too.
+        (_, RouteType::Unicast | RouteType::Unspec) if r.gateway.is_none() && r.nexthop_id.is_none() => {
+            RouteScope::Link
+        }
         _ => RouteScope::Universe,
     });
-    if r.onlink {
+    // With a nexthop object, the gateway, device and flags are the object's: a route read back
+    // from the kernel carries them too, and sending them again would be refused.
+    if r.onlink && r.nexthop_id.is_none() {
         h.flags.insert(RouteFlags::Onlink);
     }
     let attrs = &mut msg.attributes;
@@ -243,11 +265,16 @@ fn route_message(r: &Route, op: Op) -> Result<RouteMessage, NetError> {
             .map_err(|e| NetError::InvalidArgument(format!("route {}: {e}", r.destination)))?;
         attrs.push(RouteAttribute::Destination(network.ip().into()));
     }
-    if let Some(gw) = r.gateway {
-        attrs.push(RouteAttribute::Gateway(gw.into()));
-    }
-    if let Some(oif) = r.oif {
-        attrs.push(RouteAttribute::Oif(oif));
+    match r.nexthop_id {
+        Some(id) => attrs.push(RouteAttribute::NhId(id)),
+        None => {
+            if let Some(gw) = r.gateway {
+                attrs.push(RouteAttribute::Gateway(gw.into()));
+            }
+            if let Some(oif) = r.oif {
+                attrs.push(RouteAttribute::Oif(oif));
+            }
+        }
     }
     if let Some(metric) = r.metric {
         attrs.push(RouteAttribute::Priority(metric));
@@ -372,6 +399,33 @@ mod tests {
             (del.header.scope, u8::from(del.header.protocol)),
             (RouteScope::NoWhere, 0)
         );
+    }
+
+    #[test]
+    fn a_route_by_nexthop_object_sends_only_the_id() {
+        // As read back from the kernel: the nexthop's gateway, device and flags included.
+        let route = Route::new("10.9.0.0/24".parse().unwrap())
+            .nexthop(42)
+            .via("10.6.0.1".parse().unwrap())
+            .dev(3)
+            .onlink()
+            .protocol(117);
+        for op in [Op::Add, Op::Del] {
+            let msg = route_message(&route, op).unwrap();
+            assert!(msg.attributes.contains(&RouteAttribute::NhId(42)));
+            assert!(
+                !msg.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Oif(_))),
+                "{:?}",
+                msg.attributes
+            );
+            assert!(!msg.header.flags.contains(RouteFlags::Onlink));
+        }
+        let bare = Route::new("10.9.0.0/24".parse().unwrap()).nexthop(42);
+        let add = route_message(&bare, Op::Add).unwrap();
+        assert_eq!(add.header.scope, RouteScope::Universe, "as `ip route add … nhid 42`");
+        assert_eq!(Route::from_message(&add).unwrap().nexthop_id, Some(42));
     }
 
     #[test]

@@ -3,31 +3,15 @@
 mod common;
 
 use common::{ip, netns};
-use trellis_net::{AddressOptions, IpFamily, IpNetwork, Netlink, Route, RouteFilter, RouteScope};
+use trellis_net::{IpFamily, IpNetwork, Netlink, Route, RouteFilter, RouteScope};
 
 const PROTO: u8 = 99;
-
-/// A namespace with an up veth holding 10.0.0.1/24 and fd00::1/64.
-async fn setup(nl: &Netlink) -> u32 {
-    let (link, _) = common::veth_pair_up(nl).await;
-    nl.add_address(link.index, "10.0.0.1/24".parse().unwrap())
-        .await
-        .unwrap();
-    let nodad = AddressOptions {
-        nodad: true,
-        ..Default::default()
-    };
-    nl.add_address_with(link.index, "fd00::1/64".parse().unwrap(), nodad)
-        .await
-        .unwrap();
-    link.index
-}
 
 #[tokio::test]
 async fn routes_with_gateway_protocol_metric_and_mtu_in_both_families() {
     let ns = netns("route");
     let nl = Netlink::connect_in(ns.path()).unwrap();
-    let dev = setup(&nl).await;
+    let dev = common::dual_stack_link(&nl).await;
     let dev_name = nl.link_by_index(dev).await.unwrap().unwrap().name;
     for (family, dst, gw) in [
         (IpFamily::V4, "10.1.0.0/24", "10.0.0.2"),
@@ -77,7 +61,7 @@ async fn routes_with_gateway_protocol_metric_and_mtu_in_both_families() {
 async fn onlink_gateway_outside_every_subnet() {
     let ns = netns("onlink");
     let nl = Netlink::connect_in(ns.path()).unwrap();
-    let dev = setup(&nl).await;
+    let dev = common::dual_stack_link(&nl).await;
     for (dst, gw) in [("10.2.0.0/24", "192.168.99.1"), ("fd02::/64", "fd99::1")] {
         let plain = Route::new(dst.parse().unwrap())
             .via(gw.parse().unwrap())
@@ -117,7 +101,7 @@ async fn onlink_gateway_outside_every_subnet() {
 async fn device_routes_big_tables_and_scopes() {
     let ns = netns("table");
     let nl = Netlink::connect_in(ns.path()).unwrap();
-    let dev = setup(&nl).await;
+    let dev = common::dual_stack_link(&nl).await;
     for dst in ["10.3.0.0/24", "fd03::/64"] {
         let route = Route::new(dst.parse().unwrap()).dev(dev).table(1000).protocol(PROTO);
         nl.add_route(&route).await.unwrap();
@@ -162,7 +146,7 @@ async fn device_routes_big_tables_and_scopes() {
 async fn deleting_missing_routes_is_success() {
     let ns = netns("delroute");
     let nl = Netlink::connect_in(ns.path()).unwrap();
-    let dev = setup(&nl).await;
+    let dev = common::dual_stack_link(&nl).await;
     for dst in ["10.9.0.0/24", "fd09::/64"] {
         nl.del_route(&Route::new(dst.parse().unwrap())).await.unwrap();
         nl.del_route(&Route::new(dst.parse().unwrap()).dev(dev).protocol(PROTO))

@@ -1,8 +1,10 @@
 //! How fast `trellisd` programs a large cluster: N remote nodes' VXLAN leases are in etcd before
 //! the daemon starts; the figure is the time from starting it until the kernel holds every
-//! route (protocol 117), permanent neighbour and FDB entry for the N remotes. Next to it, in the
-//! same run, the same N × 3 objects written by `bridge -batch` + `ip -batch` into a namespace with
-//! an identical VXLAN device: the near-kernel limit.
+//! route (protocol 117), permanent neighbour and FDB entry for the N remotes. The daemon runs
+//! twice per N: as it comes (routes by kernel nexthop object, where the kernel has them) and with
+//! `--no-nexthop-objects` (plain routes, a gateway each). Next to them, in the same run, the same
+//! objects written by `bridge -batch` + `ip -batch` into a namespace with an identical VXLAN
+//! device, both ways: the near-kernel limits.
 //!
 //! Per N, each in fresh namespaces: an underlay namespace (bridge `172.31.0.1/16`, etcd), a node
 //! namespace joined to it (`172.31.0.2/16`) that runs `trellisd` with `Network 10.0.0.0/8`,
@@ -21,7 +23,9 @@
 //! `--trellisd PATH`, `--timeout-s S` (default 300), `--keep-logs DIR` (copies each daemon log
 //! there), `--wrap 'CMD ARGS --'` (runs the daemon under CMD, e.g. `perf record -g -o F --`),
 //! `--daemon-args 'ARGS'` (more trellisd flags, e.g. `--resync 1`), `--settle-s S` (default 2: how
-//! long the daemon keeps running after convergence before its RSS and metrics are read).
+//! long the daemon keeps running after convergence before its RSS and metrics are read),
+//! `--then-add K` (K more nodes written to etcd after convergence), `--modes nexthops,plain`
+//! (which trellisd modes to run).
 
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use futures::{StreamExt, TryStreamExt};
@@ -63,6 +67,25 @@ struct Opts {
     daemon_args: Vec<String>,
     settle: Duration,
     then_add: usize,
+    modes: Vec<Mode>,
+}
+
+/// How trellisd (and the matching `ip -batch`) programs the routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Routes by kernel nexthop object (trellisd's default).
+    Nexthops,
+    /// `--no-nexthop-objects`: a gateway per route.
+    Plain,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Nexthops => "nexthops",
+            Mode::Plain => "plain",
+        }
+    }
 }
 
 fn opts() -> Opts {
@@ -76,6 +99,7 @@ fn opts() -> Opts {
         daemon_args: Vec::new(),
         settle: Duration::from_secs(2),
         then_add: 0,
+        modes: vec![Mode::Nexthops, Mode::Plain],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -95,6 +119,16 @@ fn opts() -> Opts {
             "--then-add" => o.then_add = v.parse().expect("--then-add K"),
             "--settle-s" => o.settle = Duration::from_secs(v.parse().expect("--settle-s S")),
             "--daemon-args" => o.daemon_args = v.split_whitespace().map(String::from).collect(),
+            "--modes" => {
+                o.modes = v
+                    .split(',')
+                    .map(|m| match m.trim() {
+                        "nexthops" => Mode::Nexthops,
+                        "plain" => Mode::Plain,
+                        other => panic!("--modes: {other:?} is not nexthops or plain"),
+                    })
+                    .collect()
+            }
             other => panic!("unknown option {other}"),
         }
     }
@@ -198,8 +232,9 @@ fn counts_in(ns: &Netns) -> Counts {
 }
 
 /// The near-kernel limit: the same objects with `bridge -batch` and `ip -batch` in a fresh
-/// namespace holding a VXLAN device like trellisd's. Returns the wall time of both commands.
-fn ip_batch(remotes: &[Remote], dir: &Path) -> Duration {
+/// namespace holding a VXLAN device like trellisd's, routes by nexthop object (IDs as trellisd's)
+/// or plain. Returns the wall time of both commands.
+fn ip_batch(remotes: &[Remote], dir: &Path, mode: Mode) -> Duration {
     let ns = Netns::new(BATCH_NS);
     let n = &ns.name;
     sh(&format!(
@@ -214,8 +249,20 @@ fn ip_batch(remotes: &[Remote], dir: &Path) -> Duration {
         writeln!(fdb, "fdb add {} dev {DEVICE} dst {} self permanent", r.mac, r.underlay).unwrap();
         writeln!(ip, "neigh add {} lladdr {} dev {DEVICE} nud permanent", r.cidr, r.mac).unwrap();
     }
-    for r in remotes {
-        writeln!(ip, "route add {0}/24 via {0} dev {DEVICE} onlink proto {PROTO}", r.cidr).unwrap();
+    for (i, r) in remotes.iter().enumerate() {
+        match mode {
+            Mode::Plain => writeln!(ip, "route add {0}/24 via {0} dev {DEVICE} onlink proto {PROTO}", r.cidr),
+            Mode::Nexthops => {
+                let id = (u32::from(PROTO) << 24) + i as u32;
+                writeln!(
+                    ip,
+                    "nexthop add id {id} via {} dev {DEVICE} onlink proto {PROTO}",
+                    r.cidr
+                )
+                .and_then(|()| writeln!(ip, "route add {}/24 nhid {id} proto {PROTO}", r.cidr))
+            }
+        }
+        .unwrap();
     }
     let (fdb_file, ip_file) = (dir.join("fdb.batch"), dir.join("ip.batch"));
     std::fs::write(&fdb_file, fdb).expect("write fdb batch");
@@ -497,7 +544,7 @@ struct Trial {
     joined: Option<Duration>,
 }
 
-fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize) -> Trial {
+fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize, mode: Mode) -> Trial {
     let n = remotes.len();
     // Dropped in this order: the daemon and etcd before the namespaces they run in.
     let dir = TempDir::new(DIR);
@@ -535,6 +582,7 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize) -> Trial {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain((mode == Mode::Plain).then(|| "--no-nexthop-objects".to_string()))
     .chain(o.daemon_args.iter().cloned())
     .collect();
     let log_path = dir.path().join("trellisd.log");
@@ -575,8 +623,9 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize) -> Trial {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     if let Some(keep) = &o.keep_logs {
         std::fs::create_dir_all(keep).expect("--keep-logs dir");
-        std::fs::write(keep.join(format!("trellisd-{n}-{run}.log")), &log).expect("keep log");
-        std::fs::write(keep.join(format!("metrics-{n}-{run}.txt")), &m).expect("keep metrics");
+        let tag = format!("{n}-{}-{run}", mode.name());
+        std::fs::write(keep.join(format!("trellisd-{tag}.log")), &log).expect("keep log");
+        std::fs::write(keep.join(format!("metrics-{tag}.txt")), &m).expect("keep metrics");
     }
     let reconciled = log
         .lines()
@@ -620,6 +669,12 @@ fn med_opt(xs: impl Iterator<Item = Option<Duration>>) -> Option<Duration> {
     v.map(|v| med(v.into_iter()))
 }
 
+/// One N's figures: per mode, the `ip -batch` median and the trellisd trials.
+struct Row {
+    n: usize,
+    modes: Vec<(Mode, Duration, Vec<Trial>)>,
+}
+
 fn main() {
     trellis_tests::require_root();
     let o = opts();
@@ -627,44 +682,66 @@ fn main() {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "trellisd convergence vs ip -batch — VXLAN, N remote nodes in etcd before the daemon starts, \
-         {} run(s) per N, {cpus} CPUs",
+         {} run(s) per N, {cpus} CPUs; routes by nexthop object (trellisd's default) and plain",
         o.runs
     );
     let mut rows = Vec::new();
     for &n in &o.nodes {
         let remotes: Vec<Remote> = (1..=n).map(remote).collect();
-        let mut batch = Vec::new();
-        let mut trials = Vec::new();
-        for run in 0..o.runs {
-            let dir = TempDir::new(DIR);
-            batch.push(ip_batch(&remotes, dir.path()));
-            drop(dir);
-            trials.push(trellisd_trial(&o, &remotes, run));
+        let mut row = Row { n, modes: Vec::new() };
+        for &mode in &o.modes {
+            let mut batch = Vec::new();
+            let mut trials = Vec::new();
+            for run in 0..o.runs {
+                let dir = TempDir::new(DIR);
+                batch.push(ip_batch(&remotes, dir.path(), mode));
+                drop(dir);
+                trials.push(trellisd_trial(&o, &remotes, run, mode));
+            }
+            row.modes.push((mode, med(batch.into_iter()), trials));
         }
-        rows.push((n, med(batch.into_iter()), trials));
+        rows.push(row);
     }
 
     println!(
-        "{:>7}{:>12}{:>12}{:>8}{:>12}{:>12}{:>12}",
-        "N", "trellisd", "ip -batch", "ratio", "µs/node", "batch µs/n", "peak RSS"
+        "{:>7}  {:<9}{:>11}{:>12}{:>8}{:>10}{:>12}{:>12}",
+        "N", "routes", "trellisd", "ip -batch", "ratio", "µs/node", "batch µs/n", "peak RSS"
     );
-    for (n, batch, trials) in &rows {
-        let conv = med(trials.iter().map(|t| t.converged));
-        let hwm = median(trials.iter().map(|t| t.hwm_kb as f64).collect());
-        println!(
-            "{n:>7}{:>12}{:>12}{:>7.1}×{:>12.1}{:>12.1}{:>9.1} MiB",
-            secs(conv),
-            secs(*batch),
-            conv.as_secs_f64() / batch.as_secs_f64(),
-            conv.as_secs_f64() * 1e6 / *n as f64,
-            batch.as_secs_f64() * 1e6 / *n as f64,
-            hwm / 1024.0
-        );
+    for row in &rows {
+        for (mode, batch, trials) in &row.modes {
+            let conv = med(trials.iter().map(|t| t.converged));
+            let hwm = median(trials.iter().map(|t| t.hwm_kb as f64).collect());
+            println!(
+                "{:>7}  {:<9}{:>11}{:>12}{:>7.1}×{:>10.1}{:>12.1}{:>8.1} MiB",
+                row.n,
+                mode.name(),
+                secs(conv),
+                secs(*batch),
+                conv.as_secs_f64() / batch.as_secs_f64(),
+                conv.as_secs_f64() * 1e6 / row.n as f64,
+                batch.as_secs_f64() * 1e6 / row.n as f64,
+                hwm / 1024.0
+            );
+        }
+        let conv = |m| {
+            row.modes
+                .iter()
+                .find(|(mode, ..)| *mode == m)
+                .map(|(_, batch, t)| (med(t.iter().map(|t| t.converged)), *batch))
+        };
+        if let (Some((nh, _)), Some((_, plain_batch))) = (conv(Mode::Nexthops), conv(Mode::Plain)) {
+            println!(
+                "{:>7}  trellisd with nexthops / ip -batch with plain routes: {:.2}×",
+                row.n,
+                nh.as_secs_f64() / plain_batch.as_secs_f64()
+            );
+        }
     }
     println!("\nWhere trellisd's time goes (from its start; medians; log timestamps, /metrics, /proc):");
     println!(
-        "{:>7}{:>10}{:>10}{:>10}{:>12}{:>11}{:>10}{:>10}{:>7}{:>10}{:>12}",
+        "{:>7}  {:<9}{:>9}{:>10}{:>10}{:>12}{:>11}{:>10}{:>10}{:>7}{:>10}{:>12}",
         "N",
+        "routes",
         "up",
         "claimed",
         "own set",
@@ -676,20 +753,24 @@ fn main() {
         "recon. s",
         format!("+{} join", o.then_add)
     );
-    for (n, _, trials) in &rows {
-        println!(
-            "{n:>7}{:>10}{:>10}{:>10}{:>12}{:>11}{:>10}{:>10}{:>7}{:>10.3}{:>12}",
-            opt_secs(med_opt(trials.iter().map(|t| t.started))),
-            opt_secs(med_opt(trials.iter().map(|t| t.claimed))),
-            opt_secs(med_opt(trials.iter().map(|t| t.own))),
-            opt_secs(med_opt(trials.iter().map(|t| t.reconciled))),
-            secs(med(trials.iter().map(|t| t.converged))),
-            secs(med(trials.iter().map(|t| t.cpu_user))),
-            secs(med(trials.iter().map(|t| t.cpu_sys))),
-            median(trials.iter().map(|t| t.reconcile_runs).collect()),
-            median(trials.iter().map(|t| t.reconcile_seconds).collect()),
-            opt_secs(med_opt(trials.iter().map(|t| t.joined))),
-        );
+    for row in &rows {
+        for (mode, _, trials) in &row.modes {
+            println!(
+                "{:>7}  {:<9}{:>9}{:>10}{:>10}{:>12}{:>11}{:>10}{:>10}{:>7}{:>10.3}{:>12}",
+                row.n,
+                mode.name(),
+                opt_secs(med_opt(trials.iter().map(|t| t.started))),
+                opt_secs(med_opt(trials.iter().map(|t| t.claimed))),
+                opt_secs(med_opt(trials.iter().map(|t| t.own))),
+                opt_secs(med_opt(trials.iter().map(|t| t.reconciled))),
+                secs(med(trials.iter().map(|t| t.converged))),
+                secs(med(trials.iter().map(|t| t.cpu_user))),
+                secs(med(trials.iter().map(|t| t.cpu_sys))),
+                median(trials.iter().map(|t| t.reconcile_runs).collect()),
+                median(trials.iter().map(|t| t.reconcile_seconds).collect()),
+                opt_secs(med_opt(trials.iter().map(|t| t.joined))),
+            );
+        }
     }
     println!(
         "up: process running (underlay found); claimed: its own CIDR claimed in etcd (reads every \
@@ -700,6 +781,7 @@ fn main() {
          (--then-add K). Loading etcd took {} for the largest N (not counted).",
         o.settle.as_secs(),
         rows.last()
+            .and_then(|r| r.modes.first())
             .map_or_else(|| "—".into(), |(_, _, t)| secs(med(t.iter().map(|t| t.load))))
     );
 }

@@ -4,6 +4,8 @@
 //! receiver handed out by `Dataplane::kernel_changes` when one *might* concern us:
 //! - a route with our protocol was deleted, or a route to a destination we manage was added or
 //!   replaced by someone else (another protocol);
+//! - a nexthop object of ours was deleted (its IPv4 routes go without a notification of their
+//!   own), or someone else put one in our ID range;
 //! - a neighbour or FDB entry on our device was deleted;
 //! - our device was deleted or went down;
 //! - notifications were lost (overrun), or the monitor had to be reopened.
@@ -13,6 +15,7 @@
 //! a burst of changes wakes the receiver once.
 
 use crate::backend::TRELLISD_PROTO;
+use crate::reconcile::NEXTHOP_ID_RANGE;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -81,6 +84,9 @@ impl Interest {
                 neighbour,
             } => ours(neighbour.index),
             Change::Fdb { deleted: true, entry } => ours(entry.index),
+            Change::Nexthop { deleted, nexthop } => {
+                NEXTHOP_ID_RANGE.contains(&nexthop.id) && (*deleted == (nexthop.protocol == Some(TRELLISD_PROTO)))
+            }
             Change::Link { deleted, link } => ours(link.index) && (*deleted || !link.up),
             _ => false,
         }
@@ -89,14 +95,19 @@ impl Interest {
 
 /// Opens the monitor in the namespace at `ns` (now, so that errors show at start-up) and spawns
 /// the task that reads it; the task reopens it (and wakes the receiver) if the socket fails.
-/// `ns_file` is kept open by the task when `ns` is a `/proc/self/fd/N` path to it.
+/// `ns_file` is kept open by the task when `ns` is a `/proc/self/fd/N` path to it. `nexthops`:
+/// watch nexthop objects too (a kernel without them refuses the group).
 pub fn spawn(
     ns: PathBuf,
     interest: Arc<Interest>,
     ns_file: Arc<std::fs::File>,
+    nexthops: bool,
 ) -> Result<tokio::task::JoinHandle<()>, NetError> {
-    const GROUPS: [Group; 4] = [Group::Ipv4Route, Group::Ipv6Route, Group::Neighbour, Group::Link];
-    let mut monitor = Monitor::open_in(&ns, &GROUPS)?;
+    let mut groups = vec![Group::Ipv4Route, Group::Ipv6Route, Group::Neighbour, Group::Link];
+    if nexthops {
+        groups.push(Group::Nexthop);
+    }
+    let mut monitor = Monitor::open_in(&ns, &groups)?;
     Ok(tokio::spawn(async move {
         let _ns_file = ns_file;
         loop {
@@ -109,7 +120,7 @@ pub fn spawn(
             tracing::warn!("kernel change notifications stopped; reopening");
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                match Monitor::open_in(&ns, &GROUPS) {
+                match Monitor::open_in(&ns, &groups) {
                     Ok(m) => {
                         monitor = m;
                         // Whatever happened meanwhile was missed.
@@ -159,6 +170,17 @@ mod tests {
         };
         assert!(interest.concerns(&neigh(7)));
         assert!(!interest.concerns(&neigh(8)));
+        let nexthop = |deleted, id, protocol| Change::Nexthop {
+            deleted,
+            nexthop: trellis_net::Nexthop::new(id, trellis_net::IpFamily::V4)
+                .dev(7)
+                .protocol(protocol),
+        };
+        let ours = NEXTHOP_ID_RANGE.start + 3;
+        assert!(interest.concerns(&nexthop(true, ours, TRELLISD_PROTO)));
+        assert!(!interest.concerns(&nexthop(false, ours, TRELLISD_PROTO)), "our own");
+        assert!(interest.concerns(&nexthop(false, ours, 3)), "someone took our ID");
+        assert!(!interest.concerns(&nexthop(true, 5, 3)));
         assert!(interest.concerns(&Change::Overrun));
 
         let mut rx = interest.subscribe();

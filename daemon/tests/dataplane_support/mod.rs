@@ -44,6 +44,8 @@ pub struct Node {
     pub pod_ip4: IpAddr,
     pub pod_ip6: Option<IpAddr>,
     pub cidrs: Vec<ipnetwork::IpNetwork>,
+    /// `DataplaneConfig::nexthop_objects` (the daemon's default: true).
+    pub nexthop_objects: bool,
 }
 
 impl Node {
@@ -52,12 +54,27 @@ impl Node {
         run("ip", &[&["-n", self.ns.name()], args].concat())
     }
 
+    /// `ip -n NODE ARGS...` listing routes, with the `nhid N` of routes by nexthop object taken
+    /// out: `10.244.2.0/24 via 10.244.2.0 dev trellis.1 onlink` whichever way it is programmed.
+    pub fn routes(&self, args: &[&str]) -> String {
+        without_nhid(&self.ip(args))
+    }
+
+    /// Our nexthop objects, as `ip nexthop show` prints them (none with plain routes).
+    pub fn our_nexthops(&self) -> Vec<String> {
+        self.ip(&["nexthop", "show", "proto", "117"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn config(&self, backend: &Backend) -> DataplaneConfig {
         DataplaneConfig {
             node: self.name.clone(),
             backend: backend.clone(),
             underlay: self.underlay.clone(),
             cluster_cidrs: vec![CLUSTER_V4.parse().unwrap(), CLUSTER_V6.parse().unwrap()],
+            nexthop_objects: self.nexthop_objects,
         }
     }
 
@@ -195,9 +212,32 @@ pub async fn cluster(tag: &str, dual_stack: bool) -> Cluster {
             ns,
             pod,
             nl,
+            nexthop_objects: true,
         });
     }
     Cluster { underlay, nodes }
+}
+
+impl Cluster {
+    /// Every node programs plain routes (`--no-nexthop-objects`) instead of routes by nexthop
+    /// object. Call before creating dataplanes.
+    pub fn plain_routes(&mut self) {
+        for node in &mut self.nodes {
+            node.nexthop_objects = false;
+        }
+    }
+}
+
+/// `ip route` output without the `nhid N ` of routes by nexthop object.
+pub fn without_nhid(text: &str) -> String {
+    let line = |l: &str| match l.split_once(" nhid ") {
+        Some((head, rest)) => match rest.split_once(' ') {
+            Some((id, tail)) if id.parse::<u32>().is_ok() => format!("{head} {tail}"),
+            _ => l.to_string(),
+        },
+        None => l.to_string(),
+    };
+    text.lines().map(line).collect::<Vec<_>>().join("\n")
 }
 
 /// Creates each node's dataplane, sets its own lease, and reconciles everyone once.

@@ -304,7 +304,7 @@ mod tests {
 
     /// The bytes the kernel gets for a create.
     fn encoded(msg: LinkMessage) -> Vec<u8> {
-        let mut m = request(RouteNetlinkMessage::NewLink(msg), ACK_FLAGS | CREATE_FLAGS);
+        let mut m = request(RouteNetlinkMessage::NewLink(msg).into(), ACK_FLAGS | CREATE_FLAGS);
         m.finalize();
         let mut buf = vec![0; m.buffer_len()];
         m.serialize(&mut buf);

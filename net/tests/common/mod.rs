@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use trellis_net::netns::NetnsGuard;
-use trellis_net::{LinkInfo, Netlink, VethConfig};
+use trellis_net::{AddressOptions, LinkInfo, Netlink, VethConfig};
 
 /// A fresh named namespace `tnet-TAG-PID-N`, deleted when dropped (also on panic).
 pub fn netns(tag: &str) -> NetnsGuard {
@@ -45,4 +45,20 @@ pub async fn veth_pair_up(nl: &Netlink) -> (LinkInfo, LinkInfo) {
     nl.set_link_up(a.index).await.unwrap();
     nl.set_link_up(b.index).await.unwrap();
     (a, b)
+}
+
+/// An up veth holding 10.0.0.1/24 and fd00::1/64 (no DAD); returns its index.
+pub async fn dual_stack_link(nl: &Netlink) -> u32 {
+    let (link, _) = veth_pair_up(nl).await;
+    nl.add_address(link.index, "10.0.0.1/24".parse().unwrap())
+        .await
+        .unwrap();
+    let nodad = AddressOptions {
+        nodad: true,
+        ..Default::default()
+    };
+    nl.add_address_with(link.index, "fd00::1/64".parse().unwrap(), nodad)
+        .await
+        .unwrap();
+    link.index
 }
