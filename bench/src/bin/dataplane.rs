@@ -1,28 +1,32 @@
-//! Pod-to-pod TCP throughput across two nodes over trellis's VXLAN, next to a VXLAN set up by
+//! Pod-to-pod TCP throughput across two nodes over trellis's VXLAN, next to VXLANs set up by
 //! hand with iproute2 on an identical topology, in one run.
 //!
-//! - trellis: the test harness's cluster (`trellis_tests::cluster::Cluster`): an underlay
-//!   namespace with a bridge and etcd, two node namespaces running `trellisd` (VXLAN, VNI 1, port
-//!   8472), one pod per node wired by the `trellis` plugin (bridge mode) with the CNI config
-//!   trellisd wrote.
+//! - trellis, bridge mode and routed mode: the test harness's cluster
+//!   (`trellis_tests::cluster::Cluster`): an underlay namespace with a bridge and etcd, two node
+//!   namespaces running `trellisd` (VXLAN, VNI 1, port 8472; `--cni-mode bridge` or `routed`),
+//!   one pod per node wired by the `trellis` plugin with the CNI config trellisd wrote.
 //! - by hand: the same underlay (bridge, veths, `192.168.200.0/24`), per node a VXLAN device
 //!   with the same VNI, port, MTU (1450) and `nolearning`, a veth "pod" (MTU 1450) routed by the
 //!   node, and per remote node the same three objects trellisd programs: an onlink route via the
 //!   remote VTEP, a permanent neighbour and an FDB entry. No bridge on the pod side: the plain
-//!   VXLAN path.
-//!
+//!   VXLAN path, what trellis's routed mode builds.
 //! - by hand + masquerade: the same again, with trellisd's nftables table (`inet trellis`, its
-//!   `nat` postrouting chain: node masquerade) copied from the trellis nodes into each node. It
-//!   tells the cost of the VXLAN path from the cost of masquerading (a NAT hook makes the kernel
-//!   track and NAT-check every forwarded packet, pod to pod included).
+//!   `nat` postrouting chain: node masquerade) copied from the trellis nodes into each node. A NAT
+//!   hook makes the kernel track every forwarded packet (conntrack), pod to pod included: what
+//!   every Kubernetes node pays anyway (kube-proxy's NAT).
+//! - by hand + bridge + masquerade: flannel's shape, what trellis's bridge mode builds: the pod's
+//!   veth is a port of a bridge holding the gateway address (`cni0`). A bridge also brings
+//!   br_netfilter's IP hooks for the frames entering it (`net.bridge.bridge-nf-call-iptables`,
+//!   on by default and required by kube-proxy for bridge-based pod networks).
 //!
 //! `iperf3 -s -1` in the pod of node 2, `iperf3 -c <pod> -t 5 -J` in the pod of node 1; the
-//! figure is the receiver's `bits_per_second`. The setups alternate, 3 rounds (`--rounds`);
-//! medians are printed.
+//! figure is the receiver's `bits_per_second`. The setups take turns, in a rotating order, 5
+//! rounds (`--rounds`); medians are printed, with each trellis mode next to the hand-made path
+//! of the same shape and next to the bare hand-made path.
 //!
 //! Run (as root): `cargo build --release -p trellisd -p trellis -p trellis-ipam -p trellis-bench
 //! && target/release/dataplane`
-//! Options: `--rounds R` (default 3), `--seconds S` (default 5), `--trellisd PATH` (trellis and
+//! Options: `--rounds R` (default 5), `--seconds S` (default 5), `--trellisd PATH` (trellis and
 //! trellis-ipam must sit next to it).
 
 use serde_json::Value;
@@ -49,7 +53,7 @@ struct Opts {
 
 fn opts() -> Opts {
     let mut o = Opts {
-        rounds: 3,
+        rounds: 5,
         seconds: 5,
         trellisd: PathBuf::from("target/release/trellisd"),
     };
@@ -73,6 +77,15 @@ fn opts() -> Opts {
     o
 }
 
+/// How a hand-made pod is attached to its node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    /// The node routes to the pod's veth (trellis routed mode, Calico).
+    Routed,
+    /// The pod's veth is a port of a bridge holding the gateway (trellis bridge mode, flannel).
+    Bridge,
+}
+
 /// The VXLAN by hand: dropped pods first, then nodes, then the underlay.
 struct Manual {
     pods: Vec<Netns>,
@@ -90,7 +103,7 @@ fn manual_mac(i: usize) -> String {
     format!("0e:b1:00:00:00:{i:02x}")
 }
 
-fn manual() -> Manual {
+fn manual(attach: Attach) -> Manual {
     let underlay = Netns::new("bdu");
     let u = &underlay.name;
     sh(&format!(
@@ -117,11 +130,18 @@ fn manual() -> Manual {
              dev ul0 dstport 8472 nolearning && \
              ip -n {n} addr add {s}.0/32 dev {DEVICE} noprefixroute && ip -n {n} link set {DEVICE} up && \
              ip -n {n} link add veth0 mtu 1450 type veth peer name eth0 mtu 1450 netns {p} && \
-             ip -n {n} addr add {s}.1/24 dev veth0 && ip -n {n} link set veth0 up && \
+             {gateway} && ip -n {n} link set veth0 up && \
              ip -n {p} addr add {s}.2/24 dev eth0 && ip -n {p} link set eth0 up && \
              ip -n {p} route add default via {s}.1",
             ip = 10 + i,
-            mac = manual_mac(i)
+            mac = manual_mac(i),
+            gateway = match attach {
+                Attach::Routed => format!("ip -n {n} addr add {s}.1/24 dev veth0"),
+                Attach::Bridge => format!(
+                    "ip -n {n} link add br0 type bridge && ip -n {n} addr add {s}.1/24 dev br0 && \
+                     ip -n {n} link set br0 up && ip -n {n} link set veth0 master br0"
+                ),
+            }
         ));
         m.nodes.push(node);
         m.pods.push(pod);
@@ -170,67 +190,122 @@ fn iperf(client: &Netns, server: &Netns, ip: &str, seconds: u32) -> f64 {
     panic!("iperf3 to {ip} failed: {last}");
 }
 
+/// One setup measured: its name and the client and server pods (namespace, server address).
+struct Setup<'a> {
+    name: &'static str,
+    client: &'a Netns,
+    server: &'a Netns,
+    ip: String,
+}
+
+/// trellisd's `inet trellis` table from each trellis node, loaded into each hand-made node.
+fn copy_masquerade(from: &Cluster, to: &Manual) {
+    for (node, theirs) in from.nodes.iter().zip(&to.nodes) {
+        let table = node.ns.exec_ok(&["nft", "list", "table", "inet", "trellis"]);
+        let file = from.dir.path().join(format!("{}.nft", theirs.name));
+        std::fs::write(&file, table).expect("write nft table");
+        theirs.exec_ok(&["nft", "-f", file.to_str().expect("UTF-8 path")]);
+    }
+}
+
+/// A two-node trellis cluster writing `mode` into its CNI config, with a pod on each node.
+fn trellis_cluster(o: &Opts, mode: &str) -> Cluster {
+    let mut c = Cluster::new(2, NET_CONF, &o.trellisd, &["--cni-mode", mode]);
+    let (a, b) = (c.add_pod(0), c.add_pod(1));
+    let ip = c.pods[b].ips[0].clone();
+    assert!(
+        reachable(&c.pods[a].ns, &ip),
+        "trellis ({mode}): pod {ip} unreachable; node1 log:\n{}",
+        c.log(0)
+    );
+    c
+}
+
 fn main() {
     trellis_tests::require_root();
     let o = opts();
     cleanup::on_panic(NAMESPACES, DIRS);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
-    let mut cluster = Cluster::new(2, NET_CONF, &o.trellisd, &[]);
-    let (a, b) = (cluster.add_pod(0), cluster.add_pod(1));
-    let b_ip = cluster.pods[b].ips[0].clone();
-    assert!(
-        reachable(&cluster.pods[a].ns, &b_ip),
-        "trellis: pod {b_ip} unreachable; node1 log:\n{}",
-        cluster.log(0)
-    );
-    let m = manual();
+    let bridge = trellis_cluster(&o, "bridge");
+    let routed = trellis_cluster(&o, "routed");
     let m_ip = format!("{}.2", manual_subnet(2));
-    assert!(reachable(&m.pods[0], &m_ip), "by hand: pod {m_ip} unreachable");
-    let mq = manual();
-    for (node, theirs) in cluster.nodes.iter().zip(&mq.nodes) {
-        let table = node.ns.exec_ok(&["nft", "list", "table", "inet", "trellis"]);
-        let file = cluster.dir.path().join(format!("{}.nft", theirs.name));
-        std::fs::write(&file, table).expect("write nft table");
-        theirs.exec_ok(&["nft", "-f", file.to_str().expect("UTF-8 path")]);
+    let plain = manual(Attach::Routed);
+    let masq = manual(Attach::Routed);
+    copy_masquerade(&bridge, &masq);
+    let flannel = manual(Attach::Bridge);
+    copy_masquerade(&bridge, &flannel);
+    for (what, m) in [
+        ("by hand", &plain),
+        ("by hand + masquerade", &masq),
+        ("by hand + bridge", &flannel),
+    ] {
+        assert!(reachable(&m.pods[0], &m_ip), "{what}: pod {m_ip} unreachable");
     }
-    assert!(
-        reachable(&mq.pods[0], &m_ip),
-        "by hand + masquerade: pod {m_ip} unreachable"
-    );
+    fn trellis<'a>(c: &'a Cluster, name: &'static str) -> Setup<'a> {
+        Setup {
+            name,
+            client: &c.pods[0].ns,
+            server: &c.pods[1].ns,
+            ip: c.pods[1].ips[0].clone(),
+        }
+    }
+    fn by_hand<'a>(m: &'a Manual, name: &'static str) -> Setup<'a> {
+        Setup {
+            name,
+            client: &m.pods[0],
+            server: &m.pods[1],
+            ip: format!("{}.2", manual_subnet(2)),
+        }
+    }
+    let setups = [
+        trellis(&bridge, "trellis bridge"),
+        by_hand(&flannel, "by hand + bridge + masquerade"),
+        trellis(&routed, "trellis routed"),
+        by_hand(&masq, "by hand + masquerade"),
+        by_hand(&plain, "by hand"),
+    ];
     let mtu = |ns: &Netns| ns.exec_ok(&["cat", "/sys/class/net/eth0/mtu"]).trim().to_string();
     println!(
         "pod-to-pod TCP over VXLAN across two nodes: trellis vs by hand (iproute2) — iperf3 -t {}, \
-         {} alternating rounds, {cpus} CPUs; pod MTU {} (trellis) / {} (by hand)",
+         {} rounds of every setup in rotating order, {cpus} CPUs; pod MTU {} (trellis) / {} (by hand)",
         o.seconds,
         o.rounds,
-        mtu(&cluster.pods[a].ns),
-        mtu(&m.pods[0])
+        mtu(setups[0].client),
+        mtu(setups[4].client)
     );
 
-    let (mut ours, mut theirs, mut masq) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=o.rounds {
-        let t = iperf(&cluster.pods[a].ns, &cluster.pods[b].ns, &b_ip, o.seconds);
-        let h = iperf(&m.pods[0], &m.pods[1], &m_ip, o.seconds);
-        let q = iperf(&mq.pods[0], &mq.pods[1], &m_ip, o.seconds);
-        println!("  round {round}: trellis {t:.2}, by hand {h:.2}, by hand + masquerade {q:.2} Gbit/s");
-        ours.push(t);
-        theirs.push(h);
-        masq.push(q);
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    for round in 0..o.rounds {
+        let mut line = format!("  round {}:", round + 1);
+        for k in 0..setups.len() {
+            let i = (round + k) % setups.len();
+            let s = &setups[i];
+            let gbit = iperf(s.client, s.server, &s.ip, o.seconds);
+            results[i].push(gbit);
+            line.push_str(&format!(" {} {gbit:.2};", s.name));
+        }
+        println!("{line}");
     }
-    let (t, h, q) = (median(ours), median(theirs), median(masq));
-    let gbit = |x: f64| format!("{x:.2} Gbit/s");
+    let med: Vec<f64> = results.into_iter().map(median).collect();
+    println!("{:<32}{:>14}", "median", "Gbit/s");
+    for (s, m) in setups.iter().zip(&med) {
+        println!("{:<32}{:>14.2}", s.name, m);
+    }
+    let pct = |a: usize, b: usize| 100.0 * med[a] / med[b];
     println!(
-        "{:<22}{:>14}{:>14}{:>8}{:>24}{:>8}",
-        "", "trellis", "by hand", "ratio", "by hand + masquerade", "ratio"
+        "trellis bridge: {:.0}% of by hand + bridge + masquerade (its shape), {:.0}% of bare by hand",
+        pct(0, 1),
+        pct(0, 4)
     );
     println!(
-        "{:<22}{:>14}{:>14}{:>7.0}%{:>24}{:>7.0}%",
-        "throughput (median)",
-        gbit(t),
-        gbit(h),
-        100.0 * t / h,
-        gbit(q),
-        100.0 * t / q
+        "trellis routed: {:.0}% of by hand + masquerade (its shape), {:.0}% of bare by hand",
+        pct(2, 3),
+        pct(2, 4)
+    );
+    println!(
+        "what the shape costs by hand: masquerade (conntrack) {:.0}%, bridge (+ br_netfilter) {:.0}%",
+        100.0 - pct(3, 4),
+        100.0 - 100.0 * med[1] / med[3]
     );
 }
