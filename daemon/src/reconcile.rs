@@ -153,6 +153,9 @@ impl Dataplane {
         let masq_cfg = MasqueradeConfig::new(cfg.cluster_cidrs.iter().copied());
         let masquerade = run_in(&ns, move || Masquerade::new(masq_cfg))??;
         let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &cfg.cluster_cidrs, &nl, ethtool).await?;
+        for name in backend.remove_other_devices(&nl).await? {
+            tracing::info!(device = %name, backend = cfg.backend.name(), "removed a device an earlier backend configuration left");
+        }
         let nexthops = match (nl.nexthops_supported().await?, cfg.nexthop_objects) {
             (false, _) => {
                 tracing::info!("this kernel has no nexthop objects (Linux 5.3+): plain routes");

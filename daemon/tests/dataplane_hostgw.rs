@@ -44,10 +44,31 @@ async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
     let logs = Logs::default();
     let _guard = logs.capture();
     let c = cluster("hg", false).await;
+    // The VXLAN device of an earlier configuration (this node ran the vxlan backend).
+    c.nodes[0].ip(&[
+        "link",
+        "add",
+        "trellis.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "ul0",
+    ]);
     let (mut dps, mut leases) = start(&c, &Backend::HostGw).await;
     let n1 = &c.nodes[0];
     assert_eq!(dps[0].pod_mtu(), 1500, "no encapsulation");
-    assert!(n1.nl.link_by_name("trellis.1").await.unwrap().is_none(), "no device");
+    assert!(
+        n1.nl.link_by_name("trellis.1").await.unwrap().is_none(),
+        "no device, and the earlier one removed"
+    );
+    assert!(
+        logs.count("removed a device an earlier backend configuration left") == 1,
+        "said so"
+    );
     let routes = n1.routes(&["route", "show", "proto", "117"]);
     assert!(routes.contains("10.244.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert!(routes.contains("10.244.3.0/24 via 192.168.77.13 dev ul0"), "{routes}");

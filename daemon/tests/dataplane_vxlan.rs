@@ -273,6 +273,13 @@ async fn start_up_removes_stale_routes_of_ours_only_and_a_restart_changes_nothin
     nexthop(&theirs, "boot");
     let old = "link add trellis.1 type vxlan id 1 dstport 4789 local 192.168.77.11 dev ul0 nolearning";
     n1.ip(&old.split(' ').collect::<Vec<_>>());
+    // The device of an earlier VNI, with a route of ours on it; and someone else's VXLAN device.
+    for dev in ["trellis.7 type vxlan id 7", "vx-other type vxlan id 9"] {
+        let add = format!("link add {dev} dstport 4789 local 192.168.77.11 dev ul0");
+        n1.ip(&add.split(' ').collect::<Vec<_>>());
+    }
+    n1.ip(&["link", "set", "trellis.7", "up"]);
+    n1.ip(&["route", "add", "10.244.98.0/24", "dev", "trellis.7", "proto", "117"]);
 
     let (mut dps, leases) = start(&c, &backend).await;
     let routes = n1.routes(&["route", "show"]);
@@ -282,6 +289,10 @@ async fn start_up_removes_stale_routes_of_ours_only_and_a_restart_changes_nothin
     assert!(!nexthops.contains(&format!("id {stale} ")), "{nexthops}");
     assert!(nexthops.contains(&format!("id {theirs} ")), "{nexthops}");
     assert!(n1.ip(&["-d", "link", "show", "trellis.1"]).contains("dstport 8472"));
+    let links = n1.ip(&["link", "show"]);
+    assert!(!links.contains("trellis.7"), "{links}");
+    assert!(links.contains("vx-other"), "{links}");
+    assert!(!n1.ip(&["route", "show"]).contains("10.244.98.0"));
     assert_full_mesh(&c).await;
 
     // A restart: the dataplane stays while no daemon runs, and the next one adopts it.

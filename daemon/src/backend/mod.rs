@@ -34,7 +34,7 @@ use crate::reconcile::Underlay;
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use trellis_net::{AddressOptions, MacAddr, NetError, Netlink, Route};
+use trellis_net::{AddressOptions, LinkInfo, MacAddr, NetError, Netlink, Route};
 
 /// The route protocol (`RTPROT_*`, `ip route ... proto 117`) of every route trellisd adds.
 ///
@@ -93,6 +93,12 @@ pub(crate) async fn ensure_device_addresses(nl: &Netlink, index: u32, want: &[Ip
     Ok(())
 }
 
+/// Whether a link is a backend device of trellisd's making: a VXLAN device `trellis.<VNI>` (or
+/// `trellis<VNI>`) or the IPIP device `trellis.ipip`.
+pub fn is_backend_device(link: &LinkInfo) -> bool {
+    link.name.starts_with("trellis") && matches!(link.kind.as_deref(), Some("vxlan" | "ipip"))
+}
+
 /// The configured backend, with its state (its device, the BGP routes).
 pub enum Backend {
     Vxlan(vxlan::Vxlan),
@@ -138,6 +144,22 @@ impl Backend {
             Backend::Ipip(i) => Some(i.index()),
             Backend::Bgp(b) => b.device_index(),
         }
+    }
+
+    /// Deletes the backend devices an earlier configuration left and this one does not use
+    /// (`trellis.1` after a switch to host-gw or to another VNI, `trellis.ipip` after a switch to
+    /// vxlan); the kernel takes their addresses, routes, nexthops, neighbours and FDB entries with
+    /// them. Returns their names.
+    pub async fn remove_other_devices(&self, nl: &Netlink) -> Result<Vec<String>, NetError> {
+        let mine = self.device_index();
+        let mut removed = Vec::new();
+        for link in nl.links().await? {
+            if is_backend_device(&link) && Some(link.index) != mine {
+                nl.del_link(link.index).await?;
+                removed.push(link.name);
+            }
+        }
+        Ok(removed)
     }
 
     /// Makes the backend's device be there as configured (recreated if someone deleted or
