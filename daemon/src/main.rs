@@ -257,8 +257,11 @@ async fn run(args: Args) -> Result<(), String> {
                 None => std::future::pending::<()>().await,
             }
         };
+        // Datastore events and BGP updates send the difference from the last run; kernel
+        // notifications, the periodic resync and retries read the kernel first.
+        let mut read_kernel = true;
         tokio::select! {
-            _ = rib_changed => {}
+            _ = rib_changed => read_kernel = false,
             ev = events.recv() => match ev {
                 Some(ev) => {
                     have_snapshot = true;
@@ -269,6 +272,7 @@ async fn run(args: Args) -> Result<(), String> {
                     while let Ok(ev) = events.try_recv() {
                         apply(&mut leases, ev, &own);
                     }
+                    read_kernel = false;
                 }
                 None => return Err("the datastore stopped".into()),
             },
@@ -324,7 +328,12 @@ async fn run(args: Args) -> Result<(), String> {
                 b.pushed = true;
             }
         }
-        match dp.reconcile(&leases).await {
+        let result = if read_kernel {
+            dp.resync(&leases).await
+        } else {
+            dp.reconcile(&leases).await
+        };
+        match result {
             Ok(_) => {
                 retry_soon = false;
                 metrics.set_ready();

@@ -388,3 +388,73 @@ async fn switching_between_plain_routes_and_nexthops_loses_no_packet() {
         assert_eq!(received, sent, "{what}: {received} of {sent} pings answered");
     }
 }
+
+#[tokio::test]
+async fn a_reconcile_after_a_lease_change_sends_only_the_difference_and_a_resync_reads_the_kernel() {
+    let c = cluster("inc", true).await;
+    let (mut dps, mut leases) = start(&c, &vxlan(false)).await;
+    let n1 = &c.nodes[0];
+    let mut changes = dps[0].kernel_changes();
+    let dp = &mut dps[0];
+
+    // node-3 moves to another underlay address: its FDB entry follows, nothing else changes.
+    let was = leases["node-3"].clone();
+    let mut moved = was.clone();
+    moved.underlay_ip = "192.168.77.33".parse().unwrap();
+    leases.insert("node-3".into(), moved);
+    assert_eq!(
+        dp.reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 1 }
+    );
+    let mac3 = vtep_mac("node-3").to_string();
+    let fdb = bridge(n1, &["fdb", "show", "dev", "trellis.1"]);
+    assert!(
+        fdb.contains(&format!("{mac3} dst 192.168.77.33 self permanent")),
+        "{fdb}"
+    );
+    assert!(!fdb.contains("192.168.77.13"), "{fdb}");
+    // What the kernel holds is what that run assumed. (Its deletion of the old FDB entry woke
+    // the watch: let that pass first.)
+    while fired(&mut changes, 1).await {}
+    assert_eq!(dp.resync(&leases).await.unwrap(), ReconcileReport::default());
+
+    // A change the kernel watch does not report (a neighbour's MAC replaced in place): a
+    // reconcile trusts the last run and sends nothing; a resync reads the kernel and repairs it.
+    n1.ip(&[
+        "neigh",
+        "replace",
+        "10.244.2.0",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "trellis.1",
+        "nud",
+        "permanent",
+    ]);
+    assert!(!fired(&mut changes, 1).await, "not reported");
+    assert_eq!(dp.reconcile(&leases).await.unwrap(), ReconcileReport::default());
+    assert_eq!(
+        dp.resync(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 0 }
+    );
+    let mac2 = vtep_mac("node-2").to_string();
+    assert!(n1
+        .ip(&["neigh", "show", "dev", "trellis.1"])
+        .contains(&format!("10.244.2.0 lladdr {mac2}")));
+
+    // A change the watch reports makes the next reconcile read the kernel.
+    n1.ip(&["route", "del", "10.244.2.0/24"]);
+    assert!(fired(&mut changes, 1).await);
+    assert_eq!(
+        dp.reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 0 }
+    );
+
+    // node-3 back where it really is.
+    leases.insert("node-3".into(), was);
+    assert_eq!(
+        dp.reconcile(&leases).await.unwrap(),
+        ReconcileReport { added: 1, removed: 1 }
+    );
+    assert_full_mesh(&c).await;
+}

@@ -36,6 +36,9 @@ pub struct Interest {
     routes: Mutex<BTreeSet<IpNetwork>>,
     /// Where to send wake-ups (replaced by each `kernel_changes` call).
     notify: Mutex<Option<mpsc::Sender<()>>>,
+    /// Set with every wake-up, cleared by [`Interest::take_changed`]: whether the kernel may
+    /// hold something else than the reconciler left there.
+    changed: std::sync::atomic::AtomicBool,
 }
 
 impl Interest {
@@ -54,7 +57,13 @@ impl Interest {
         rx
     }
 
+    /// Whether a change that concerns us was seen since the last call (then, or at start: true).
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
+    }
+
     fn wake(&self) {
+        self.changed.store(true, Ordering::SeqCst);
         if let Some(tx) = &*self.notify.lock().unwrap_or_else(PoisonError::into_inner) {
             // Full means a wake-up is already pending: nothing is lost.
             let _ = tx.try_send(());
@@ -184,9 +193,12 @@ mod tests {
         assert!(interest.concerns(&Change::Overrun));
 
         let mut rx = interest.subscribe();
+        assert!(!interest.take_changed());
         interest.wake();
         interest.wake();
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err(), "a burst wakes once");
+        assert!(interest.take_changed());
+        assert!(!interest.take_changed(), "taken");
     }
 }
