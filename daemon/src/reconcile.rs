@@ -20,14 +20,14 @@
 //!
 //! It is idempotent (a second run with the same leases sends nothing), so main.rs can call it on
 //! every datastore event, on kernel notifications ([`Dataplane::kernel_changes`]) and
-//! periodically.
+//! periodically. A failed change does not stop the others: all are tried, the failures are
+//! returned together, and the next run retries what is still missing.
 //!
 //! Step 3 is most of a run's cost on a large cluster (four dumps: 39 ms at 10,000 nodes), and a
 //! run after a datastore event or a BGP update can skip it: [`Dataplane::reconcile`] takes the
 //! kernel to hold what the last complete run left there, unless the kernel watch has seen a
 //! change that concerns us since. [`Dataplane::resync`] always reads the kernel (main.rs: on
-//! kernel notifications and periodically), which also catches what the watch does not report. A failed change does not stop the others: all are tried, the failures are
-//! returned together, and the next run retries what is still missing.
+//! kernel notifications and periodically), which also catches what the watch does not report.
 //!
 //! In BGP mode, until the first [`Dataplane::set_bgp_routes`] a run only makes the device be
 //! there and changes no route, neighbour or FDB entry: the desired state is not known yet, and the
@@ -40,6 +40,8 @@
 mod nexthop;
 
 pub use nexthop::ID_RANGE as NEXTHOP_ID_RANGE;
+
+use nexthop::Assignment;
 
 use crate::backend::bgp::BgpRoute;
 use crate::backend::{kernel_watch, Backend, Desired, Notices, TRELLISD_PROTO};
@@ -535,33 +537,21 @@ fn default_metric(route: &Route) -> u32 {
 /// The routes to program for `desired`: as the backends asked for them, or with
 /// `nexthop_objects` by nexthop object of ours (see [`nexthop`]), with the nexthop changes that
 /// takes (ours that are not wanted go either way).
-#[derive(Clone, Debug, Default)]
-pub struct RoutesToProgram {
-    pub routes: BTreeMap<IpNetwork, Route>,
-    pub add_nexthops: Vec<Nexthop>,
-    pub del_nexthops: Vec<u32>,
-}
-
-fn routes_to_program(desired: &Desired, actual: &Actual, nexthop_objects: bool) -> RoutesToProgram {
+fn routes_to_program(desired: &Desired, actual: &Actual, nexthop_objects: bool) -> Assignment {
     if nexthop_objects {
-        let a = nexthop::assign(&desired.routes, &actual.nexthops, &actual.nexthop_ids);
-        RoutesToProgram {
-            routes: a.routes,
-            add_nexthops: a.add,
-            del_nexthops: a.del,
-        }
+        nexthop::assign(&desired.routes, &actual.nexthops, &actual.nexthop_ids)
     } else {
-        RoutesToProgram {
+        Assignment {
             routes: desired.routes.clone(),
-            add_nexthops: Vec::new(),
-            del_nexthops: actual.nexthops.iter().map(|n| n.id).collect(),
+            add: Vec::new(),
+            del: actual.nexthops.iter().map(|n| n.id).collect(),
         }
     }
 }
 
 /// What the kernel holds of ours once `plan`, made from `program` and `actual`, has been applied
 /// in full: the routes programmed as the kernel reports them, and nothing else of ours.
-fn settled(desired: &Desired, program: RoutesToProgram, mut actual: Actual, plan: &Plan) -> Actual {
+fn settled(desired: &Desired, program: Assignment, mut actual: Actual, plan: &Plan) -> Actual {
     actual.routes = program
         .routes
         .into_values()
@@ -589,10 +579,10 @@ pub fn plan(desired: &Desired, actual: &Actual, nexthop_objects: bool) -> Plan {
 }
 
 /// [`plan`], with the routes to program already worked out.
-fn plan_routes(desired: &Desired, program: &RoutesToProgram, actual: &Actual) -> Plan {
+fn plan_routes(desired: &Desired, program: &Assignment, actual: &Actual) -> Plan {
     let mut p = Plan {
-        add_nexthops: program.add_nexthops.clone(),
-        del_nexthops: program.del_nexthops.clone(),
+        add_nexthops: program.add.clone(),
+        del_nexthops: program.del.clone(),
         ..Plan::default()
     };
     let routes = &program.routes;

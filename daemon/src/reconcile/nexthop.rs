@@ -85,10 +85,11 @@ pub fn is_ours(nh: &Nexthop) -> bool {
     nh.protocol == Some(TRELLISD_PROTO) && ID_RANGE.contains(&nh.id)
 }
 
-/// The routes by nexthop ID, and the changes to our nexthop objects they need.
+/// The routes to program, and the changes to our nexthop objects they need.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
-    /// The desired routes, each with its nexthop ID (gateway and device kept, for the log).
+    /// The desired routes, each with its nexthop ID (gateway and device kept, for the log);
+    /// as they are with plain routes.
     pub routes: BTreeMap<IpNetwork, Route>,
     /// Nexthops to add (new IDs, free when the kernel was read).
     pub add: Vec<Nexthop>,
