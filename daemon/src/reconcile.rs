@@ -645,8 +645,8 @@ mod tests {
         r
     }
 
-    #[test]
-    fn only_the_difference_is_planned() {
+    /// What one remote node with an IPv4 and an IPv6 CIDR calls for, and its VTEP MAC.
+    fn one_remote() -> (Desired, MacAddr) {
         let mac: MacAddr = "02:00:00:00:00:02".parse().unwrap();
         let mut desired = Desired::default();
         for r in [
@@ -657,6 +657,12 @@ mod tests {
         }
         desired.neighbours.insert("10.244.2.0".parse().unwrap(), mac);
         desired.fdb.insert((mac, "192.168.0.12".parse().unwrap()));
+        (desired, mac)
+    }
+
+    #[test]
+    fn only_the_difference_is_planned() {
+        let (desired, mac) = one_remote();
 
         // Nothing there: everything is added.
         let p = plan(&desired, &Actual::default(), false);
@@ -760,16 +766,7 @@ mod tests {
     /// the last plan would have shown, or the next run would send changes for nothing.
     #[test]
     fn the_settled_state_needs_no_further_change() {
-        let mac: MacAddr = "02:00:00:00:00:02".parse().unwrap();
-        let mut desired = Desired::default();
-        for r in [
-            route("10.244.2.0/24", "10.244.2.0", 7),
-            route("fd00:2::/64", "fd00:2::", 7),
-        ] {
-            desired.routes.insert(r.destination, r);
-        }
-        desired.neighbours.insert("10.244.2.0".parse().unwrap(), mac);
-        desired.fdb.insert((mac, "192.168.0.12".parse().unwrap()));
+        let (desired, _) = one_remote();
         let stale = as_kernel_has_it(&route("10.244.9.0/24", "10.244.9.0", 7));
         let leftover = Nexthop::new(NEXTHOP_ID_RANGE.start + 9, trellis_net::IpFamily::V4)
             .dev(7)
