@@ -7,10 +7,28 @@
 //! are typed with [`RtMessage`], which hands nexthop messages to our own wire code and
 //! everything else to netlink-packet-route.
 
-use netlink_packet_core::{DecodeError, NetlinkDeserializable, NetlinkHeader, NetlinkPayload, NetlinkSerializable};
+use futures::channel::mpsc::UnboundedReceiver;
+use netlink_packet_core::{
+    DecodeError, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+};
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_proto::{Connection, ConnectionHandle, NetlinkCodec};
+use netlink_sys::{SocketAddr, TokioSocket};
 
 use crate::nexthop::{NexthopMessage, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
+
+/// A netlink-proto connection over `socket` typed with [`RtMessage`]: the connection future (to
+/// spawn), the handle for requests, and the receiver of unsolicited messages (notifications).
+#[allow(clippy::type_complexity)]
+pub(crate) fn connection(
+    socket: TokioSocket,
+) -> (
+    Connection<RtMessage, TokioSocket, NetlinkCodec>,
+    ConnectionHandle<RtMessage>,
+    UnboundedReceiver<(NetlinkMessage<RtMessage>, SocketAddr)>,
+) {
+    netlink_proto::from_socket_with_codec(socket)
+}
 
 /// A routing-netlink message.
 #[derive(Debug, Clone, PartialEq, Eq)]

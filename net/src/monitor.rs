@@ -19,7 +19,6 @@ use futures::StreamExt;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::route::RouteFlags;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_proto::NetlinkCodec;
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr, TokioSocket};
 
 use crate::message::RtMessage;
@@ -185,8 +184,7 @@ impl Monitor {
             open_socket(&groups)
         })?
         .map_err(|e| NetError::io(format!("opening a netlink monitor socket in {}", ns.display()), e))?;
-        let (connection, _handle, messages) =
-            netlink_proto::from_socket_with_codec::<RtMessage, TokioSocket, NetlinkCodec>(socket);
+        let (connection, _handle, messages) = crate::message::connection(socket);
         runtime.spawn(connection);
         Ok(Self { messages })
     }

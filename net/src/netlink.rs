@@ -18,7 +18,7 @@ use std::path::Path;
 use futures::StreamExt;
 use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_proto::{ConnectionHandle, NetlinkCodec};
+use netlink_proto::ConnectionHandle;
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, SocketAddr, TokioSocket};
 
 use crate::message::RtMessage;
@@ -58,8 +58,7 @@ impl Netlink {
             open_socket()
         })?
         .map_err(|e| NetError::io(format!("opening a netlink socket in {}", ns.display()), e))?;
-        let (mut connection, handle, _unsolicited) =
-            netlink_proto::from_socket_with_codec::<RtMessage, TokioSocket, NetlinkCodec>(socket);
+        let (mut connection, handle, _unsolicited) = crate::message::connection(socket);
         // Needed to see NLM_F_DUMP_INTR on NLMSG_DONE, and to tell an ACK from a lost connection.
         connection.set_forward_done(true);
         connection.set_forward_ack(true);

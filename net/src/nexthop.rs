@@ -119,11 +119,11 @@ impl Nexthop {
         if self.gateway.is_some_and(|gw| IpFamily::of(gw) != family) {
             return invalid("the gateway is not of the nexthop's family");
         }
-        if self.gateway.is_none() && self.oif.is_none() {
-            return invalid("neither a gateway nor a device");
-        }
         if !self.group.is_empty() || self.blackhole {
             return invalid("groups and blackholes are not supported");
+        }
+        if self.gateway.is_none() && self.oif.is_none() {
+            return invalid("neither a gateway nor a device");
         }
         let mut attributes = vec![NexthopAttribute::Id(self.id)];
         if let Some(oif) = self.oif {
@@ -220,22 +220,33 @@ impl NexthopAttribute {
         }
     }
 
-    fn value(&self) -> Vec<u8> {
+    /// The payload's length (without the 4-byte header and padding).
+    fn value_len(&self) -> usize {
         match self {
-            Self::Id(v) | Self::Oif(v) => v.to_ne_bytes().to_vec(),
-            Self::Group(ids) => ids
-                .iter()
-                .flat_map(|id| {
-                    // struct nexthop_grp { u32 id; u8 weight; u8 weight_high; u16 resvd2; }
-                    let mut e = id.to_ne_bytes().to_vec();
-                    e.extend_from_slice(&[0; 4]);
-                    e
-                })
-                .collect(),
-            Self::Blackhole => Vec::new(),
-            Self::Gateway(IpAddr::V4(ip)) => ip.octets().to_vec(),
-            Self::Gateway(IpAddr::V6(ip)) => ip.octets().to_vec(),
-            Self::Other(_, bytes) => bytes.clone(),
+            Self::Id(_) | Self::Oif(_) => 4,
+            // struct nexthop_grp { u32 id; u8 weight; u8 weight_high; u16 resvd2; }
+            Self::Group(ids) => 8 * ids.len(),
+            Self::Blackhole => 0,
+            Self::Gateway(IpAddr::V4(_)) => 4,
+            Self::Gateway(IpAddr::V6(_)) => 16,
+            Self::Other(_, bytes) => bytes.len(),
+        }
+    }
+
+    /// Writes the payload into `out`, exactly [`NexthopAttribute::value_len`] bytes.
+    fn emit_value(&self, out: &mut [u8]) {
+        match self {
+            Self::Id(v) | Self::Oif(v) => out.copy_from_slice(&v.to_ne_bytes()),
+            Self::Group(ids) => {
+                for (entry, id) in out.chunks_exact_mut(8).zip(ids) {
+                    entry[..4].copy_from_slice(&id.to_ne_bytes());
+                    entry[4..].fill(0);
+                }
+            }
+            Self::Blackhole => {}
+            Self::Gateway(IpAddr::V4(ip)) => out.copy_from_slice(&ip.octets()),
+            Self::Gateway(IpAddr::V6(ip)) => out.copy_from_slice(&ip.octets()),
+            Self::Other(_, bytes) => out.copy_from_slice(bytes),
         }
     }
 
@@ -282,12 +293,7 @@ pub(crate) struct NexthopMessage {
 
 impl NexthopMessage {
     pub(crate) fn buffer_len(&self) -> usize {
-        NHMSG_LEN
-            + self
-                .attributes
-                .iter()
-                .map(|a| align4(4 + a.value().len()))
-                .sum::<usize>()
+        NHMSG_LEN + self.attributes.iter().map(|a| align4(4 + a.value_len())).sum::<usize>()
     }
 
     /// Writes the message into `buf`, which is exactly [`NexthopMessage::buffer_len`] long.
@@ -296,11 +302,10 @@ impl NexthopMessage {
         buf[4..8].copy_from_slice(&self.flags.to_ne_bytes());
         let mut off = NHMSG_LEN;
         for a in &self.attributes {
-            let value = a.value();
-            let len = 4 + value.len();
+            let len = 4 + a.value_len();
             buf[off..off + 2].copy_from_slice(&(len as u16).to_ne_bytes());
             buf[off + 2..off + 4].copy_from_slice(&a.kind().to_ne_bytes());
-            buf[off + 4..off + len].copy_from_slice(&value);
+            a.emit_value(&mut buf[off + 4..off + len]);
             buf[off + len..off + align4(len)].fill(0);
             off += align4(len);
         }

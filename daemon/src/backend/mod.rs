@@ -149,14 +149,17 @@ impl Backend {
     /// Deletes the backend devices an earlier configuration left and this one does not use
     /// (`trellis.1` after a switch to host-gw or to another VNI, `trellis.ipip` after a switch to
     /// vxlan); the kernel takes their addresses, routes, nexthops, neighbours and FDB entries with
-    /// them. Returns their names.
+    /// them. Returns their names. A device that cannot be deleted is logged and left: it stops
+    /// nothing of this configuration.
     pub async fn remove_other_devices(&self, nl: &Netlink) -> Result<Vec<String>, NetError> {
         let mine = self.device_index();
         let mut removed = Vec::new();
         for link in nl.links().await? {
             if is_backend_device(&link) && Some(link.index) != mine {
-                nl.del_link(link.index).await?;
-                removed.push(link.name);
+                match nl.del_link(link.index).await {
+                    Ok(()) => removed.push(link.name),
+                    Err(e) => tracing::warn!(device = %link.name, "left by an earlier backend configuration: {e}"),
+                }
             }
         }
         Ok(removed)

@@ -60,15 +60,17 @@ impl Key {
         })
     }
 
+    /// What a plain nexthop does; `None` for groups and blackholes.
     fn of_nexthop(nh: &Nexthop) -> Option<Key> {
-        let plain = nh.group.is_empty() && !nh.blackhole;
+        if !nh.group.is_empty() || nh.blackhole {
+            return None;
+        }
         Some(Key {
             family: nh.family?,
             gateway: nh.gateway,
             oif: nh.oif,
             onlink: nh.onlink,
         })
-        .filter(|_| plain)
     }
 
     fn nexthop(&self, id: u32) -> Nexthop {
