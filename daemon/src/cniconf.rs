@@ -1,7 +1,13 @@
 //! The node's CNI config, `/etc/cni/net.d/10-trellis.conflist`, written once the node holds its
 //! CIDR: the `trellis` plugin with `trellis-ipam` ranges = the node's CIDRs and the pod MTU the
-//! backend leaves, then `portmap` for hostPort. Written atomically (temp file + rename) and only
-//! when it changes, so a kubelet reading it never sees half a file.
+//! backend leaves, then `portmap` for hostPort when it is installed. Written atomically (temp
+//! file + rename) and only when it changes, so a kubelet reading it never sees half a file.
+//!
+//! Which CNI version: `"cniVersion": "1.0.0"` with `"cniVersions": [... "1.1.0"]`. A runtime on
+//! libcni 1.1 or older (containerd 1.6/1.7, podman 4, older CRI-O) reads only `cniVersion`
+//! and fails every pod sandbox on a version it does not know (libcni 1.1.2 knows up to 1.0.0);
+//! libcni 1.2+ picks the highest of `cniVersions` it supports, so it still calls our STATUS and
+//! GC (1.1 verbs). The plugins answer in whichever version they are called with.
 
 use crate::lease::Lease;
 use serde_json::{json, Value};
@@ -19,9 +25,19 @@ pub struct CniConfOptions {
     pub bridge: String,
     /// trellis-ipam's `dataDir`; its default when `None`.
     pub ipam_data_dir: Option<PathBuf>,
-    /// Chain the reference `portmap` plugin (hostPort), as flannel's config does.
+    /// Chain the reference `portmap` plugin (hostPort), as flannel's config does, when it is
+    /// installed in `cni_bin_dir` (a plugin that is not there fails every pod on the node).
     pub portmap: bool,
+    /// The host's CNI bin folder as this process sees it.
+    pub cni_bin_dir: PathBuf,
 }
+
+/// The version written as `cniVersion`: the newest libcni 1.1 and older know.
+pub const CNI_VERSION: &str = "1.0.0";
+/// Every version the plugins speak, for libcni 1.2+ (`cniVersions`).
+pub const CNI_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The reference hostPort plugin.
+pub const PORTMAP: &str = "portmap";
 
 impl Default for CniConfOptions {
     fn default() -> Self {
@@ -32,12 +48,18 @@ impl Default for CniConfOptions {
             bridge: "cni0".into(),
             ipam_data_dir: None,
             portmap: true,
+            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
         }
     }
 }
 
-/// The conflist for `own` and the pod MTU.
-pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
+/// Whether `portmap` goes into the conflist: wanted and installed.
+pub fn with_portmap(opts: &CniConfOptions) -> bool {
+    opts.portmap && opts.cni_bin_dir.join(PORTMAP).is_file()
+}
+
+/// The conflist for `own` and the pod MTU; `portmap` chained when `with_portmap`.
+pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions, with_portmap: bool) -> Value {
     let ranges: Vec<Value> = own
         .pod_cidrs
         .iter()
@@ -59,10 +81,15 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
         "mtu": mtu,
         "ipam": ipam,
     })];
-    if opts.portmap {
-        plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+    if with_portmap {
+        plugins.push(json!({"type": PORTMAP, "capabilities": {"portMappings": true}}));
     }
-    json!({"cniVersion": "1.1.0", "name": opts.network, "plugins": plugins})
+    json!({
+        "cniVersion": CNI_VERSION,
+        "cniVersions": CNI_VERSIONS,
+        "name": opts.network,
+        "plugins": plugins,
+    })
 }
 
 /// The pod CIDRs in a conflist written before (none when it is missing or unreadable).
@@ -114,7 +141,9 @@ mod tests {
             pod_cidrs: vec!["10.244.3.0/24".parse().unwrap(), "fd00:244:3::/64".parse().unwrap()],
             backend: BackendData::HostGw,
         };
-        let c = render(&own, 1450, &CniConfOptions::default());
+        let c = render(&own, 1450, &CniConfOptions::default(), true);
+        assert_eq!(c["cniVersion"], "1.0.0");
+        assert_eq!(c["cniVersions"], json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
         let p = &c["plugins"][0];
         assert_eq!(p["mtu"], 1450);
         assert_eq!(p["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
@@ -128,6 +157,22 @@ mod tests {
         assert!(!write_if_changed(&path, &text).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(read_cidrs(&path), own.pod_cidrs);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn portmap_only_when_installed() {
+        let dir = std::env::temp_dir().join(format!("trellisd-cnibin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut opts = CniConfOptions {
+            cni_bin_dir: dir.clone(),
+            ..Default::default()
+        };
+        assert!(!with_portmap(&opts), "no portmap binary: left out");
+        std::fs::write(dir.join("portmap"), b"").unwrap();
+        assert!(with_portmap(&opts));
+        opts.portmap = false;
+        assert!(!with_portmap(&opts), "--no-portmap");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

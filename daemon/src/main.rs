@@ -83,9 +83,13 @@ struct Args {
     /// trellis-ipam's dataDir in the CNI config (its default when not given).
     #[arg(long)]
     ipam_data_dir: Option<PathBuf>,
-    /// Leave portmap out of the CNI config.
+    /// Leave portmap out of the CNI config (it is also left out when it is not installed in
+    /// `--cni-bin-dir`).
     #[arg(long)]
     no_portmap: bool,
+    /// The host's CNI bin folder as this process sees it (to check what is installed there).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     resync: u64,
@@ -101,6 +105,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    // The one TLS crypto provider (the Kubernetes client's HTTPS): explicit, so no build that
+    // happens to enable a second provider can leave rustls unable to choose one at run time.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Some(Cmd::InstallCni { from, to }) = &args.cmd {
         match trellisd::install::install(from, to, trellisd::install::PLUGINS) {
             Ok(written) => {
@@ -204,6 +211,7 @@ async fn run(args: Args) -> Result<(), String> {
         mode: args.cni_mode.clone(),
         ipam_data_dir: args.ipam_data_dir.clone(),
         portmap: !args.no_portmap,
+        cni_bin_dir: args.cni_bin_dir.clone(),
         ..Default::default()
     };
     write_cni_conf(&own, dp.pod_mtu(), &opts)?;
@@ -265,12 +273,12 @@ async fn run(args: Args) -> Result<(), String> {
             ev = events.recv() => match ev {
                 Some(ev) => {
                     have_snapshot = true;
-                    apply(&mut leases, ev, &own);
+                    apply(&mut leases, ev, &own)?;
                     // Nodes often join or leave in bursts: take every event already queued (and
                     // those arriving within 10 ms) before one reconcile, not one each.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     while let Ok(ev) = events.try_recv() {
-                        apply(&mut leases, ev, &own);
+                        apply(&mut leases, ev, &own)?;
                     }
                     read_kernel = false;
                 }
@@ -390,8 +398,9 @@ async fn start_bgp(
     })
 }
 
-/// Applies a datastore event; this node's own lease always stays as this process holds it.
-fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) {
+/// Applies a datastore event; this node's own lease always stays as this process holds it. A
+/// lost own lease ends the daemon (non-zero exit: the DaemonSet restarts it onto a clean state).
+fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) -> Result<(), String> {
     match ev {
         Event::Snapshot(all) => {
             leases.clear();
@@ -405,12 +414,21 @@ fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) {
                 info!(node, "node left");
             }
         }
+        Event::Lost(why) => return Err(why),
     }
     leases.insert(own.node.clone(), own.clone());
+    Ok(())
 }
 
 fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts)).expect("JSON") + "\n";
+    let portmap = cniconf::with_portmap(opts);
+    if opts.portmap && !portmap {
+        warn!(
+            dir = %opts.cni_bin_dir.display(),
+            "portmap is not installed there: the CNI config leaves it out, so pods' hostPorts are not served on this node"
+        );
+    }
+    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts, portmap)).expect("JSON") + "\n";
     match cniconf::write_if_changed(&opts.path, &text) {
         Ok(true) => info!(path = %opts.path.display(), mtu, "wrote the CNI config"),
         Ok(false) => {}

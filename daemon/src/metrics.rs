@@ -7,7 +7,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The daemon's metrics; cheap to clone, shared by every part.
 #[derive(Clone)]
@@ -29,6 +29,9 @@ struct Inner {
     /// Datastore operations that failed (connection lost, request refused).
     pub datastore_errors: Counter,
     ready: AtomicBool,
+    /// Why this node's lease is not what the datastore says (its Node object deleted, say):
+    /// `/healthz` fails while it is set, whatever the reconciler did.
+    lease_problem: Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -78,6 +81,7 @@ impl Metrics {
                 kernel_objects_removed,
                 datastore_errors,
                 ready: AtomicBool::new(false),
+                lease_problem: Mutex::new(None),
             }),
         }
     }
@@ -107,7 +111,30 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Relaxed)
+        self.health().is_ok()
+    }
+
+    /// Sets or clears what is wrong with this node's lease.
+    pub fn set_lease_problem(&self, problem: Option<String>) {
+        *self.inner.lease_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// `Ok` when healthy, else why not (the `/healthz` body).
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(p) = self
+            .inner
+            .lease_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(p.clone());
+        }
+        if self.inner.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("waiting for the node lease".into())
+        }
     }
 
     pub fn render(&self) -> String {
@@ -116,7 +143,8 @@ impl Metrics {
         out
     }
 
-    /// Serves `/healthz` (200 once ready, 503 before) and `/metrics` on `addr` until the process
+    /// Serves `/healthz` (200 once ready, 503 with the reason before and while the lease is in
+    /// question) and `/metrics` on `addr` until the process
     /// ends.
     pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
         use axum::{http::StatusCode, routing::get, Router};
@@ -126,12 +154,11 @@ impl Metrics {
             .route(
                 "/healthz",
                 get(move || {
-                    let ready = health.is_ready();
+                    let health = health.health();
                     async move {
-                        if ready {
-                            (StatusCode::OK, "ok\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "waiting for the node lease\n")
+                        match health {
+                            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                         }
                     }
                 }),

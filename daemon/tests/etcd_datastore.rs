@@ -98,6 +98,7 @@ impl Node {
             Event::Remove(n) => {
                 self.view.remove(&n);
             }
+            Event::Lost(why) => panic!("the etcd datastore gave up this node's lease: {why}"),
         }
     }
 

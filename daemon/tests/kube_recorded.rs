@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
-use trellisd::datastore::kube::{annotations, lease_from_node, Skip, Translator};
+use trellisd::datastore::kube::{annotations, lease_from_node, OwnNode, Skip, Translator, BACKEND_DATA};
 use trellisd::datastore::{Event, NodeInfo};
 use trellisd::lease::{BackendData, MacString};
 
@@ -112,4 +112,68 @@ fn no_api_server_a_recorded_watch_stream_becomes_lease_events() {
         [Event::Snapshot(all)] => assert_eq!(all.len(), 1),
         other => panic!("{other:?}"),
     }
+}
+
+/// The daemon's own Node, as the watch shows it: kept, stripped of its annotations, deleted,
+/// re-registered without and then with a pod CIDR, and given another CIDR.
+#[test]
+fn no_api_server_own_node_states_follow_the_watch() {
+    let me = NodeInfo {
+        name: "worker-1".into(),
+        underlay_ip: "192.168.56.21".parse().unwrap(),
+        backend: BackendData::HostGw,
+    };
+    let mut ours = node("node-worker-dualstack.json");
+    ours.metadata
+        .annotations
+        .get_or_insert_default()
+        .extend(annotations(&me));
+    let own = lease_from_node(&ours).unwrap();
+    let mut t = Translator::for_node(&own, annotations(&me));
+    assert_eq!(t.own_state(), OwnNode::Unknown);
+    t.handle(watcher::Event::Init);
+    t.handle(watcher::Event::InitApply(ours.clone()));
+    t.handle(watcher::Event::InitDone);
+    assert_eq!(t.own_state(), OwnNode::Matches);
+    // Another node's changes say nothing about ours.
+    t.handle(watcher::Event::Apply(node("node-control-plane.json")));
+    assert_eq!(t.own_state(), OwnNode::Matches);
+
+    let mut stripped = ours.clone();
+    stripped.metadata.annotations.as_mut().unwrap().remove(BACKEND_DATA);
+    t.handle(watcher::Event::Apply(stripped));
+    assert_eq!(t.own_state(), OwnNode::NeedsPublish);
+
+    t.handle(watcher::Event::Delete(ours.clone()));
+    assert_eq!(t.own_state(), OwnNode::Missing);
+
+    let mut bare = ours.clone();
+    bare.metadata.annotations = None;
+    bare.spec.as_mut().unwrap().pod_cidrs = None;
+    bare.spec.as_mut().unwrap().pod_cidr = None;
+    t.handle(watcher::Event::Apply(bare.clone()));
+    assert_eq!(t.own_state(), OwnNode::AwaitingCidr);
+
+    let mut same_cidr = bare.clone();
+    same_cidr.spec = ours.spec.clone();
+    t.handle(watcher::Event::Apply(same_cidr));
+    assert_eq!(
+        t.own_state(),
+        OwnNode::NeedsPublish,
+        "re-registered with the same CIDR: publish again"
+    );
+
+    // A relist that does not have our Node at all.
+    t.handle(watcher::Event::Init);
+    t.handle(watcher::Event::InitApply(node("node-control-plane.json")));
+    t.handle(watcher::Event::InitDone);
+    assert_eq!(t.own_state(), OwnNode::Missing);
+
+    let mut moved = ours.clone();
+    moved.spec.as_mut().unwrap().pod_cidrs = Some(vec!["10.244.9.0/24".into()]);
+    t.handle(watcher::Event::Apply(moved));
+    assert_eq!(
+        t.own_state(),
+        OwnNode::CidrChanged(vec!["10.244.9.0/24".parse().unwrap()])
+    );
 }

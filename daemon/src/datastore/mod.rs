@@ -11,6 +11,7 @@
 pub mod etcd;
 pub mod kube;
 pub mod none;
+pub mod retry;
 
 use crate::config::Pool;
 use crate::lease::{BackendData, Lease};
@@ -35,6 +36,10 @@ pub enum Event {
     Upsert(Lease),
     /// A node's lease was deleted or expired.
     Remove(String),
+    /// This node's own lease is no longer what the datastore says (its Node came back with
+    /// another pod CIDR): the daemon must start over, so it exits non-zero and the DaemonSet
+    /// restarts it onto a clean state. The text says why, for the operator.
+    Lost(String),
 }
 
 #[derive(Debug, thiserror::Error)]

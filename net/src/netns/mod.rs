@@ -100,12 +100,24 @@ pub fn run_in_fd<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) -> R
 }
 
 fn spawn_in<T: Send>(ns: BorrowedFd<'_>, label: &str, f: impl FnOnce() -> T + Send) -> Result<T, NetError> {
+    // Why: entering a namespace needs CAP_SYS_ADMIN, even the one the thread is already in. A
+    // DaemonSet pod on the host network with only NET_ADMIN (trellisd's manifest) opens its
+    // sockets in its own namespace: that must not need setns at all.
+    if is_thread_netns(ns) {
+        return Ok(f());
+    }
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("trellis-netns".into())
             .spawn_scoped(scope, move || {
-                setns(ns, CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| NetError::errno_io(format!("entering network namespace {label}"), e))?;
+                setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    let what = if e == nix::errno::Errno::EPERM {
+                        format!("entering network namespace {label} (needs CAP_SYS_ADMIN)")
+                    } else {
+                        format!("entering network namespace {label}")
+                    };
+                    NetError::errno_io(what, e)
+                })?;
                 Ok(f())
             })
             .map_err(|e| NetError::io("spawning a thread to enter a network namespace", e))?;
@@ -116,6 +128,17 @@ fn spawn_in<T: Send>(ns: BorrowedFd<'_>, label: &str, f: impl FnOnce() -> T + Se
             })
         })
     })
+}
+
+/// Whether `ns` is the calling thread's own network namespace (same device and inode).
+fn is_thread_netns(ns: BorrowedFd<'_>) -> bool {
+    let Ok(own) = std::fs::metadata(THREAD_NETNS) else {
+        return false;
+    };
+    let Ok(other) = nix::sys::stat::fstat(ns) else {
+        return false;
+    };
+    own.dev() == other.st_dev && own.ino() == other.st_ino
 }
 
 /// An identity for the namespace at `path` (its inode number): two paths name the same
