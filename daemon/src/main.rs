@@ -102,6 +102,9 @@ struct Args {
 
 fn main() {
     tracing_subscriber::fmt()
+        // Logs on stderr, as every node daemon (stdout is for what a command prints).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();

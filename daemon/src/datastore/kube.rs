@@ -515,7 +515,12 @@ async fn watch_nodes(
     metrics: crate::metrics::Metrics,
 ) {
     use futures::StreamExt;
-    let config = watcher::Config::default().any_semantic();
+    // Lists from the watch cache (`resourceVersion=0`). kube leaves the resourceVersion out of
+    // a list that has a `limit` (its default page size is 500), which makes every relist a
+    // quorum read of etcd: no page size, as client-go's informers do (the API server ignores
+    // `limit` for cache reads anyway).
+    let mut config = watcher::Config::default().any_semantic();
+    config.page_size = None;
     let mut stream = std::pin::pin!(watcher(nodes, config));
     let mut backoff = Backoff::default();
     let mut failures = FailureLog::new("watching Nodes", metrics.clone());
@@ -543,11 +548,13 @@ async fn watch_nodes(
                 if state != reported {
                     report_own(&publisher.name, &state, &metrics);
                     if let OwnNode::CidrChanged(now) = &state {
+                        let list = |c: &[IpNetwork]| c.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+                        let held = t.own.as_ref().map(|o| list(&o.cidrs)).unwrap_or_default();
                         let why = format!(
-                            "this node's Node ({}) now has pod CIDRs {now:?}, not the {:?} this process holds \
+                            "this node's Node ({}) now has pod CIDRs {}, not the {held} this process holds \
                              (deleted and registered again?); exiting so that a restart starts over with them",
                             publisher.name,
-                            t.own.as_ref().map(|o| o.cidrs.clone()).unwrap_or_default()
+                            list(now),
                         );
                         let _ = tx.send(Event::Lost(why)).await;
                         return;
