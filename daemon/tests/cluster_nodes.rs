@@ -2,9 +2,8 @@
 //! wired by the real plugins with the CNI config each daemon wrote, traffic between them.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use trellis_tests::cluster::Cluster;
+use trellis_tests::cluster::{wait_until, Cluster};
 
 fn trellisd() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
@@ -73,39 +72,19 @@ fn host_gw_every_pod_reaches_every_pod() {
     }
 }
 
-/// The route to `cidr`'s network on node `i`, as `ip route` prints it (empty when none).
-fn route_to(c: &Cluster, i: usize, cidr: &str) -> String {
-    c.nodes[i].ns.exec_ok(&["ip", "route", "show", cidr])
-}
-
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn node_cidr(c: &Cluster, i: usize) -> String {
-    c.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn a_node_removed_from_etcd_disappears_from_the_others() {
     let mut c = three_nodes_two_pods_each(VXLAN);
-    let cidr3 = node_cidr(&c, 2);
+    let cidr3 = c.node_cidr(2);
     wait_until("route to node3", Duration::from_secs(10), || {
-        !route_to(&c, 0, &cidr3).is_empty()
+        !c.route_to(0, &cidr3).is_empty()
     });
     c.stop_daemon(2);
     let out = c.etcdctl(&["del", "--prefix", "/trellis/leases/node3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for i in 0..2 {
         wait_until("node3's route gone", Duration::from_secs(10), || {
-            route_to(&c, i, &cidr3).is_empty()
+            c.route_to(i, &cidr3).is_empty()
         });
         let neigh = c.nodes[i].ns.exec_ok(&["ip", "neigh", "show", "nud", "permanent"]);
         let fdb = c.nodes[i].ns.exec_ok(&["bridge", "fdb", "show", "dev", "trellis.1"]);
@@ -127,55 +106,17 @@ fn a_node_removed_from_etcd_disappears_from_the_others() {
 #[test]
 fn a_route_deleted_by_hand_comes_back_within_a_second() {
     let c = three_nodes_two_pods_each(HOST_GW);
-    let cidr2 = node_cidr(&c, 1);
+    let cidr2 = c.node_cidr(1);
     wait_until("route to node2", Duration::from_secs(10), || {
-        !route_to(&c, 0, &cidr2).is_empty()
+        !c.route_to(0, &cidr2).is_empty()
     });
     c.nodes[0].ns.exec_ok(&["ip", "route", "del", &cidr2]);
     let t = Instant::now();
     wait_until("route back", Duration::from_secs(3), || {
-        !route_to(&c, 0, &cidr2).is_empty()
+        !c.route_to(0, &cidr2).is_empty()
     });
     eprintln!("route restored after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
-}
-
-/// Pings from pod `from` to `to` every 50 ms for `seconds`, while `during` runs; returns (sent,
-/// received). Ping stops by itself after its count and waits for the last replies, so a packet
-/// in flight at the end is not counted as lost.
-fn ping_during(c: &mut Cluster, from: usize, to: &str, seconds: u32, during: impl FnOnce(&mut Cluster)) -> (u32, u32) {
-    let count = (seconds * 20).to_string();
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.pods[from].ns.name,
-            "ping",
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-            "-c",
-            &count,
-            to,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    during(c);
-    let out = ping.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let stats = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping stats: {text}"));
-    let nums: Vec<u32> = stats
-        .split(|ch: char| !ch.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    (nums[0], nums[1])
 }
 
 #[test]
@@ -183,7 +124,7 @@ fn restarting_a_daemon_loses_no_ping() {
     let mut c = three_nodes_two_pods_each(VXLAN);
     c.all_reach_all(Duration::from_secs(15)).unwrap();
     let target = c.pods[2].ips[0].clone();
-    let (sent, got) = ping_during(&mut c, 0, &target, 5, |c| {
+    let (sent, got) = c.ping_during(0, &target, 5, |c| {
         c.stop_daemon(1);
         std::thread::sleep(Duration::from_millis(500));
         c.start_daemon(1);
@@ -205,7 +146,7 @@ fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
     c.add_pod(1);
     c.all_reach_all(Duration::from_secs(15)).unwrap();
     let target = c.pods[1].ips[0].clone();
-    let (sent, got) = ping_during(&mut c, 0, &target, 33, |c| {
+    let (sent, got) = c.ping_during(0, &target, 33, |c| {
         c.stop_etcd();
         std::thread::sleep(Duration::from_secs(30));
         c.start_etcd();
@@ -222,7 +163,7 @@ fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let t = Instant::now();
-    while route_to(&c, 0, "10.244.99.0/24").is_empty() {
+    while c.route_to(0, "10.244.99.0/24").is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "node1 did not learn a lease put after etcd's restart; its log:\n{}",
@@ -232,27 +173,15 @@ fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
     }
 }
 
-/// GET `path` from the daemon's default listen address inside node `i`'s namespace.
-fn http_get(c: &Cluster, i: usize, path: &str) -> (u16, String) {
-    let script = format!(
-        "import urllib.request, urllib.error\n\
-         try:\n    r = urllib.request.urlopen('http://127.0.0.1:9909{path}', timeout=5); print(r.status); print(r.read().decode())\n\
-         except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())"
-    );
-    let out = c.nodes[i].ns.exec_ok(&["python3", "-c", &script]);
-    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
-    (status.trim().parse().unwrap_or(0), body.to_string())
-}
-
 #[test]
 fn health_and_metrics_are_served() {
     let c = Cluster::new(2, &net_conf(VXLAN), &trellisd(), &["--resync", "1"]);
     wait_until("healthy", Duration::from_secs(10), || {
-        http_get(&c, 0, "/healthz").0 == 200
+        c.http_get(0, "/healthz").0 == 200
     });
     let t = Instant::now();
     loop {
-        let (status, body) = http_get(&c, 0, "/metrics");
+        let (status, body) = c.http_get(0, "/metrics");
         assert_eq!(status, 200);
         let value = |name: &str| -> f64 {
             body.lines()

@@ -1,11 +1,13 @@
 //! A cluster on one machine: an underlay namespace with a bridge (and an etcd server listening
-//! on it), N node namespaces joined to it by veths, `trellisd` in each node, and pods wired by
-//! the `trellis` plugin with the CNI config each daemon wrote. Everything is deleted (processes
-//! killed, namespaces removed) when the [`Cluster`] drops, also when the test panics.
+//! on it, or the stand-in Kubernetes API server: [`Options::kube`]), N node namespaces joined to
+//! it by veths, `trellisd` in each node, and pods wired by the `trellis` plugin with the CNI
+//! config each daemon wrote. Everything is deleted (processes killed, namespaces removed) when
+//! the [`Cluster`] drops, also when the test panics.
 //!
 //! Each cluster's addresses live in its own namespaces, so clusters of parallel tests can use
 //! the same underlay subnet without colliding.
 
+use crate::kube_apiserver::ApiServer;
 use crate::{CniCall, Netns, TempDir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -62,13 +64,38 @@ pub struct Node {
     pub ns: Netns,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// Started as a DaemonSet pod with the in-cluster config: the service account's token and
+    /// CA at `/var/run/secrets/kubernetes.io/serviceaccount/` (a tmpfs on `/run` in the
+    /// daemon's own mount namespace) and `KUBERNETES_SERVICE_HOST`/`PORT`.
+    pub in_cluster: bool,
 }
+
+/// How a [`Cluster`] is set up beyond its size and net-conf.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The Kubernetes datastore, served by the stand-in API server at [`UNDERLAY`].1:6443 in
+    /// the underlay namespace, with one Node per node (`nodeN`) holding these pod CIDRs (what
+    /// the controller manager would have given it); etcd when `None`.
+    pub kube: Option<Vec<Vec<String>>>,
+    /// Nodes (0-based) whose daemon uses the in-cluster config instead of a kubeconfig.
+    pub in_cluster: Vec<usize>,
+    /// Run every daemon with only these capabilities (as `setpriv` names them: `net_admin`),
+    /// as a container runtime would from the manifest's securityContext.
+    pub capabilities: Option<Vec<String>>,
+    /// Do not wait for the CNI configs (for daemons that are expected not to get there).
+    pub no_wait: bool,
+}
+
+/// The stand-in API server's port.
+pub const API_PORT: u16 = 6443;
 
 pub struct Pod {
     pub node: usize,
     pub id: String,
     pub ns: Netns,
     pub ips: Vec<String>,
+    /// The plugin's ADD result.
+    pub result: Value,
 }
 
 /// At most this many clusters at once in one test process: each runs etcd and several daemons,
@@ -105,6 +132,9 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
     pub etcd: Option<Proc>,
+    /// The stand-in Kubernetes API server ([`Options::kube`]).
+    pub api: Option<ApiServer>,
+    pub options: Options,
     pub underlay: Netns,
     pub dir: TempDir,
     pub bin: PathBuf,
@@ -116,6 +146,11 @@ impl Cluster {
     /// `n` nodes with `net_conf` (flannel's net-conf.json), each running the `trellisd` at
     /// `trellisd` with the extra `daemon_args`; waits until every node wrote its CNI config.
     pub fn new(n: usize, net_conf: &str, trellisd: &Path, daemon_args: &[&str]) -> Cluster {
+        Cluster::with_options(n, net_conf, trellisd, daemon_args, Options::default())
+    }
+
+    /// Like [`Cluster::new`], set up as `options` say.
+    pub fn with_options(n: usize, net_conf: &str, trellisd: &Path, daemon_args: &[&str], options: Options) -> Cluster {
         crate::require_root();
         let slot = Slot::take();
         let dir = TempDir::new("cluster");
@@ -128,12 +163,30 @@ impl Cluster {
             pods: Vec::new(),
             nodes: Vec::new(),
             etcd: None,
+            api: None,
+            options,
             underlay,
             dir,
             bin: trellisd.parent().expect("binary dir").to_path_buf(),
             slot,
         };
-        c.start_etcd();
+        match c.options.kube.clone() {
+            None => c.start_etcd(),
+            Some(cidrs) => {
+                let addr = format!("{UNDERLAY}.1:{API_PORT}").parse().expect("address");
+                let api = ApiServer::start(Some(&c.underlay), addr);
+                api.write_kubeconfig(&c.dir.path().join("kubeconfig"));
+                let sa = c.dir.path().join("serviceaccount");
+                std::fs::create_dir_all(&sa).expect("service account folder");
+                api.write_incluster_files(&sa);
+                for (i, node_cidrs) in cidrs.iter().enumerate() {
+                    let refs: Vec<&str> = node_cidrs.iter().map(String::as_str).collect();
+                    let ip = format!("{UNDERLAY}.{}", 11 + i);
+                    api.create_node(&format!("node{}", i + 1), &refs, Some(&ip));
+                }
+                c.api = Some(api);
+            }
+        }
         for i in 1..=n {
             let ns = Netns::new("tcn");
             let peer = format!("ul{i}x{}", &ns.name[3..]);
@@ -150,19 +203,31 @@ impl Cluster {
             ns.exec_ok(&["ip", "route", "add", "default", "via", &format!("{UNDERLAY}.1")]);
             let node_dir = c.dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
+            let in_cluster = c.options.in_cluster.contains(&(i - 1));
+            let store: Vec<String> = match (&c.options.kube, in_cluster) {
+                (None, _) => vec!["--etcd-endpoints".into(), c.etcd_endpoint()],
+                (Some(_), true) => vec!["--datastore".into(), "kube".into()],
+                (Some(_), false) => vec![
+                    "--datastore".into(),
+                    "kube".into(),
+                    "--kubeconfig".into(),
+                    c.dir.path().join("kubeconfig").to_string_lossy().into_owned(),
+                ],
+            };
             let mut args: Vec<String> = vec![
                 "--node-name".into(),
                 format!("node{i}"),
                 "--net-conf".into(),
                 c.dir.path().join("net-conf.json").to_string_lossy().into_owned(),
-                "--etcd-endpoints".into(),
-                c.etcd_endpoint(),
+            ];
+            args.extend(store);
+            args.extend([
                 "--cni-conf".into(),
                 node_dir.join("10-trellis.conflist").to_string_lossy().into_owned(),
                 "--ipam-data-dir".into(),
                 node_dir.join("ipam").to_string_lossy().into_owned(),
                 "--no-portmap".into(),
-            ];
+            ]);
             args.extend(daemon_args.iter().map(|s| s.to_string()));
             c.nodes.push(Node {
                 name: format!("node{i}"),
@@ -170,13 +235,23 @@ impl Cluster {
                 dir: node_dir,
                 daemon: None,
                 args,
+                in_cluster,
             });
             c.start_daemon(i - 1);
         }
-        for i in 0..n {
-            c.wait_for_cni_conf(i);
+        if !c.options.no_wait {
+            for i in 0..n {
+                c.wait_for_cni_conf(i);
+            }
         }
         c
+    }
+
+    /// The stand-in API server of a cluster made with [`Options::kube`].
+    pub fn api(&self) -> &ApiServer {
+        self.api
+            .as_ref()
+            .expect("a cluster with the Kubernetes datastore (Options::kube)")
     }
 
     pub fn etcd_endpoint(&self) -> String {
@@ -202,21 +277,49 @@ impl Cluster {
     }
 
     pub fn start_daemon(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
+        let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(node.dir.join("trellisd.log"))
             .expect("daemon log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.ns.name])
+        // `ip netns exec` gives the daemon a mount namespace of its own (mounts made there stay
+        // there); a shell prepares it as a container runtime would, then execs the daemon (same
+        // pid, so signals and /proc/PID reach the daemon itself).
+        let mut script = String::from("set -e\n");
+        let mut cmd = Command::new("ip");
+        if node.in_cluster {
+            let sa = self.dir.path().join("serviceaccount");
+            script.push_str(&format!(
+                "mount -t tmpfs trellis-test-run /run\n\
+                 mkdir -p /run/secrets/kubernetes.io/serviceaccount\n\
+                 cp {sa}/token {sa}/ca.crt {sa}/namespace /run/secrets/kubernetes.io/serviceaccount/\n",
+                sa = sa.display()
+            ));
+            // No kubeconfig to find first (KUBECONFIG, ~/.kube/config): in-cluster it is.
+            cmd.env_remove("KUBECONFIG")
+                .env("HOME", &sa)
+                .env("KUBERNETES_SERVICE_HOST", format!("{UNDERLAY}.1"))
+                .env("KUBERNETES_SERVICE_PORT", API_PORT.to_string());
+        }
+        match &self.options.capabilities {
+            Some(caps) => {
+                let keep: String = caps.iter().map(|c| format!(",+{c}")).collect();
+                script.push_str(&format!(
+                    "exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all{keep} -- \"$@\"\n"
+                ));
+            }
+            None => script.push_str("exec \"$@\"\n"),
+        }
+        let child = cmd
+            .args(["netns", "exec", &node.ns.name, "sh", "-c", &script, "trellisd"])
             .arg(self.bin.join("trellisd"))
             .args(&node.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("run trellisd");
-        node.daemon = Some(Proc { child });
+        self.nodes[i].daemon = Some(Proc { child });
     }
 
     /// SIGTERM to a node's daemon, as a rolling update does; waits for it to exit.
@@ -256,22 +359,35 @@ impl Cluster {
         p
     }
 
-    /// Adds a pod on node `i` with the node's CNI config; returns its index in `pods`.
+    /// Adds a pod on node `i` with the node's CNI config as a runtime on libcni 1.1 or older
+    /// reads it (the conflist's `cniVersion`); returns its index in `pods`.
     pub fn add_pod(&mut self, i: usize) -> usize {
+        let conf = self.cni_conf(i);
+        self.add_pod_with(i, conf)
+    }
+
+    /// Adds a pod on node `i` with the plugin config `conf`; returns its index in `pods`.
+    pub fn add_pod_with(&mut self, i: usize, conf: Value) -> usize {
         let ns = Netns::new("tcp");
         let id = format!("{}-{}", self.nodes[i].name, ns.name);
-        let mut call = CniCall::new(self.bin.join("trellis"), "ADD", self.cni_conf(i))
+        let mut call = CniCall::new(self.bin.join("trellis"), "ADD", conf)
             .container(&id)
             .netns(ns.path());
         call.exec_in_netns = Some(self.nodes[i].ns.name.clone());
-        let res = call.run().ok();
-        let ips = res["ips"]
+        let result = call.run().ok();
+        let ips = result["ips"]
             .as_array()
             .expect("ips")
             .iter()
             .map(|x| x["address"].as_str().unwrap().split('/').next().unwrap().to_string())
             .collect();
-        self.pods.push(Pod { node: i, id, ns, ips });
+        self.pods.push(Pod {
+            node: i,
+            id,
+            ns,
+            ips,
+            result,
+        });
         self.pods.len() - 1
     }
 
@@ -307,5 +423,110 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+}
+
+impl Cluster {
+    /// The route to `cidr`'s network on node `i`, as `ip route` prints it (empty when none).
+    pub fn route_to(&self, i: usize, cidr: &str) -> String {
+        self.nodes[i].ns.exec_ok(&["ip", "route", "show", cidr])
+    }
+
+    /// The first pod CIDR in node `i`'s CNI config.
+    pub fn node_cidr(&self, i: usize) -> String {
+        self.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
+            .as_str()
+            .expect("a range in the CNI config")
+            .to_string()
+    }
+
+    /// GET `path` from the daemon's default listen address inside node `i`'s namespace:
+    /// (status, body); status 0 when nothing answered.
+    pub fn http_get(&self, i: usize, path: &str) -> (u16, String) {
+        let script = format!(
+            "import urllib.request, urllib.error\n\
+             try:\n    r = urllib.request.urlopen('http://127.0.0.1:9909{path}', timeout=5); print(r.status); print(r.read().decode())\n\
+             except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n\
+             except OSError as e:\n    print(0); print(e)"
+        );
+        let out = self.nodes[i].ns.exec_ok(&["python3", "-c", &script]);
+        let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
+        (status.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// One value of node `i`'s `/metrics` (-1 when absent).
+    pub fn metric(&self, i: usize, name: &str) -> f64 {
+        let (_, body) = self.http_get(i, "/metrics");
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    }
+
+    /// Pings from pod `from` to `to` every 50 ms for `seconds`, while `during` runs; returns
+    /// (sent, received). Ping stops by itself after its count and waits for the last replies,
+    /// so a packet in flight at the end is not counted as lost.
+    pub fn ping_during(
+        &mut self,
+        from: usize,
+        to: &str,
+        seconds: u32,
+        during: impl FnOnce(&mut Cluster),
+    ) -> (u32, u32) {
+        let count = (seconds * 20).to_string();
+        let ping = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.pods[from].ns.name,
+                "ping",
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+                "-c",
+                &count,
+                to,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping");
+        std::thread::sleep(Duration::from_millis(500));
+        during(self);
+        let out = ping.wait_with_output().expect("ping's output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let stats = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping stats: {text}"));
+        let nums: Vec<u32> = stats
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    }
+
+    /// CPU seconds (user + system) node `i`'s daemon has used so far.
+    pub fn daemon_cpu_seconds(&self, i: usize) -> f64 {
+        let pid = self.nodes[i].daemon.as_ref().expect("a running daemon").child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon's /proc stat");
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+        let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+}
+
+/// Polls `f` every 100 ms until it holds; panics naming `what` after `within`.
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

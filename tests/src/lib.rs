@@ -6,10 +6,13 @@
 //! - [`names`]: unique names for namespaces and links;
 //! - [`netns`]: a network namespace guard;
 //! - [`tempdir`]: a temporary folder guard;
-//! - [`cni`]: running a CNI plugin with `CNI_*` env and a config on stdin, and reading its output.
+//! - [`cni`]: running a CNI plugin with `CNI_*` env and a config on stdin, and reading its output;
+//! - [`kube_apiserver`]: a stand-in Kubernetes API server (HTTPS, Nodes, watches, faults) for
+//!   the daemon's Kubernetes datastore, where no real one can run.
 
 pub mod cluster;
 pub mod cni;
+pub mod kube_apiserver;
 pub mod names;
 pub mod netns;
 pub mod tempdir;
