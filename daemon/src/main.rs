@@ -105,7 +105,7 @@ fn main() {
         // Logs on stderr, as every node daemon (stdout is for what a command prints).
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(log_filter())
         .init();
     let args = Args::parse();
     // The one TLS crypto provider (the Kubernetes client's HTTPS): explicit, so no build that
@@ -131,6 +131,23 @@ fn main() {
         error!("{e}");
         std::process::exit(1);
     }
+}
+
+/// `RUST_LOG` (default `info`), with the Kubernetes client's own lines off unless it names
+/// them: they come once per failed attempt without a cause ("failed with error client error
+/// (Connect)"), while trellisd logs each failure once per cause with its whole chain
+/// (`datastore::retry`).
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let spec = if spec.contains("kube") {
+        spec
+    } else {
+        format!("{spec},kube_client=off,kube_runtime=off")
+    };
+    tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("RUST_LOG={spec}: {e}; logging at info");
+        tracing_subscriber::EnvFilter::new("info,kube_client=off,kube_runtime=off")
+    })
 }
 
 fn hostname() -> Option<String> {

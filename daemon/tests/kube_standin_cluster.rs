@@ -182,6 +182,8 @@ fn standin_api_down_for_20_seconds_loses_no_ping_and_the_daemons_back_off() {
         .collect();
     let back = Instant::now();
     c.api().restart();
+    let node1: Vec<String> = c.log(0).lines().skip(before[0].0).map(String::from).collect();
+    eprintln!("node1's log during the outage:\n{}", node1.join("\n"));
     eprintln!("20 s outage, per node (log lines, datastore errors, CPU seconds): {outage:?}; pings {got}/{sent}");
     assert_eq!(sent, got, "pings lost while the API server was down");
     for (i, (lines, errors, _cpu)) in outage.iter().enumerate() {
