@@ -334,9 +334,9 @@ fn standin_api_a_wrong_ca_is_named_in_the_log() {
         },
     );
     c.stop_daemon(0);
-    let other = trellis_tests::kube_apiserver::ApiServer::start(None, "127.0.0.1:0".parse().unwrap());
+    let wrong_ca = trellis_tests::kube_apiserver::unrelated_ca_pem();
     c.api()
-        .write_kubeconfig_with_ca(&c.dir.path().join("kubeconfig"), other.ca_pem());
+        .write_kubeconfig_with_ca(&c.dir.path().join("kubeconfig"), &wrong_ca);
     c.start_daemon(0);
     wait_until("the certificate problem logged", Duration::from_secs(15), || {
         let log = c.log(0);

@@ -315,7 +315,7 @@ impl Cluster {
             .args(["netns", "exec", &node.ns.name, "sh", "-c", &script, "trellisd"])
             .arg(self.bin.join("trellisd"))
             .args(&node.args)
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("daemon log"))
             .stderr(log)
             .spawn()
             .expect("run trellisd");
