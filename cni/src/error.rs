@@ -37,6 +37,8 @@ pub mod code {
     pub const STORE: u32 = 103;
     /// CHECK found the container's network not as the previous result describes it.
     pub const CHECK_MISMATCH: u32 = 104;
+    /// A hostPort (`runtimeConfig.portMappings`) another pod on the node already holds.
+    pub const HOST_PORT_IN_USE: u32 = 105;
 }
 
 /// A CNI error: a code, a one-line message and details a person can act on.

@@ -1,7 +1,8 @@
 //! The node's CNI config, `/etc/cni/net.d/10-trellis.conflist`, written once the node holds its
-//! CIDR: the `trellis` plugin with `trellis-ipam` ranges = the node's CIDRs and the pod MTU the
-//! backend leaves, then `portmap` for hostPort when it is installed. Written atomically (temp
-//! file + rename) and only when it changes, so a kubelet reading it never sees half a file.
+//! CIDR: the `trellis` plugin with `trellis-ipam` ranges = the node's CIDRs, the pod MTU the
+//! backend leaves, and the `portMappings` capability (hostPort, served by the plugin itself in
+//! the node's nftables table: no `portmap` binary needed). Written atomically (temp file +
+//! rename) and only when it changes, so a kubelet reading it never sees half a file.
 //!
 //! Which CNI version: `"cniVersion": "1.0.0"` with `"cniVersions": [... "1.1.0"]`. A runtime on
 //! libcni 1.1 or older (containerd 1.6/1.7, podman 4, older CRI-O) reads only `cniVersion`
@@ -25,19 +26,14 @@ pub struct CniConfOptions {
     pub bridge: String,
     /// trellis-ipam's `dataDir`; its default when `None`.
     pub ipam_data_dir: Option<PathBuf>,
-    /// Chain the reference `portmap` plugin (hostPort), as flannel's config does, when it is
-    /// installed in `cni_bin_dir` (a plugin that is not there fails every pod on the node).
-    pub portmap: bool,
-    /// The host's CNI bin folder as this process sees it.
-    pub cni_bin_dir: PathBuf,
+    /// Ask the runtime for pods' hostPorts (the `portMappings` capability).
+    pub hostport: bool,
 }
 
 /// The version written as `cniVersion`: the newest libcni 1.1 and older know.
 pub const CNI_VERSION: &str = "1.0.0";
 /// Every version the plugins speak, for libcni 1.2+ (`cniVersions`).
 pub const CNI_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-/// The reference hostPort plugin.
-pub const PORTMAP: &str = "portmap";
 
 impl Default for CniConfOptions {
     fn default() -> Self {
@@ -47,19 +43,13 @@ impl Default for CniConfOptions {
             mode: "bridge".into(),
             bridge: "cni0".into(),
             ipam_data_dir: None,
-            portmap: true,
-            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
+            hostport: true,
         }
     }
 }
 
-/// Whether `portmap` goes into the conflist: wanted and installed.
-pub fn with_portmap(opts: &CniConfOptions) -> bool {
-    opts.portmap && opts.cni_bin_dir.join(PORTMAP).is_file()
-}
-
-/// The conflist for `own` and the pod MTU; `portmap` chained when `with_portmap`.
-pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions, with_portmap: bool) -> Value {
+/// The conflist for `own` and the pod MTU.
+pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
     let ranges: Vec<Value> = own
         .pod_cidrs
         .iter()
@@ -69,7 +59,7 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions, with_portmap: bool) 
     if let Some(d) = &opts.ipam_data_dir {
         ipam["dataDir"] = json!(d);
     }
-    let mut plugins = vec![json!({
+    let mut plugin = json!({
         "type": "trellis",
         "mode": opts.mode,
         "bridge": opts.bridge,
@@ -80,10 +70,11 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions, with_portmap: bool) 
         "hairpinMode": true,
         "mtu": mtu,
         "ipam": ipam,
-    })];
-    if with_portmap {
-        plugins.push(json!({"type": PORTMAP, "capabilities": {"portMappings": true}}));
+    });
+    if opts.hostport {
+        plugin["capabilities"] = json!({"portMappings": true});
     }
+    let plugins = vec![plugin];
     json!({
         "cniVersion": CNI_VERSION,
         "cniVersions": CNI_VERSIONS,
@@ -141,14 +132,15 @@ mod tests {
             pod_cidrs: vec!["10.244.3.0/24".parse().unwrap(), "fd00:244:3::/64".parse().unwrap()],
             backend: BackendData::HostGw,
         };
-        let c = render(&own, 1450, &CniConfOptions::default(), true);
+        let c = render(&own, 1450, &CniConfOptions::default());
         assert_eq!(c["cniVersion"], "1.0.0");
         assert_eq!(c["cniVersions"], json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
         let p = &c["plugins"][0];
         assert_eq!(p["mtu"], 1450);
         assert_eq!(p["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
         assert_eq!(p["ipam"]["ranges"][1][0]["subnet"], "fd00:244:3::/64");
-        assert_eq!(c["plugins"][1]["type"], "portmap");
+        assert_eq!(p["capabilities"]["portMappings"], true, "hostPort by the plugin itself");
+        assert_eq!(c["plugins"].as_array().unwrap().len(), 1, "no portmap binary needed");
 
         let dir = std::env::temp_dir().join(format!("trellisd-cniconf-{}", std::process::id()));
         let path = dir.join("10-trellis.conflist");
@@ -157,22 +149,6 @@ mod tests {
         assert!(!write_if_changed(&path, &text).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(read_cidrs(&path), own.pod_cidrs);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn portmap_only_when_installed() {
-        let dir = std::env::temp_dir().join(format!("trellisd-cnibin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut opts = CniConfOptions {
-            cni_bin_dir: dir.clone(),
-            ..Default::default()
-        };
-        assert!(!with_portmap(&opts), "no portmap binary: left out");
-        std::fs::write(dir.join("portmap"), b"").unwrap();
-        assert!(with_portmap(&opts));
-        opts.portmap = false;
-        assert!(!with_portmap(&opts), "--no-portmap");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -83,13 +83,10 @@ struct Args {
     /// trellis-ipam's dataDir in the CNI config (its default when not given).
     #[arg(long)]
     ipam_data_dir: Option<PathBuf>,
-    /// Leave portmap out of the CNI config (it is also left out when it is not installed in
-    /// `--cni-bin-dir`).
-    #[arg(long)]
-    no_portmap: bool,
-    /// The host's CNI bin folder as this process sees it (to check what is installed there).
-    #[arg(long, default_value = "/opt/cni/bin")]
-    cni_bin_dir: PathBuf,
+    /// Do not ask the runtime for pods' hostPorts (the `portMappings` capability) in the CNI
+    /// config.
+    #[arg(long, alias = "no-portmap")]
+    no_hostport: bool,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     resync: u64,
@@ -230,8 +227,7 @@ async fn run(args: Args) -> Result<(), String> {
         path: args.cni_conf.clone(),
         mode: args.cni_mode.clone(),
         ipam_data_dir: args.ipam_data_dir.clone(),
-        portmap: !args.no_portmap,
-        cni_bin_dir: args.cni_bin_dir.clone(),
+        hostport: !args.no_hostport,
         ..Default::default()
     };
     write_cni_conf(&own, dp.pod_mtu(), &opts)?;
@@ -441,14 +437,7 @@ fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) -> Result
 }
 
 fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), String> {
-    let portmap = cniconf::with_portmap(opts);
-    if opts.portmap && !portmap {
-        warn!(
-            dir = %opts.cni_bin_dir.display(),
-            "portmap is not installed there: the CNI config leaves it out, so pods' hostPorts are not served on this node"
-        );
-    }
-    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts, portmap)).expect("JSON") + "\n";
+    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts)).expect("JSON") + "\n";
     match cniconf::write_if_changed(&opts.path, &text) {
         Ok(true) => info!(path = %opts.path.display(), mtu, "wrote the CNI config"),
         Ok(false) => {}

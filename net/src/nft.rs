@@ -73,6 +73,7 @@
 
 mod conn;
 mod error;
+mod hostport;
 mod interval;
 mod objects;
 mod wire;
@@ -87,6 +88,7 @@ use ipnetwork::IpNetwork;
 
 use conn::{Batch, BatchError, Conn};
 pub use error::NftError;
+pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};
 use interval::{Bound, Family, Interval};
 use objects::SetKind;
 use wire::MsgType;

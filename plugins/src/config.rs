@@ -9,8 +9,10 @@
 //! `type`; the defaults are its defaults too.
 
 use serde::Deserialize;
+use serde_json::Value;
 use trellis_cni::env::validate_ifname;
 use trellis_cni::{code, CniError, NetConf};
+use trellis_net::nft::{PortMapping, Protocol};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +62,9 @@ pub struct Config {
     pub promisc: bool,
     pub ip_masq: bool,
     pub ipam_type: String,
+    /// hostPorts (`runtimeConfig.portMappings`, the `portMappings` capability), served from
+    /// the node's nftables table.
+    pub port_mappings: Vec<PortMapping>,
 }
 
 impl Config {
@@ -97,6 +102,76 @@ impl Config {
             promisc: p.promisc_mode,
             ip_masq: conf.ip_masq,
             ipam_type,
+            port_mappings: port_mappings(conf.runtime_config.as_ref())?,
         })
     }
+}
+
+/// `runtimeConfig.portMappings` as the runtime passes it (the `portMappings` capability):
+/// `[{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}]`.
+fn port_mappings(runtime_config: Option<&Value>) -> Result<Vec<PortMapping>, CniError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        host_port: i64,
+        container_port: i64,
+        #[serde(default)]
+        protocol: Option<String>,
+        #[serde(default, rename = "hostIP")]
+        host_ip: Option<String>,
+    }
+    let Some(list) = runtime_config
+        .and_then(|r| r.get("portMappings"))
+        .filter(|l| !l.is_null())
+    else {
+        return Ok(Vec::new());
+    };
+    let bad = |msg: String| {
+        CniError::invalid_config(msg).with_details(
+            "each runtimeConfig.portMappings entry needs hostPort and containerPort (1-65535), a protocol \
+             tcp, udp or sctp (tcp when empty), and no hostIP",
+        )
+    };
+    let raw: Vec<Raw> =
+        serde_json::from_value(list.clone()).map_err(|e| bad(format!("runtimeConfig.portMappings: {e}")))?;
+    let mut out: Vec<PortMapping> = Vec::new();
+    for r in raw {
+        let port = |what: &str, v: i64| {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("portMappings: {what} {v} is not a port (1-65535)")))
+        };
+        let protocol = match r.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("") | Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some("sctp") => Protocol::Sctp,
+            Some(other) => return Err(bad(format!("portMappings: protocol {other:?} is not tcp, udp or sctp"))),
+        };
+        let any = |ip: &str| ip.is_empty() || ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_unspecified());
+        if let Some(ip) = r.host_ip.as_deref().filter(|ip| !any(ip)) {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                format!("portMappings: hostIP {ip} is not supported"),
+            )
+            .with_details("trellis serves a hostPort on every address of the node; leave hostIP empty (or 0.0.0.0)"));
+        }
+        let m = PortMapping {
+            protocol,
+            host_port: port("hostPort", r.host_port)?,
+            container_port: port("containerPort", r.container_port)?,
+        };
+        if out
+            .iter()
+            .any(|o| o.protocol == m.protocol && o.host_port == m.host_port)
+        {
+            return Err(bad(format!(
+                "portMappings: host port {}/{} is mapped twice",
+                m.host_port,
+                protocol.name()
+            )));
+        }
+        out.push(m);
+    }
+    Ok(out)
 }

@@ -19,7 +19,7 @@ use ipnetwork::IpNetwork;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
-use trellis_net::nft::{Masquerade, MasqueradeConfig};
+use trellis_net::nft::{HostPorts, Masquerade, MasqueradeConfig, DEFAULT_TABLE};
 use trellis_net::{
     netns::NetnsRef, sysctl, AddressOptions, BridgeConfig, IpFamily, LinkChange, LinkInfo, NetError, Netlink, Route,
     RouteFilter, RouteScope, VethConfig,
@@ -61,6 +61,12 @@ fn is_default(dst: &IpNetwork) -> bool {
 pub struct Created {
     /// The bridge, if this ADD created it.
     pub bridge: Option<u32>,
+    /// Whether hostPorts may have been mapped.
+    pub hostports: bool,
+}
+
+fn hostport_error(e: trellis_net::nft::NftError) -> CniError {
+    CniError::new(code::KERNEL, format!("hostPort: {e}"))
 }
 
 /// Wires the pod for `ipam`'s addresses and returns the result to print.
@@ -136,6 +142,10 @@ pub async fn add(
     enable_forwarding(ipam, conf)?;
     if conf.ip_masq {
         masquerade(ipam)?;
+    }
+    if !conf.port_mappings.is_empty() {
+        created.hostports = true;
+        map_host_ports(conf, network, env, ipam)?;
     }
 
     let mut interfaces = Vec::new();
@@ -399,16 +409,56 @@ fn masquerade(ipam: &CniResult) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Removes the attachment's host end (and with it the pod end and every host route through it).
-/// A missing link is success.
+/// Maps the pod's hostPorts to its addresses in the node's table ([`HostPorts`]); a host port
+/// another pod holds is refused, naming that pod.
+fn map_host_ports(conf: &Config, network: &str, env: &Env, ipam: &CniResult) -> Result<(), CniError> {
+    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
+    let hp = HostPorts::new(DEFAULT_TABLE).map_err(hostport_error)?;
+    match hp.add(&owner, &conf.port_mappings, &ips) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_exists() => {
+            let held: Vec<String> = hp
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| m.owner != owner)
+                .filter(|m| {
+                    conf.port_mappings
+                        .iter()
+                        .any(|p| p.protocol == m.mapping.protocol && p.host_port == m.mapping.host_port)
+                })
+                .map(|m| format!("{}/{} by {}", m.mapping.host_port, m.mapping.protocol.name(), m.owner))
+                .collect();
+            Err(
+                CniError::new(code::HOST_PORT_IN_USE, "a host port of this pod is held by another pod")
+                    .with_details(format!("held: {}; free it or pick another hostPort", held.join(", "))),
+            )
+        }
+        Err(e) => Err(hostport_error(e)),
+    }
+}
+
+/// Removes the attachment's hostPorts, then its host end (and with it the pod end and every
+/// host route through it). Nothing there is success.
 pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
+    unmap_host_ports(network, env)?;
     let host = Netlink::connect().map_err(kernel)?;
     host.del_link_by_name(&names::host_veth_name(network, &env.container_id, &env.ifname))
         .await
         .map_err(kernel)
 }
 
-/// Undoes a failed ADD: the host end, and the bridge if this ADD created it and no port uses it.
+/// Whatever the runtime passes on DEL, the table is asked: the elements carry their owner.
+fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
+    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    HostPorts::new(DEFAULT_TABLE)
+        .and_then(|hp| hp.remove(&owner))
+        .map_err(hostport_error)
+}
+
+/// Undoes a failed ADD: the hostPorts, the host end, and the bridge if this ADD created it and
+/// no port uses it.
 pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
     teardown(network, env).await?;
     if let Some(bridge) = created.bridge {
@@ -471,6 +521,27 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             )));
         }
     }
+    if !conf.port_mappings.is_empty() {
+        let owner = names::host_alias(network, &env.container_id, &env.ifname);
+        let mapped = HostPorts::new(DEFAULT_TABLE)
+            .and_then(|hp| hp.list())
+            .map_err(hostport_error)?;
+        for ip in prev.ips.iter().filter(|i| ours(i)).map(|i| i.address.ip()) {
+            for p in &conf.port_mappings {
+                if !mapped
+                    .iter()
+                    .any(|m| m.owner == owner && m.mapping == *p && m.pod_ip == ip)
+                {
+                    return Err(mismatch(format!(
+                        "hostPort {}/{} -> {ip}:{} is not mapped",
+                        p.host_port,
+                        p.protocol.name(),
+                        p.container_port
+                    )));
+                }
+            }
+        }
+    }
     let routes = pod.routes(&RouteFilter::default()).await.map_err(kernel)?;
     for r in &prev.routes {
         let found = routes
@@ -502,10 +573,18 @@ pub async fn status(conf: &Config) -> Result<(), CniError> {
     }
 }
 
-/// GC: deletes this network's host ends whose attachment is not in `valid`.
+/// GC: deletes this network's host ends and hostPorts whose attachment is not in `valid`.
 pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<String>, CniError> {
+    let is_valid = |cid: &str, ifname: &str| valid.iter().any(|a| a.container_id == cid && a.ifname == ifname);
+    let mut removed: Vec<String> = HostPorts::new(DEFAULT_TABLE)
+        .and_then(|hp| {
+            hp.remove_where(|owner| names::parse_alias(owner, network).is_none_or(|(cid, ifn)| is_valid(cid, ifn)))
+        })
+        .map_err(hostport_error)?
+        .into_iter()
+        .map(|owner| format!("hostPorts of {owner}"))
+        .collect();
     let host = Netlink::connect().map_err(kernel)?;
-    let mut removed = Vec::new();
     for l in host.links().await.map_err(kernel)? {
         if !l.name.starts_with(names::HOST_PREFIX) {
             continue;
@@ -513,7 +592,7 @@ pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<
         let Some((cid, ifname)) = l.alias.as_deref().and_then(|a| names::parse_alias(a, network)) else {
             continue;
         };
-        if !valid.iter().any(|a| a.container_id == cid && a.ifname == ifname) {
+        if !is_valid(cid, ifname) {
             host.del_link(l.index).await.map_err(kernel)?;
             removed.push(l.name);
         }

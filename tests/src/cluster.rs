@@ -226,7 +226,6 @@ impl Cluster {
                 node_dir.join("10-trellis.conflist").to_string_lossy().into_owned(),
                 "--ipam-data-dir".into(),
                 node_dir.join("ipam").to_string_lossy().into_owned(),
-                "--no-portmap".into(),
             ]);
             args.extend(daemon_args.iter().map(|s| s.to_string()));
             c.nodes.push(Node {

@@ -578,7 +578,7 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize, mode: Mode) -> Trial
         &path("10-trellis.conflist"),
         "--ipam-data-dir",
         &path("ipam"),
-        "--no-portmap",
+        "--no-hostport",
     ]
     .iter()
     .map(|s| s.to_string())

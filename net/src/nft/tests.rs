@@ -457,3 +457,80 @@ fn nft_masquerades_real_packets() {
     t.node.run(|| masq(&[]).delete_all().unwrap());
     assert_eq!(t.node.ruleset().trim(), "");
 }
+
+fn tcp(host_port: u16, container_port: u16) -> PortMapping {
+    PortMapping {
+        protocol: Protocol::Tcp,
+        host_port,
+        container_port,
+    }
+}
+
+#[test]
+fn nft_hostports_add_list_conflict_remove_and_repair() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let hp = HostPorts::new(DEFAULT_TABLE).unwrap();
+        // Nothing there: listing and removing succeed.
+        assert!(hp.list().unwrap().is_empty());
+        hp.remove("nobody").unwrap();
+        let a = "trellis/net/a/eth0";
+        let b = "trellis/net/b/eth0";
+        let udp = PortMapping {
+            protocol: Protocol::Udp,
+            host_port: 5353,
+            container_port: 53,
+        };
+        hp.add(a, &[tcp(8080, 80), udp], &[ip("10.244.1.2"), ip("fd00::2")])
+            .unwrap();
+        // The same again (a runtime retrying ADD) is fine.
+        hp.add(a, &[tcp(8080, 80), udp], &[ip("10.244.1.2"), ip("fd00::2")])
+            .unwrap();
+        // Another pod cannot take a host port that is held.
+        let e = hp.add(b, &[tcp(8080, 8080)], &[ip("10.244.1.3")]).unwrap_err();
+        assert!(e.is_exists(), "{e}");
+        hp.add(b, &[tcp(9090, 90)], &[ip("10.244.1.3")]).unwrap();
+        let mut got: Vec<(String, u16, u16, IpAddr)> = hp
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.owner, m.mapping.host_port, m.mapping.container_port, m.pod_ip))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (a.to_string(), 5353, 53, ip("10.244.1.2")),
+                (a.to_string(), 5353, 53, ip("fd00::2")),
+                (a.to_string(), 8080, 80, ip("10.244.1.2")),
+                (a.to_string(), 8080, 80, ip("fd00::2")),
+                (b.to_string(), 9090, 90, ip("10.244.1.3")),
+            ]
+        );
+        // nft(8) reads what we wrote.
+        let ruleset = ns.exec(&["nft", "list", "table", "inet", DEFAULT_TABLE]);
+        for want in [
+            "fib daddr type local jump hostports",
+            "dnat ip to meta l4proto . th dport map @hostport4",
+            "dnat ip6 to meta l4proto . th dport map @hostport6",
+            "ip saddr . ip daddr @hairpin4",
+            "masquerade",
+        ] {
+            assert!(ruleset.contains(want), "no {want:?} in:\n{ruleset}");
+        }
+        // DEL of a: only a's elements go, b's stay.
+        hp.remove(a).unwrap();
+        let left: Vec<String> = hp.list().unwrap().into_iter().map(|m| m.owner).collect();
+        assert_eq!(left, vec![b.to_string()]);
+        // A flushed chain is repaired by the next ensure; elements survive.
+        ns.exec(&["nft", "flush", "chain", "inet", DEFAULT_TABLE, "hostports"]);
+        hp.ensure().unwrap();
+        let ruleset = ns.exec(&["nft", "list", "chain", "inet", DEFAULT_TABLE, "hostports"]);
+        assert!(ruleset.contains("map @hostport4"), "{ruleset}");
+        assert_eq!(hp.list().unwrap().len(), 1);
+        // GC keeps what it is told to keep.
+        let removed = hp.remove_where(|o| o == a).unwrap();
+        assert_eq!(removed, vec![b.to_string()]);
+        assert!(hp.list().unwrap().is_empty());
+    });
+}

@@ -1,6 +1,6 @@
 //! The nf_tables netlink wire format: the few constants we use, a message builder and a reader
 //! for replies. Numbers come from `include/uapi/linux/netfilter/nf_tables.h` and
-//! `nfnetlink.h`; only what the masquerade needs is here.
+//! `nfnetlink.h`; only what the masquerade and the hostPorts need is here.
 
 // netlink (include/uapi/linux/netlink.h)
 pub(super) const NLMSG_HDRLEN: usize = 16;
@@ -62,7 +62,11 @@ pub(super) const NFTA_CHAIN_HOOK: u16 = 4;
 pub(super) const NFTA_CHAIN_TYPE: u16 = 7;
 pub(super) const NFTA_HOOK_HOOKNUM: u16 = 1;
 pub(super) const NFTA_HOOK_PRIORITY: u16 = 2;
+pub(super) const NF_INET_PRE_ROUTING: u32 = 0;
+pub(super) const NF_INET_LOCAL_OUT: u32 = 3;
 pub(super) const NF_INET_POST_ROUTING: u32 = 4;
+/// `priority dstnat` (NF_IP_PRI_NAT_DST).
+pub(super) const NF_PRI_NAT_DST: i32 = -100;
 /// `priority srcnat` (NF_IP_PRI_NAT_SRC).
 pub(super) const NF_PRI_NAT_SRC: i32 = 100;
 // NFTA_RULE_*
@@ -77,7 +81,35 @@ pub(super) const NFTA_EXPR_NAME: u16 = 1;
 pub(super) const NFTA_EXPR_DATA: u16 = 2;
 pub(super) const NFTA_DATA_VALUE: u16 = 1;
 // expressions
+pub(super) const NFT_REG_VERDICT: u32 = 0;
 pub(super) const NFT_REG_1: u32 = 1;
+/// The first 32-bit register: concatenations take one 32-bit register per field.
+pub(super) const NFT_REG32_00: u32 = 8;
+pub(super) const NFT_META_L4PROTO: u32 = 16;
+pub(super) const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub(super) const NFTA_LOOKUP_DREG: u16 = 3;
+pub(super) const NFTA_IMMEDIATE_DREG: u16 = 1;
+pub(super) const NFTA_IMMEDIATE_DATA: u16 = 2;
+pub(super) const NFTA_DATA_VERDICT: u16 = 2;
+pub(super) const NFTA_VERDICT_CODE: u16 = 1;
+pub(super) const NFTA_VERDICT_CHAIN: u16 = 2;
+pub(super) const NFT_JUMP: i32 = -3;
+pub(super) const NFT_RETURN: i32 = -5;
+pub(super) const NFTA_FIB_DREG: u16 = 1;
+pub(super) const NFTA_FIB_RESULT: u16 = 2;
+pub(super) const NFTA_FIB_FLAGS: u16 = 3;
+pub(super) const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+pub(super) const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+/// The route type of a local address, as `fib ... type` stores it (u32, host byte order).
+pub(super) const RTN_LOCAL: u32 = 2;
+pub(super) const NFTA_NAT_TYPE: u16 = 1;
+pub(super) const NFTA_NAT_FAMILY: u16 = 2;
+pub(super) const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+pub(super) const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+pub(super) const NFTA_NAT_FLAGS: u16 = 7;
+pub(super) const NFT_NAT_DNAT: u32 = 1;
+pub(super) const NF_NAT_RANGE_MAP_IPS: u32 = 1;
+pub(super) const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 pub(super) const NFTA_META_DREG: u16 = 1;
 pub(super) const NFTA_META_KEY: u16 = 2;
 pub(super) const NFT_META_NFPROTO: u32 = 15;
@@ -100,16 +132,23 @@ pub(super) const NFTA_SET_NAME: u16 = 2;
 pub(super) const NFTA_SET_FLAGS: u16 = 3;
 pub(super) const NFTA_SET_KEY_TYPE: u16 = 4;
 pub(super) const NFTA_SET_KEY_LEN: u16 = 5;
+pub(super) const NFTA_SET_DATA_TYPE: u16 = 6;
+pub(super) const NFTA_SET_DATA_LEN: u16 = 7;
 pub(super) const NFTA_SET_ID: u16 = 10;
 pub(super) const NFT_SET_INTERVAL: u32 = 0x4;
+pub(super) const NFT_SET_MAP: u32 = 0x8;
 /// nft's datatype numbers, so that `nft list` prints the keys as addresses.
 pub(super) const NFT_TYPE_IPADDR: u32 = 7;
 pub(super) const NFT_TYPE_IP6ADDR: u32 = 8;
+pub(super) const NFT_TYPE_INET_PROTOCOL: u32 = 12;
+pub(super) const NFT_TYPE_INET_SERVICE: u32 = 13;
 // NFTA_SET_ELEM_LIST_* and NFTA_SET_ELEM_*
 pub(super) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 pub(super) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 pub(super) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 pub(super) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(super) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(super) const NFTA_SET_ELEM_USERDATA: u16 = 6;
 pub(super) const NFTA_SET_ELEM_FLAGS: u16 = 3;
 pub(super) const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 

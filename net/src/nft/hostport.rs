@@ -1,0 +1,689 @@
+//! hostPort (CNI `portMappings`) in the node's nftables table, without the reference `portmap`
+//! plugin: a node running Trellis needs nothing but Trellis's binaries.
+//!
+//! # Why this design
+//!
+//! `portmap` adds an iptables chain per pod and rewrites the nat table on every ADD and DEL
+//! (the same costs as the reference bridge's `ipMasq`: see [`super`]). Here the rules never
+//! change with pods; a pod's mappings are elements of two maps:
+//!
+//! ```text
+//! table inet trellis {
+//!   map hostport4 { type inet_proto . inet_service : ipv4_addr . inet_service; }
+//!   map hostport6 { type inet_proto . inet_service : ipv6_addr . inet_service; }
+//!   set hairpin4  { type ipv4_addr . ipv4_addr; }       # pod . pod, for pods with mappings
+//!   set hairpin6  { type ipv6_addr . ipv6_addr; }
+//!   chain hostport_prerouting { type nat hook prerouting priority dstnat;
+//!     fib daddr type local jump hostports }              # from other nodes and from pods
+//!   chain hostport_output { type nat hook output priority dstnat;
+//!     ip daddr 127.0.0.0/8 return; ip6 daddr ::1 return
+//!     fib daddr type local jump hostports }              # from the node itself
+//!   chain hostports {
+//!     meta nfproto ipv4 dnat ip to meta l4proto . th dport map @hostport4
+//!     meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostport6 }
+//!   chain hostport_postrouting { type nat hook postrouting priority srcnat;
+//!     ip saddr . ip daddr @hairpin4 masquerade; ip6 ... @hairpin6 masquerade }
+//! }
+//! ```
+//!
+//! - Only traffic addressed to one of the node's own addresses (`fib daddr type local`) is
+//!   translated: a pod connecting to port 8080 somewhere else is left alone.
+//! - The hairpin (a pod reaching its own hostPort through the node's address) is masqueraded,
+//!   or the pod would answer itself directly and drop the reply; everyone else keeps their
+//!   source address, as with `portmap`.
+//! - Loopback destinations are not translated: a DNAT from 127.0.0.1 to a pod is a martian the
+//!   kernel drops (`portmap` needs `route_localnet` for that, which exposes the node's loopback
+//!   services to its neighbours). hostPort on a specific `hostIP` is not served either.
+//! - Each element carries its owner (`trellis/<network>/<container>/<ifname>`, the host end's
+//!   alias) as a comment, so DEL and GC find a pod's elements without any state file.
+//! - A host port another pod holds is refused (the kernel answers EEXIST for a map key with
+//!   other data), where `portmap` would silently let the first rule win.
+//!
+//! The rules are checked by their comments and repaired in one atomic batch, as the
+//! masquerade's are ([`super::Masquerade::ensure`]).
+
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+
+use super::conn::{Batch, Conn};
+use super::interval::Family;
+use super::wire::*;
+use super::NftError;
+
+/// What a port mapping forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    fn from_number(n: u8) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// One hostPort: traffic to `host_port` on any of the node's addresses goes to the pod's
+/// `container_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortMapping {
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// A mapping as the table holds it: to which pod address, for whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedPort {
+    pub mapping: PortMapping,
+    pub pod_ip: IpAddr,
+    pub owner: String,
+}
+
+/// The hostPort maps and rules of one network namespace's table.
+pub struct HostPorts {
+    table: String,
+    conn: Mutex<Conn>,
+}
+
+const CHAIN_PRE: &str = "hostport_prerouting";
+const CHAIN_OUT: &str = "hostport_output";
+const CHAIN_DNAT: &str = "hostports";
+const CHAIN_POST: &str = "hostport_postrouting";
+/// Bump when the rules change, so that an upgrade replaces them.
+const VERSION: &str = "v1";
+
+/// libnftnl's set-element user-data tag for a comment.
+const UDATA_SET_ELEM_COMMENT: u8 = 0;
+
+fn map_name(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => "hostport4",
+        Family::V6 => "hostport6",
+    }
+}
+
+fn hairpin_name(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => "hairpin4",
+        Family::V6 => "hairpin6",
+    }
+}
+
+fn addr_len(fam: Family) -> u32 {
+    match fam {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+fn nfproto(fam: Family) -> u8 {
+    match fam {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    }
+}
+
+fn addr_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// `meta l4proto . th dport` as the registers hold it: each field padded to 4 bytes.
+fn port_key(protocol: Protocol, port: u16) -> [u8; 8] {
+    let p = port.to_be_bytes();
+    [protocol.number(), 0, 0, 0, p[0], p[1], 0, 0]
+}
+
+/// `ADDR . inet_service`: the address, then the port padded to 4 bytes.
+fn target_data(ip: IpAddr, port: u16) -> Vec<u8> {
+    let mut d = addr_bytes(ip);
+    d.extend_from_slice(&port.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d
+}
+
+/// The rules, per chain, as (comment, message builder).
+fn rule_comment(chain: &str, what: &str) -> String {
+    format!("trellis hostport {VERSION} {chain} {what}")
+}
+
+impl HostPorts {
+    /// Opens a netlink socket in the calling thread's network namespace. Changes nothing.
+    pub fn new(table: &str) -> Result<Self, NftError> {
+        if table.is_empty() || table.len() > 255 || table.contains('\0') {
+            return Err(NftError::InvalidInput(format!("invalid nftables table name {table:?}")));
+        }
+        Ok(HostPorts {
+            table: table.to_string(),
+            conn: Mutex::new(Conn::open()?),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the maps, sets, chains and rules be there (elements are kept); commits nothing
+    /// when all is in place.
+    pub fn ensure(&self) -> Result<(), NftError> {
+        let conn = &mut self.conn();
+        if self.rules_in_place(conn)? {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        self.push_skeleton(&mut batch);
+        conn.commit(batch).map_err(|e| e.error)
+    }
+
+    /// Adds `owner`'s mappings to each of `pod_ips` (per family), and the hairpin pairs. One
+    /// batch: all of them or none. A host port held by another pod fails with EEXIST
+    /// ([`NftError::is_exists`]); adding the same mappings again succeeds.
+    pub fn add(&self, owner: &str, mappings: &[PortMapping], pod_ips: &[IpAddr]) -> Result<(), NftError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
+        self.ensure()?;
+        let t = &self.table;
+        let mut batch = Batch::default();
+        for ip in pod_ips {
+            let fam = Family::of(*ip);
+            let elems: Vec<(Vec<u8>, Option<Vec<u8>>)> = mappings
+                .iter()
+                .map(|m| {
+                    (
+                        port_key(m.protocol, m.host_port).to_vec(),
+                        Some(target_data(*ip, m.container_port)),
+                    )
+                })
+                .collect();
+            let what: Vec<String> = mappings
+                .iter()
+                .map(|m| format!("{}/{} -> {ip}:{}", m.host_port, m.protocol.name(), m.container_port))
+                .collect();
+            batch.push(
+                elems_msg(MsgType::NewSetElem, t, map_name(fam), &elems, Some(owner)),
+                format!("adding hostPort {} to map {t} {}", what.join(", "), map_name(fam)),
+            );
+            let mut pair = addr_bytes(*ip);
+            pair.extend(addr_bytes(*ip));
+            batch.push(
+                elems_msg(MsgType::NewSetElem, t, hairpin_name(fam), &[(pair, None)], Some(owner)),
+                format!("adding {ip} . {ip} to set {t} {}", hairpin_name(fam)),
+            );
+        }
+        self.conn().commit(batch).map_err(|e| e.error)
+    }
+
+    /// Every mapping in the table.
+    pub fn list(&self) -> Result<Vec<MappedPort>, NftError> {
+        let conn = &mut self.conn();
+        let mut out = Vec::new();
+        for fam in Family::ALL {
+            for (key, data, owner) in self.dump_elems(conn, map_name(fam))? {
+                let (Some(proto), Some(data)) = (key.first().and_then(|p| Protocol::from_number(*p)), data) else {
+                    continue;
+                };
+                let alen = addr_len(fam) as usize;
+                if key.len() < 6 || data.len() < alen + 2 {
+                    continue;
+                }
+                let pod_ip = match fam {
+                    Family::V4 => IpAddr::from(<[u8; 4]>::try_from(&data[..4]).expect("4 bytes")),
+                    Family::V6 => IpAddr::from(<[u8; 16]>::try_from(&data[..16]).expect("16 bytes")),
+                };
+                out.push(MappedPort {
+                    mapping: PortMapping {
+                        protocol: proto,
+                        host_port: u16::from_be_bytes([key[4], key[5]]),
+                        container_port: u16::from_be_bytes([data[alen], data[alen + 1]]),
+                    },
+                    pod_ip,
+                    owner: owner.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every element (mappings and hairpin pairs) whose owner `keep` refuses; returns
+    /// the owners removed. Nothing to do (no table, no maps) is success.
+    pub fn remove_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, NftError> {
+        let conn = &mut self.conn();
+        let t = &self.table;
+        let mut batch = Batch::default();
+        let mut removed = Vec::new();
+        for fam in Family::ALL {
+            for set in [map_name(fam), hairpin_name(fam)] {
+                let gone: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+                    .dump_elems(conn, set)?
+                    .into_iter()
+                    .filter(|(_, _, owner)| !keep(owner.as_deref().unwrap_or("")))
+                    .map(|(key, _, owner)| {
+                        removed.push(owner.unwrap_or_default());
+                        (key, None)
+                    })
+                    .collect();
+                if !gone.is_empty() {
+                    batch.push(
+                        elems_msg(MsgType::DelSetElem, t, set, &gone, None),
+                        format!("deleting {} element(s) from {t} {set}", gone.len()),
+                    );
+                }
+            }
+        }
+        removed.sort();
+        removed.dedup();
+        if batch.len() == 0 {
+            return Ok(removed);
+        }
+        match conn.commit(batch).map_err(|e| e.error) {
+            // Someone removed them first (a concurrent DEL of the same pod).
+            Err(e) if e.is_not_found() => Ok(removed),
+            r => r.map(|()| removed),
+        }
+    }
+
+    /// Removes `owner`'s mappings and hairpin pairs.
+    pub fn remove(&self, owner: &str) -> Result<(), NftError> {
+        self.remove_where(|o| o != owner).map(|_| ())
+    }
+
+    /// Whether every chain holds exactly our rules (told by their comments), in order.
+    fn rules_in_place(&self, conn: &mut Conn) -> Result<bool, NftError> {
+        for (chain, rules) in self.rules() {
+            let t = &self.table;
+            let context = format!("listing chain inet {t} {chain}");
+            let replies = match conn.dump(|| get_rules(t, chain), &context) {
+                Err(e) if e.is_not_found() => return Ok(false),
+                r => r?,
+            };
+            let have: Vec<Option<String>> = replies.iter().map(|r| super::objects::parse_rule_comment(r)).collect();
+            let want: Vec<Option<String>> = rules.iter().map(|(c, _)| Some(c.clone())).collect();
+            if have != want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The rules of each chain: (comment, expressions builder).
+    #[allow(clippy::type_complexity)]
+    fn rules(&self) -> Vec<(&'static str, Vec<(String, Box<dyn Fn(&mut Msg)>)>)> {
+        let mut dnat: Vec<(String, Box<dyn Fn(&mut Msg)>)> = Vec::new();
+        let mut post: Vec<(String, Box<dyn Fn(&mut Msg)>)> = Vec::new();
+        let mut out_rules: Vec<(String, Box<dyn Fn(&mut Msg)>)> = Vec::new();
+        for fam in Family::ALL {
+            out_rules.push((
+                rule_comment(CHAIN_OUT, &format!("loopback{}", fam.bits())),
+                Box::new(move |m| loopback_return(m, fam)),
+            ));
+            dnat.push((
+                rule_comment(CHAIN_DNAT, map_name(fam)),
+                Box::new(move |m| dnat_by_map(m, fam)),
+            ));
+            post.push((
+                rule_comment(CHAIN_POST, hairpin_name(fam)),
+                Box::new(move |m| hairpin_masquerade(m, fam)),
+            ));
+        }
+        out_rules.push((rule_comment(CHAIN_OUT, "local"), Box::new(jump_if_local)));
+        vec![
+            (
+                CHAIN_PRE,
+                vec![(rule_comment(CHAIN_PRE, "local"), Box::new(jump_if_local))],
+            ),
+            (CHAIN_OUT, out_rules),
+            (CHAIN_DNAT, dnat),
+            (CHAIN_POST, post),
+        ]
+    }
+
+    /// Table, maps, sets, chains, and each chain's rules replaced by ours.
+    fn push_skeleton(&self, batch: &mut Batch) {
+        let t = &self.table;
+        batch.push(super::objects::new_table(t), format!("adding table inet {t}"));
+        let mut id = 100;
+        for fam in Family::ALL {
+            id += 1;
+            batch.push(new_map(t, fam, id), format!("adding map inet {t} {}", map_name(fam)));
+            id += 1;
+            batch.push(
+                new_hairpin_set(t, fam, id),
+                format!("adding set inet {t} {}", hairpin_name(fam)),
+            );
+        }
+        let hooks = [
+            (CHAIN_PRE, Some((NF_INET_PRE_ROUTING, NF_PRI_NAT_DST))),
+            (CHAIN_OUT, Some((NF_INET_LOCAL_OUT, NF_PRI_NAT_DST))),
+            (CHAIN_DNAT, None),
+            (CHAIN_POST, Some((NF_INET_POST_ROUTING, NF_PRI_NAT_SRC))),
+        ];
+        for (chain, hook) in hooks {
+            batch.push(new_chain(t, chain, hook), format!("adding chain inet {t} {chain}"));
+        }
+        for (chain, rules) in self.rules() {
+            batch.push(flush_chain(t, chain), format!("flushing chain inet {t} {chain}"));
+            for (comment, build) in rules {
+                let context = format!("adding rule to chain inet {t} {chain}: {comment}");
+                batch.push(new_rule(t, chain, &comment, build.as_ref()), context);
+            }
+        }
+    }
+
+    /// (key, data, owner) of every element of `set`; none when it does not exist.
+    #[allow(clippy::type_complexity)]
+    fn dump_elems(
+        &self,
+        conn: &mut Conn,
+        set: &str,
+    ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>, Option<String>)>, NftError> {
+        let t = &self.table;
+        let context = format!("listing set {t} {set}");
+        let replies = match conn.dump(|| super::objects::get_set_elems(t, set), &context) {
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            r => r?,
+        };
+        let mut out = Vec::new();
+        for r in &replies {
+            let Some(list) = attr(r, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                continue;
+            };
+            for (_, elem) in attrs(list).filter(|(ty, _)| *ty == NFTA_LIST_ELEM) {
+                let value = |ty| {
+                    attr(elem, ty)
+                        .and_then(|k| attr(k, NFTA_DATA_VALUE))
+                        .map(<[u8]>::to_vec)
+                };
+                let Some(key) = value(NFTA_SET_ELEM_KEY) else { continue };
+                let owner = attr(elem, NFTA_SET_ELEM_USERDATA).and_then(parse_comment);
+                out.push((key, value(NFTA_SET_ELEM_DATA), owner));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The comment in libnftnl's element user data (type, length, NUL-terminated text).
+fn parse_comment(mut udata: &[u8]) -> Option<String> {
+    while let [ty, len, rest @ ..] = udata {
+        let value = rest.get(..*len as usize)?;
+        if *ty == UDATA_SET_ELEM_COMMENT {
+            let text = value.split(|b| *b == 0).next().unwrap_or(&[]);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        udata = &rest[*len as usize..];
+    }
+    None
+}
+
+fn comment_udata(text: &str) -> Vec<u8> {
+    // The length is one byte: a longer comment is cut (owners are far shorter).
+    let text = &text.as_bytes()[..text.len().min(254)];
+    let mut u = vec![UDATA_SET_ELEM_COMMENT, text.len() as u8 + 1];
+    u.extend_from_slice(text);
+    u.push(0);
+    u
+}
+
+const CREATE: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+const DELETE: u16 = NLM_F_REQUEST | NLM_F_ACK;
+
+/// `map hostportN { type inet_proto . inet_service : ADDR . inet_service; }`
+fn new_map(table: &str, fam: Family, id: u32) -> Msg {
+    let addr_type = if fam == Family::V4 {
+        NFT_TYPE_IPADDR
+    } else {
+        NFT_TYPE_IP6ADDR
+    };
+    let mut m = Msg::new(MsgType::NewSet, CREATE);
+    m.str(NFTA_SET_TABLE, table)
+        .str(NFTA_SET_NAME, map_name(fam))
+        .u32(NFTA_SET_FLAGS, NFT_SET_MAP)
+        .u32(
+            NFTA_SET_KEY_TYPE,
+            concat_type(NFT_TYPE_INET_PROTOCOL, NFT_TYPE_INET_SERVICE),
+        )
+        .u32(NFTA_SET_KEY_LEN, 8)
+        .u32(NFTA_SET_DATA_TYPE, concat_type(addr_type, NFT_TYPE_INET_SERVICE))
+        .u32(NFTA_SET_DATA_LEN, addr_len(fam) + 4)
+        .u32(NFTA_SET_ID, id);
+    m
+}
+
+/// `set hairpinN { type ADDR . ADDR; }`
+fn new_hairpin_set(table: &str, fam: Family, id: u32) -> Msg {
+    let addr_type = if fam == Family::V4 {
+        NFT_TYPE_IPADDR
+    } else {
+        NFT_TYPE_IP6ADDR
+    };
+    let mut m = Msg::new(MsgType::NewSet, CREATE);
+    m.str(NFTA_SET_TABLE, table)
+        .str(NFTA_SET_NAME, hairpin_name(fam))
+        .u32(NFTA_SET_FLAGS, 0)
+        .u32(NFTA_SET_KEY_TYPE, concat_type(addr_type, addr_type))
+        .u32(NFTA_SET_KEY_LEN, 2 * addr_len(fam))
+        .u32(NFTA_SET_ID, id);
+    m
+}
+
+/// nft's type number of a concatenation (`TYPE_BITS` = 6 per field), so `nft list` prints it.
+fn concat_type(a: u32, b: u32) -> u32 {
+    (a << 6) | b
+}
+
+/// A base chain (`hook`: hook number and priority) or a regular one.
+fn new_chain(table: &str, chain: &str, hook: Option<(u32, i32)>) -> Msg {
+    let mut m = Msg::new(MsgType::NewChain, CREATE);
+    m.str(NFTA_CHAIN_TABLE, table).str(NFTA_CHAIN_NAME, chain);
+    if let Some((num, prio)) = hook {
+        m.begin(NFTA_CHAIN_HOOK)
+            .u32(NFTA_HOOK_HOOKNUM, num)
+            .u32(NFTA_HOOK_PRIORITY, prio as u32)
+            .end();
+        m.str(NFTA_CHAIN_TYPE, "nat");
+    }
+    m
+}
+
+fn flush_chain(table: &str, chain: &str) -> Msg {
+    let mut m = Msg::new(MsgType::DelRule, DELETE);
+    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
+    m
+}
+
+fn get_rules(table: &str, chain: &str) -> Msg {
+    let mut m = Msg::new(MsgType::GetRule, NLM_F_REQUEST | NLM_F_DUMP);
+    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
+    m
+}
+
+fn new_rule(table: &str, chain: &str, comment: &str, build: &dyn Fn(&mut Msg)) -> Msg {
+    let mut m = Msg::new(MsgType::NewRule, CREATE | NLM_F_APPEND);
+    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
+    m.begin(NFTA_RULE_EXPRESSIONS);
+    build(&mut m);
+    m.end();
+    let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, comment.len() as u8 + 1];
+    udata.extend_from_slice(comment.as_bytes());
+    udata.push(0);
+    m.bytes(NFTA_RULE_USERDATA, &udata);
+    m
+}
+
+fn expr(m: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {
+    m.begin(NFTA_LIST_ELEM).str(NFTA_EXPR_NAME, name).begin(NFTA_EXPR_DATA);
+    data(m);
+    m.end().end();
+}
+
+fn cmp_eq(m: &mut Msg, reg: u32, value: &[u8]) {
+    expr(m, "cmp", |m| {
+        m.u32(NFTA_CMP_SREG, reg).u32(NFTA_CMP_OP, NFT_CMP_EQ);
+        m.begin(NFTA_CMP_DATA).bytes(NFTA_DATA_VALUE, value).end();
+    });
+}
+
+fn match_family(m: &mut Msg, fam: Family) {
+    expr(m, "meta", |m| {
+        m.u32(NFTA_META_KEY, NFT_META_NFPROTO).u32(NFTA_META_DREG, NFT_REG_1);
+    });
+    cmp_eq(m, NFT_REG_1, &[nfproto(fam)]);
+}
+
+fn payload(m: &mut Msg, reg: u32, base: u32, offset: u32, len: u32) {
+    expr(m, "payload", |m| {
+        m.u32(NFTA_PAYLOAD_DREG, reg)
+            .u32(NFTA_PAYLOAD_BASE, base)
+            .u32(NFTA_PAYLOAD_OFFSET, offset)
+            .u32(NFTA_PAYLOAD_LEN, len);
+    });
+}
+
+fn verdict(m: &mut Msg, code: i32, chain: Option<&str>) {
+    expr(m, "immediate", |m| {
+        m.u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+        m.begin(NFTA_IMMEDIATE_DATA).begin(NFTA_DATA_VERDICT);
+        m.u32(NFTA_VERDICT_CODE, code as u32);
+        if let Some(c) = chain {
+            m.str(NFTA_VERDICT_CHAIN, c);
+        }
+        m.end().end();
+    });
+}
+
+fn daddr_offset(fam: Family) -> u32 {
+    match fam {
+        Family::V4 => 16,
+        Family::V6 => 24,
+    }
+}
+
+fn saddr_offset(fam: Family) -> u32 {
+    match fam {
+        Family::V4 => 12,
+        Family::V6 => 8,
+    }
+}
+
+/// `fib daddr type local jump hostports`
+fn jump_if_local(m: &mut Msg) {
+    expr(m, "fib", |m| {
+        m.u32(NFTA_FIB_DREG, NFT_REG_1)
+            .u32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE)
+            .u32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR);
+    });
+    cmp_eq(m, NFT_REG_1, &RTN_LOCAL.to_ne_bytes());
+    verdict(m, NFT_JUMP, Some(CHAIN_DNAT));
+}
+
+/// `ip daddr 127.0.0.0/8 return` (first byte 127) or `ip6 daddr ::1 return`.
+fn loopback_return(m: &mut Msg, fam: Family) {
+    match_family(m, fam);
+    match fam {
+        Family::V4 => {
+            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, daddr_offset(fam), 1);
+            cmp_eq(m, NFT_REG_1, &[127]);
+        }
+        Family::V6 => {
+            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, daddr_offset(fam), 16);
+            cmp_eq(m, NFT_REG_1, &std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    verdict(m, NFT_RETURN, None);
+}
+
+/// `meta nfproto F dnat ip|ip6 to meta l4proto . th dport map @hostportN`. The key goes in
+/// two 32-bit registers (each field padded to 4 bytes); the map's data (address . port) comes
+/// back in the registers after it.
+fn dnat_by_map(m: &mut Msg, fam: Family) {
+    match_family(m, fam);
+    expr(m, "meta", |m| {
+        m.u32(NFTA_META_KEY, NFT_META_L4PROTO).u32(NFTA_META_DREG, NFT_REG32_00);
+    });
+    payload(m, NFT_REG32_00 + 1, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2);
+    let data_reg = NFT_REG32_00 + 2;
+    expr(m, "lookup", |m| {
+        m.str(NFTA_LOOKUP_SET, map_name(fam))
+            .u32(NFTA_LOOKUP_SREG, NFT_REG32_00)
+            .u32(NFTA_LOOKUP_DREG, data_reg);
+    });
+    let port_reg = data_reg + addr_len(fam) / 4;
+    expr(m, "counter", |_| {});
+    expr(m, "nat", |m| {
+        m.u32(NFTA_NAT_TYPE, NFT_NAT_DNAT)
+            .u32(NFTA_NAT_FAMILY, nfproto(fam) as u32)
+            .u32(NFTA_NAT_REG_ADDR_MIN, data_reg)
+            .u32(NFTA_NAT_REG_PROTO_MIN, port_reg)
+            .u32(NFTA_NAT_FLAGS, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED);
+    });
+}
+
+/// `ip saddr . ip daddr @hairpinN counter masquerade` (or `ip6`).
+fn hairpin_masquerade(m: &mut Msg, fam: Family) {
+    match_family(m, fam);
+    let len = addr_len(fam);
+    payload(m, NFT_REG32_00, NFT_PAYLOAD_NETWORK_HEADER, saddr_offset(fam), len);
+    payload(
+        m,
+        NFT_REG32_00 + len / 4,
+        NFT_PAYLOAD_NETWORK_HEADER,
+        daddr_offset(fam),
+        len,
+    );
+    expr(m, "lookup", |m| {
+        m.str(NFTA_LOOKUP_SET, hairpin_name(fam))
+            .u32(NFTA_LOOKUP_SREG, NFT_REG32_00);
+    });
+    expr(m, "counter", |_| {});
+    expr(m, "masq", |_| {});
+}
+
+/// NEWSETELEM or DELSETELEM of (key, data) elements, each with `owner` as its comment.
+fn elems_msg(ty: MsgType, table: &str, set: &str, elems: &[(Vec<u8>, Option<Vec<u8>>)], owner: Option<&str>) -> Msg {
+    let mut m = Msg::new(
+        ty,
+        if matches!(ty, MsgType::NewSetElem) {
+            CREATE
+        } else {
+            DELETE
+        },
+    );
+    m.str(NFTA_SET_ELEM_LIST_TABLE, table).str(NFTA_SET_ELEM_LIST_SET, set);
+    m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+    for (key, data) in elems {
+        m.begin(NFTA_LIST_ELEM);
+        m.begin(NFTA_SET_ELEM_KEY).bytes(NFTA_DATA_VALUE, key).end();
+        if let Some(d) = data {
+            m.begin(NFTA_SET_ELEM_DATA).bytes(NFTA_DATA_VALUE, d).end();
+        }
+        if let Some(o) = owner {
+            m.bytes(NFTA_SET_ELEM_USERDATA, &comment_udata(o));
+        }
+        m.end();
+    }
+    m.end();
+    m
+}
