@@ -14,7 +14,7 @@ use trellisd::cniconf::{self, CniConfOptions};
 use trellisd::config::NetConf;
 use trellisd::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, Event, NodeInfo};
 use trellisd::lease::Lease;
-use trellisd::metrics::Metrics;
+use trellisd::metrics::{Metrics, Problem};
 use trellisd::reconcile::{Dataplane, DataplaneConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -360,10 +360,12 @@ async fn run(args: Args) -> Result<(), String> {
         match result {
             Ok(_) => {
                 retry_soon = false;
+                metrics.set_problem(Problem::Reconcile, None);
                 metrics.set_ready();
             }
             Err(e) => {
                 warn!("reconcile failed, retrying in 1 s: {e}");
+                metrics.set_problem(Problem::Reconcile, Some(format!("the last reconcile failed: {e}")));
                 retry_soon = true;
             }
         }

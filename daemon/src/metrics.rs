@@ -9,6 +9,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// What a `/healthz` failure concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Problem {
+    /// This node's lease is not what the datastore says.
+    Lease,
+    /// The last reconcile run failed (partly): the kernel does not hold what it should.
+    Reconcile,
+}
+
 /// The daemon's metrics; cheap to clone, shared by every part.
 #[derive(Clone)]
 pub struct Metrics {
@@ -29,9 +38,8 @@ struct Inner {
     /// Datastore operations that failed (connection lost, request refused).
     pub datastore_errors: Counter,
     ready: AtomicBool,
-    /// Why this node's lease is not what the datastore says (its Node object deleted, say):
-    /// `/healthz` fails while it is set, whatever the reconciler did.
-    lease_problem: Mutex<Option<String>>,
+    /// What is wrong now, by what it concerns ([`Problem`]): `/healthz` fails while any is set.
+    problems: Mutex<std::collections::BTreeMap<Problem, String>>,
 }
 
 impl Default for Metrics {
@@ -81,7 +89,7 @@ impl Metrics {
                 kernel_objects_removed,
                 datastore_errors,
                 ready: AtomicBool::new(false),
-                lease_problem: Mutex::new(None),
+                problems: Mutex::new(Default::default()),
             }),
         }
     }
@@ -116,19 +124,25 @@ impl Metrics {
 
     /// Sets or clears what is wrong with this node's lease.
     pub fn set_lease_problem(&self, problem: Option<String>) {
-        *self.inner.lease_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+        self.set_problem(Problem::Lease, problem);
+    }
+
+    /// Sets (`Some`) or clears what is wrong with `what`.
+    pub fn set_problem(&self, what: Problem, problem: Option<String>) {
+        let mut all = self.inner.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(p) => all.insert(what, p),
+            None => all.remove(&what),
+        };
     }
 
     /// `Ok` when healthy, else why not (the `/healthz` body).
     pub fn health(&self) -> Result<(), String> {
-        if let Some(p) = self
-            .inner
-            .lease_problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
         {
-            return Err(p.clone());
+            let all = self.inner.problems.lock().unwrap_or_else(|e| e.into_inner());
+            if !all.is_empty() {
+                return Err(all.values().cloned().collect::<Vec<_>>().join("\n"));
+            }
         }
         if self.inner.ready.load(Ordering::Relaxed) {
             Ok(())

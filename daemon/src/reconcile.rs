@@ -131,6 +131,8 @@ pub struct Dataplane {
     applied: Option<(Option<u32>, Actual)>,
     interest: Arc<kernel_watch::Interest>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Wakes the reconciler when someone undoes the masquerade table.
+    table_watcher: tokio::task::JoinHandle<()>,
 }
 
 /// Whether routes go by nexthop object.
@@ -162,7 +164,11 @@ impl Dataplane {
         let nl = Netlink::connect_in(&ns)?;
         let ethtool = Ethtool::open_in(&ns)?;
         let masq_cfg = MasqueradeConfig::new(cfg.cluster_cidrs.iter().copied());
-        let masquerade = run_in(&ns, move || Masquerade::new(masq_cfg))??;
+        let open = {
+            let cfg = masq_cfg.clone();
+            move || Masquerade::new(cfg.clone()).and_then(|m| m.watch().map(|w| (m, w)))
+        };
+        let (masquerade, table_watch) = run_in(&ns, open.clone())??;
         let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &cfg.cluster_cidrs, &nl, ethtool).await?;
         for name in backend.remove_other_devices(&nl).await? {
             tracing::info!(device = %name, backend = cfg.backend.name(), "removed a device an earlier backend configuration left");
@@ -179,7 +185,11 @@ impl Dataplane {
         interest.set_device(backend.device_index());
         let ns_file = Arc::new(ns_file);
         let watch_nexthops = nexthops != NexthopSupport::Missing;
-        let watcher = kernel_watch::spawn(ns, Arc::clone(&interest), Arc::clone(&ns_file), watch_nexthops)?;
+        let watcher = kernel_watch::spawn(ns.clone(), Arc::clone(&interest), Arc::clone(&ns_file), watch_nexthops)?;
+        let table_watcher =
+            kernel_watch::spawn_table_watch(ns, table_watch, Arc::clone(&interest), ns_file, move || {
+                open().map(|(_, w)| w)
+            });
         Ok(Dataplane {
             cfg,
             nl,
@@ -192,6 +202,7 @@ impl Dataplane {
             applied: None,
             interest,
             watcher,
+            table_watcher,
         })
     }
 
@@ -291,7 +302,10 @@ impl Dataplane {
         let started = Instant::now();
         self.metrics.reconcile_runs().inc();
         self.metrics.leases().set(leases.len() as i64);
-        let result = self.reconcile_once(leases, read_kernel).await;
+        let result = match self.ensure_masquerade(read_kernel) {
+            Ok(()) => self.reconcile_once(leases, read_kernel).await,
+            Err(e) => Err(e),
+        };
         self.metrics
             .reconcile_seconds()
             .observe(started.elapsed().as_secs_f64());
@@ -310,6 +324,24 @@ impl Dataplane {
             );
         }
         result
+    }
+
+    /// The masquerade table is desired state too: on every run that reads the kernel, its
+    /// chain, sets and rules are checked (two dumps, about 60 µs, nothing committed when in
+    /// place) and this node's pod CIDRs put back in its source set if someone removed them
+    /// (`nft flush ruleset`, a reload of the distribution's nftables service).
+    fn ensure_masquerade(&self, read_kernel: bool) -> Result<(), DataplaneError> {
+        if !read_kernel {
+            return Ok(());
+        }
+        let Some(own) = &self.own else { return Ok(()) };
+        self.masquerade.ensure()?;
+        let have = self.masquerade.list_source_prefixes()?;
+        for cidr in own.pod_cidrs.iter().filter(|c| !have.contains(c)) {
+            tracing::info!(%cidr, "put this node's pod CIDR back into the masquerade table");
+            self.masquerade.add_source_prefix(*cidr)?;
+        }
+        Ok(())
     }
 
     async fn reconcile_once(
@@ -471,6 +503,7 @@ impl Drop for Dataplane {
     /// Stops watching the kernel; the dataplane itself stays in place.
     fn drop(&mut self) {
         self.watcher.abort();
+        self.table_watcher.abort();
     }
 }
 

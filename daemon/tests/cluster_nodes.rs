@@ -203,3 +203,51 @@ fn health_and_metrics_are_served() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// What `nft flush ruleset` (a reload of the distribution's nftables service) or a deleted
+/// rule takes away, the daemon puts back within a second, and the pods' egress with it.
+#[test]
+fn a_flushed_masquerade_table_is_repaired_within_a_second() {
+    let c = three_nodes_two_pods_each(VXLAN);
+    let cidr = c.node_cidr(0);
+    let outside = format!("{}.1", trellis_tests::cluster::UNDERLAY); // beyond the cluster CIDR
+    let egress = || c.ping(0, &outside);
+    wait_until("pod egress", Duration::from_secs(10), egress);
+    let table = |c: &Cluster| c.nodes[0].ns.exec(&["nft", "list", "table", "inet", "trellis"]);
+    let whole = |c: &Cluster| {
+        let t = String::from_utf8_lossy(&table(c).stdout).into_owned();
+        t.matches(" masquerade comment").count() == 4 && t.contains(&cidr)
+    };
+    for (what, cmd) in [
+        ("nft flush ruleset", vec!["nft", "flush", "ruleset"]),
+        (
+            "a deleted rule",
+            vec!["nft", "flush", "chain", "inet", "trellis", "postrouting"],
+        ),
+        (
+            "the node's CIDR removed",
+            vec![
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "trellis",
+                "masq_net4",
+                &format!("{{ {cidr} }}"),
+            ],
+        ),
+    ] {
+        assert!(whole(&c));
+        c.nodes[0].ns.exec_ok(&cmd);
+        let t = Instant::now();
+        wait_until(what, Duration::from_secs(3), || whole(&c));
+        eprintln!("{what}: repaired after {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
+        assert!(egress(), "{what}: pod egress not back");
+    }
+    assert_eq!(c.http_get(0, "/healthz").0, 200);
+}

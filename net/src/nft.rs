@@ -76,6 +76,7 @@ mod error;
 mod hostport;
 mod interval;
 mod objects;
+mod watch;
 mod wire;
 
 #[cfg(test)]
@@ -91,6 +92,7 @@ pub use error::NftError;
 pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};
 use interval::{Bound, Family, Interval};
 use objects::SetKind;
+pub use watch::TableWatch;
 use wire::MsgType;
 
 /// The table's name when the configuration does not name one.
@@ -234,6 +236,16 @@ impl Masquerade {
 
     pub fn list_exempt_destinations(&self) -> Result<Vec<IpNetwork>, NftError> {
         self.list_prefixes(SetKind::ExemptDestinations)
+    }
+
+    /// A subscription to changes that undo this table (deleted rules, chains, sets, the table,
+    /// elements deleted from its sets), opened in the calling thread's namespace.
+    pub fn watch(&self) -> Result<TableWatch, NftError> {
+        let sets: Vec<&str> = SetKind::ALL
+            .iter()
+            .flat_map(|k| Family::ALL.map(|f| k.name(f)))
+            .collect();
+        TableWatch::new(&self.cfg.table, &sets)
     }
 
     /// Deletes the whole table (rules, sets, elements). Succeeds when there is none.

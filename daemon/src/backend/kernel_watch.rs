@@ -62,7 +62,7 @@ impl Interest {
         self.changed.swap(false, Ordering::SeqCst)
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.changed.store(true, Ordering::SeqCst);
         if let Some(tx) = &*self.notify.lock().unwrap_or_else(PoisonError::into_inner) {
             // Full means a wake-up is already pending: nothing is lost.
@@ -141,6 +141,44 @@ pub fn spawn(
             }
         }
     }))
+}
+
+/// Spawns the task that wakes the reconciler when someone undoes the nftables table `watch`
+/// follows ([`trellis_net::nft::TableWatch`]); on a socket failure it reopens the watch with
+/// `reopen` in the namespace at `ns` (and wakes the receiver: changes were missed meanwhile).
+pub fn spawn_table_watch(
+    ns: PathBuf,
+    mut watch: trellis_net::nft::TableWatch,
+    interest: Arc<Interest>,
+    ns_file: Arc<std::fs::File>,
+    reopen: impl Fn() -> Result<trellis_net::nft::TableWatch, trellis_net::nft::NftError> + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ns_file = ns_file;
+        loop {
+            match watch.changed().await {
+                Ok(()) => {
+                    tracing::debug!("the masquerade table was changed by someone else");
+                    interest.wake();
+                }
+                Err(e) => {
+                    tracing::warn!("nftables change notifications failed ({e}); reopening");
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match trellis_net::netns::run_in(&ns, &reopen) {
+                            Ok(Ok(w)) => {
+                                watch = w;
+                                interest.wake();
+                                break;
+                            }
+                            Ok(Err(e)) => tracing::warn!("reopening nftables change notifications: {e}"),
+                            Err(e) => tracing::warn!("reopening nftables change notifications: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]

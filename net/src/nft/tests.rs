@@ -534,3 +534,66 @@ fn nft_hostports_add_list_conflict_remove_and_repair() {
         assert!(hp.list().unwrap().is_empty());
     });
 }
+
+#[test]
+fn nft_table_watch_wakes_on_what_undoes_the_table_only() {
+    let ns = Netns::new();
+    let (m, w) = ns.run(|| {
+        let m = masq(&["10.244.0.0/16"]);
+        m.ensure().unwrap();
+        let w = m.watch().unwrap();
+        (m, w)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut w = w;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            loop {
+                if w.changed().await.is_err() || tx.send(()).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let quiet = |what: &str| {
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "woken by {what}");
+    };
+    let woken = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("not woken by {what}"));
+        while rx.try_recv().is_ok() {}
+    };
+    // Our own additions, and another table's changes, are not news.
+    m.add_source(ip("10.244.1.5")).unwrap();
+    m.add_source_prefix(net("10.244.2.0/24")).unwrap();
+    quiet("additions");
+    ns.exec(&["nft", "add", "table", "inet", "someone_else"]);
+    ns.exec(&["nft", "delete", "table", "inet", "someone_else"]);
+    quiet("another table");
+    ns.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        DEFAULT_TABLE,
+        "masq_net4",
+        "{ 10.244.2.0/24 }",
+    ]);
+    woken("a deleted masquerade element");
+    ns.exec(&["nft", "flush", "chain", "inet", DEFAULT_TABLE, "postrouting"]);
+    woken("a flushed chain");
+    ns.exec(&["nft", "flush", "ruleset"]);
+    woken("nft flush ruleset");
+    // After the repair the table is whole again.
+    m.ensure().unwrap();
+    let ruleset = ns.exec(&["nft", "list", "chain", "inet", DEFAULT_TABLE, "postrouting"]);
+    assert_eq!(ruleset.matches(" masquerade comment").count(), 4, "{ruleset}");
+    drop(rx);
+    // The waiter ends at the next change (its send fails); make one.
+    ns.exec(&["nft", "flush", "ruleset"]);
+    waiter.join().unwrap();
+}
