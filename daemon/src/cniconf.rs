@@ -13,6 +13,7 @@
 use crate::lease::Lease;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use trellis_plugin::config::{Mode, PluginFields};
 
 pub const DEFAULT_PATH: &str = "/etc/cni/net.d/10-trellis.conflist";
 
@@ -21,8 +22,8 @@ pub struct CniConfOptions {
     pub path: PathBuf,
     /// The network name (the IPAM store's folder name).
     pub network: String,
-    /// The plugin's mode: `bridge` or `routed`.
-    pub mode: String,
+    /// The plugin's mode.
+    pub mode: Mode,
     pub bridge: String,
     /// trellis-ipam's `dataDir`; its default when `None`.
     pub ipam_data_dir: Option<PathBuf>,
@@ -40,7 +41,7 @@ impl Default for CniConfOptions {
         CniConfOptions {
             path: PathBuf::from(DEFAULT_PATH),
             network: "trellis".into(),
-            mode: "bridge".into(),
+            mode: Mode::Bridge,
             bridge: "cni0".into(),
             ipam_data_dir: None,
             hostport: true,
@@ -59,18 +60,21 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
     if let Some(d) = &opts.ipam_data_dir {
         ipam["dataDir"] = json!(d);
     }
-    let mut plugin = json!({
-        "type": "trellis",
-        "mode": opts.mode,
-        "bridge": opts.bridge,
-        "isGateway": true,
-        "isDefaultGateway": true,
-        // trellisd masquerades the node's pod CIDRs to outside the cluster CIDRs itself.
-        "ipMasq": false,
-        "hairpinMode": true,
-        "mtu": mtu,
-        "ipam": ipam,
-    });
+    // The plugin's own fields from its own type; then what every CNI plugin config has.
+    let fields = PluginFields {
+        mode: opts.mode,
+        bridge: opts.bridge.clone(),
+        is_gateway: true,
+        is_default_gateway: true,
+        mtu: Some(mtu),
+        hairpin_mode: true,
+        promisc_mode: false,
+    };
+    let mut plugin = serde_json::to_value(fields).expect("plugin fields are JSON");
+    plugin["type"] = json!("trellis");
+    // trellisd masquerades the node's pod CIDRs to outside the cluster CIDRs itself.
+    plugin["ipMasq"] = json!(false);
+    plugin["ipam"] = ipam;
     if opts.hostport {
         plugin["capabilities"] = json!({"portMappings": true});
     }

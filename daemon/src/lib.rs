@@ -18,4 +18,5 @@ pub mod install;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod state;
 pub mod underlay;

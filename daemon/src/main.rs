@@ -77,9 +77,12 @@ struct Args {
     /// The CNI config to write.
     #[arg(long, default_value = cniconf::DEFAULT_PATH)]
     cni_conf: PathBuf,
-    /// The trellis plugin's mode in the CNI config.
+    /// Where the daemon keeps what it must remember across its restarts (the pod CIDRs it held).
+    #[arg(long, default_value = trellisd::state::DEFAULT_DIR)]
+    state_dir: PathBuf,
+    /// The trellis plugin's mode in the CNI config: bridge or routed.
     #[arg(long, default_value = "bridge")]
-    cni_mode: String,
+    cni_mode: trellis_plugin::config::Mode,
     /// trellis-ipam's dataDir in the CNI config (its default when not given).
     #[arg(long)]
     ipam_data_dir: Option<PathBuf>,
@@ -187,9 +190,14 @@ async fn run(args: Args) -> Result<(), String> {
             EtcdStore::new(args.etcd_endpoints.clone())
                 .with_prefix(args.etcd_prefix.clone())
                 .with_ttl(Duration::from_secs(args.lease_ttl))
-                // The CIDRs of the config we wrote before: the same ones back after a restart,
-                // even one longer than the lease's TTL.
-                .with_hint(cniconf::read_cidrs(&args.cni_conf)),
+                // The CIDRs held before: the same ones back after a restart, even one longer
+                // than the lease's TTL (from the CNI config an earlier version wrote when the
+                // state folder has none).
+                .with_hint(
+                    Some(trellisd::state::read_cidrs(&args.state_dir))
+                        .filter(|c| !c.is_empty())
+                        .unwrap_or_else(|| cniconf::read_cidrs(&args.cni_conf)),
+                ),
         ),
         DatastoreKind::Kube => Datastore::Kube(trellisd::datastore::kube::KubeStore {
             kubeconfig: args.kubeconfig.clone(),
@@ -208,6 +216,9 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     info!(cidrs = ?own.pod_cidrs, "holding the node lease");
+    if let Err(e) = trellisd::state::write_cidrs(&args.state_dir, &own.pod_cidrs) {
+        warn!(dir = %args.state_dir.display(), "cannot remember the pod CIDRs ({e}): a restart after the lease expires may get others");
+    }
     dp.set_own(&own).await.map_err(|e| e.to_string())?;
     // The node routes between its pods and the other nodes. In a container /proc/sys is
     // read-only unless privileged: kubeadm already requires ip_forward, so a node where it is on
@@ -225,7 +236,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let opts = CniConfOptions {
         path: args.cni_conf.clone(),
-        mode: args.cni_mode.clone(),
+        mode: args.cni_mode,
         ipam_data_dir: args.ipam_data_dir.clone(),
         hostport: !args.no_hostport,
         ..Default::default()

@@ -8,13 +8,13 @@
 //! The names are the reference `bridge` plugin's, so an operator's config works after changing
 //! `type`; the defaults are its defaults too.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use trellis_cni::env::validate_ifname;
 use trellis_cni::{code, CniError, NetConf};
 use trellis_net::nft::{PortMapping, Protocol};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Pods are ports of a node bridge that holds their gateway address (like `bridge`).
@@ -25,8 +25,18 @@ pub enum Mode {
     Routed,
 }
 
-/// The plugin's own fields (flattened into the network config).
-#[derive(Clone, Debug, Deserialize)]
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    /// `bridge` or `routed`, as the config spells them.
+    fn from_str(s: &str) -> Result<Mode, String> {
+        serde_json::from_value(Value::String(s.to_string())).map_err(|_| format!("{s:?} is not bridge or routed"))
+    }
+}
+
+/// The plugin's own fields (flattened into the network config). trellisd renders the node's
+/// config from this struct too, so the two cannot drift apart.
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginFields {
     #[serde(default)]
@@ -37,7 +47,7 @@ pub struct PluginFields {
     pub is_gateway: bool,
     #[serde(default)]
     pub is_default_gateway: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     #[serde(default)]
     pub hairpin_mode: bool,

@@ -222,6 +222,8 @@ impl Cluster {
             ];
             args.extend(store);
             args.extend([
+                "--state-dir".into(),
+                node_dir.join("state").to_string_lossy().into_owned(),
                 "--cni-conf".into(),
                 node_dir.join("10-trellis.conflist").to_string_lossy().into_owned(),
                 "--ipam-data-dir".into(),

@@ -574,6 +574,8 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize, mode: Mode) -> Trial
         &path("net-conf.json"),
         "--etcd-endpoints",
         &format!("http://{ETCD_IP}:2379"),
+        "--state-dir",
+        &path("state"),
         "--cni-conf",
         &path("10-trellis.conflist"),
         "--ipam-data-dir",
