@@ -17,6 +17,7 @@ pub mod datastore;
 pub mod install;
 pub mod lease;
 pub mod metrics;
+pub mod node;
 pub mod reconcile;
 pub mod state;
 pub mod underlay;

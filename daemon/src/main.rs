@@ -3,18 +3,17 @@
 
 use clap::{Parser, ValueEnum};
 use ipnetwork::IpNetwork;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing::{error, info, warn};
-use trellisd::backend::bgp::BgpRoute;
-use trellisd::bgp::{BgpConfig, PeerConfig, Speaker};
+use trellisd::bgp::{BgpConfig, Speaker};
 use trellisd::cniconf::{self, CniConfOptions};
 use trellisd::config::NetConf;
-use trellisd::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, Event, NodeInfo};
+use trellisd::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, NodeInfo};
 use trellisd::lease::Lease;
-use trellisd::metrics::{Metrics, Problem};
+use trellisd::metrics::Metrics;
+use trellisd::node::{self, BgpPeers, KernelPlane, Node};
 use trellisd::reconcile::{Dataplane, DataplaneConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -211,7 +210,7 @@ async fn run(args: Args) -> Result<(), String> {
         underlay_ip: underlay.ip,
         backend: dp.backend_data(),
     };
-    let (own, mut events) = store
+    let (own, events) = store
         .start(me, conf.pools.clone(), metrics.clone())
         .await
         .map_err(|e| e.to_string())?;
@@ -243,166 +242,49 @@ async fn run(args: Args) -> Result<(), String> {
     };
     write_cni_conf(&own, dp.pod_mtu(), &opts)?;
 
-    let mut bgp = match &conf.backend {
-        trellisd::config::Backend::Bgp {
-            as_number,
-            hold_time,
-            graceful_restart,
-            ..
-        } => Some(
-            start_bgp(
-                &dp,
-                &own,
-                &underlay,
-                &conf,
-                *as_number,
-                *hold_time,
-                *graceful_restart,
-                &metrics,
-            )
-            .await?,
-        ),
-        _ => None,
+    // Every source sends its inputs to the node's one channel; the node decides what runs.
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut plane = KernelPlane {
+        dataplane: dp,
+        metrics: metrics.clone(),
+        bgp: None,
     };
-    let mut peers_set: Option<Vec<std::net::IpAddr>> = None;
-    // Whether the datastore's first snapshot arrived. Until then only this node's lease is known:
-    // a reconcile would drop every route kept from before a restart, and an empty BGP peer list
-    // would let the speaker call itself synced.
-    let mut have_snapshot = false;
-    let mut leases: BTreeMap<String, Lease> = BTreeMap::new();
-    leases.insert(own.node.clone(), own.clone());
-    let mut kernel = dp.kernel_changes();
-    let mut resync = tokio::time::interval(Duration::from_secs(args.resync.max(1)));
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut retry_soon = false;
-    loop {
-        // BGP: wait for the first routes until the speaker has synced (End-of-RIB from its
-        // peers, or its deadline), so routes kept from before a restart stay meanwhile.
-        let waiting_for_sync = bgp.as_ref().is_some_and(|b| !b.pushed);
-        let retry_ms = if retry_soon || waiting_for_sync { 500 } else { 3_600_000 };
-        let retry = tokio::time::sleep(Duration::from_millis(retry_ms));
-        let rib_changed = async {
-            match bgp.as_mut() {
-                Some(b) => {
-                    if b.rib.changed().await.is_err() {
-                        std::future::pending::<()>().await
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        // Datastore events and BGP updates send the difference from the last run; kernel
-        // notifications, the periodic resync and retries read the kernel first.
-        let mut read_kernel = true;
-        tokio::select! {
-            _ = rib_changed => read_kernel = false,
-            ev = events.recv() => match ev {
-                Some(ev) => {
-                    have_snapshot = true;
-                    apply(&mut leases, ev, &own)?;
-                    // Nodes often join or leave in bursts: take every event already queued (and
-                    // those arriving within 10 ms) before one reconcile, not one each.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    while let Ok(ev) = events.try_recv() {
-                        apply(&mut leases, ev, &own)?;
-                    }
-                    read_kernel = false;
-                }
-                None => return Err("the datastore stopped".into()),
-            },
-            Some(()) = kernel.recv() => {
-                // Coalesce a burst of kernel notifications into one reconcile; short, since a
-                // deleted route is traffic lost (20 ms here made repairs take 21 ms).
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                while kernel.try_recv().is_ok() {}
-            }
-            _ = resync.tick() => {}
-            _ = retry => {}
-            _ = sigterm.recv() => {
-                info!("SIGTERM: exiting; the dataplane stays in place so pods keep talking");
-                return Ok(());
-            }
-            _ = tokio::signal::ctrl_c() => {
-                info!("interrupted: exiting; the dataplane stays in place");
-                return Ok(());
-            }
-        }
-        if !have_snapshot {
-            // Only this node's lease is known: reconciling now would remove every route to the
-            // other nodes kept from before a restart.
-            continue;
-        }
-        metrics.leases().set(leases.len() as i64);
-        if let Some(b) = bgp.as_mut() {
-            let peers = trellisd::backend::bgp::peers(&conf.backend, &node, underlay.ip, &leases);
-            let addrs: Vec<std::net::IpAddr> = peers.iter().map(|p| p.addr).collect();
-            if peers_set.as_ref() != Some(&addrs) {
-                b.speaker.set_peers(
-                    peers
-                        .into_iter()
-                        .map(|p| PeerConfig {
-                            addr: p.addr,
-                            asn: p.asn,
-                        })
-                        .collect(),
-                );
-                peers_set = Some(addrs);
-            }
-            if *b.synced.borrow() || b.pushed {
-                let routes = b
-                    .rib
-                    .borrow_and_update()
-                    .values()
-                    .map(|r| BgpRoute {
-                        prefix: r.prefix,
-                        next_hop: r.next_hop,
-                    })
-                    .collect();
-                dp.set_bgp_routes(routes).map_err(|e| e.to_string())?;
-                b.pushed = true;
-            }
-        }
-        let result = if read_kernel {
-            dp.resync(&leases).await
-        } else {
-            dp.reconcile(&leases).await
-        };
-        match result {
-            Ok(_) => {
-                retry_soon = false;
-                metrics.set_problem(Problem::Reconcile, None);
-                metrics.set_ready();
-            }
-            Err(e) => {
-                warn!("reconcile failed, retrying in 1 s: {e}");
-                metrics.set_problem(Problem::Reconcile, Some(format!("the last reconcile failed: {e}")));
-                retry_soon = true;
-            }
-        }
+    if let trellisd::config::Backend::Bgp {
+        as_number,
+        hold_time,
+        graceful_restart,
+        ..
+    } = &conf.backend
+    {
+        let settings = (*as_number, *hold_time, *graceful_restart);
+        let (speaker, rib, synced) = start_bgp(&plane.dataplane, &own, &underlay, &conf, settings, &metrics).await?;
+        tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
+        plane.bgp = Some(BgpPeers {
+            speaker,
+            backend: conf.backend.clone(),
+            node: node.clone(),
+            underlay_ip: underlay.ip,
+            current: None,
+        });
     }
+    let kernel = plane.dataplane.kernel_changes();
+    tokio::spawn(node::forward_leases(events, tx.clone()));
+    let resync = Duration::from_secs(args.resync.max(1));
+    tokio::spawn(node::forward_kernel_ticks_and_signals(kernel, resync, tx));
+    let is_bgp = plane.bgp.is_some();
+    Node::new(plane, own, is_bgp).run(rx).await.map(|_| ())
 }
 
-/// The BGP speaker and what the main loop needs of it.
-struct Bgp {
-    speaker: Speaker,
-    rib: tokio::sync::watch::Receiver<trellisd::bgp::Routes>,
-    synced: tokio::sync::watch::Receiver<bool>,
-    /// Whether routes were handed to the dataplane yet (until then it keeps the kernel's).
-    pushed: bool,
-}
-
-#[allow(clippy::too_many_arguments)] // the backend's settings, spelled out
+/// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
+/// the AS number, hold time and graceful-restart time.
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
     underlay: &trellisd::reconcile::Underlay,
     conf: &NetConf,
-    asn: u32,
-    hold_time: u16,
-    graceful_restart: u16,
+    (asn, hold_time, graceful_restart): (u32, u16, u16),
     metrics: &Metrics,
-) -> Result<Bgp, String> {
+) -> Result<(Speaker, Routes, Synced), String> {
     let IpAddr::V4(router_id) = underlay.ip else {
         return Err("BGP needs an IPv4 underlay address for its router ID".into());
     };
@@ -419,35 +301,11 @@ async fn start_bgp(
     speaker.set_exports(prefixes, v4, v6);
     let synced = speaker.synced();
     info!(asn, %router_id, "BGP speaker started");
-    Ok(Bgp {
-        speaker,
-        rib,
-        synced,
-        pushed: false,
-    })
+    Ok((speaker, rib, synced))
 }
 
-/// Applies a datastore event; this node's own lease always stays as this process holds it. A
-/// lost own lease ends the daemon (non-zero exit: the DaemonSet restarts it onto a clean state).
-fn apply(leases: &mut BTreeMap<String, Lease>, ev: Event, own: &Lease) -> Result<(), String> {
-    match ev {
-        Event::Snapshot(all) => {
-            leases.clear();
-            leases.extend(all.into_iter().map(|l| (l.node.clone(), l)));
-        }
-        Event::Upsert(l) => {
-            leases.insert(l.node.clone(), l);
-        }
-        Event::Remove(node) => {
-            if leases.remove(&node).is_some() {
-                info!(node, "node left");
-            }
-        }
-        Event::Lost(why) => return Err(why),
-    }
-    leases.insert(own.node.clone(), own.clone());
-    Ok(())
-}
+type Routes = tokio::sync::watch::Receiver<trellisd::bgp::Routes>;
+type Synced = tokio::sync::watch::Receiver<bool>;
 
 fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), String> {
     let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts)).expect("JSON") + "\n";

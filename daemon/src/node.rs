@@ -1,0 +1,558 @@
+//! The node's control loop, as a library: every source sends one [`Input`] to one [`Node`],
+//! which owns the lease map and the BGP routes and decides when the dataplane runs and how.
+//! `main.rs` only parses flags, starts the sources and wires them to the node's channel.
+//!
+//! ```text
+//!  datastore events ──┐
+//!  BGP routes/synced ─┤                       ┌─ resync (read the kernel first):
+//!  kernel changes ────┼─▶ Input ─▶ Node ──────┤   kernel changes, ticks, retries
+//!  ticks, shutdown ───┘                       └─ reconcile (send the difference):
+//!                                                 datastore events, BGP updates
+//! ```
+//!
+//! What the loop guarantees, each unit-tested here with tokio's paused clock and a recording
+//! [`Plane`] (the kernel one, [`crate::reconcile::Dataplane`], is the only real one):
+//! - **Nothing before the datastore's first snapshot.** Until then only this node's lease is
+//!   known; a run would remove every route to the other nodes kept from before a restart.
+//! - **BGP routes only once the speaker synced** (End-of-RIB from its peers, or its deadline),
+//!   so the routes kept across a graceful restart stay until the peers have spoken.
+//! - **Bursts batched**: datastore events arriving within 10 ms make one run; kernel
+//!   notifications within 2 ms make one (a deleted route is traffic lost: short).
+//! - **A failed run is retried** after a second (reading the kernel), until one succeeds.
+//! - **Shutdown leaves the dataplane** as it is: pods keep talking through a restart.
+//! - This node's own lease always stays as this process holds it; a datastore that says it is
+//!   lost ([`Event::Lost`]) ends the loop with that reason.
+
+use crate::backend::bgp::BgpRoute;
+use crate::datastore::Event;
+use crate::lease::Lease;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::{info, warn};
+
+/// Everything that can make the node act.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// A change in the datastore's leases.
+    Lease(Event),
+    /// The BGP speaker's routes, all of them (a gracefully restarting peer's, flagged stale,
+    /// included), and whether it has synced with its peers.
+    Routes { routes: Vec<BgpRoute>, synced: bool },
+    /// The kernel reported a change that may undo our work.
+    KernelChanged,
+    /// Time for a periodic resync.
+    Tick,
+    /// Stop, leaving the dataplane in place.
+    Shutdown,
+}
+
+/// What the node asks of the dataplane. `routes`: BGP's routes once it has synced (`None`:
+/// not BGP, or not yet: keep what the kernel has).
+pub trait Plane {
+    /// Make the kernel hold what `leases` (and `routes`) call for; `read_kernel`: read what it
+    /// holds first rather than trusting the last run.
+    fn run(
+        &mut self,
+        leases: &BTreeMap<String, Lease>,
+        routes: Option<&[BgpRoute]>,
+        read_kernel: bool,
+    ) -> impl Future<Output = Result<(), String>>;
+
+    /// The leases changed: BGP's peer set may follow them (nothing to do for other backends).
+    fn leases_changed(&mut self, _leases: &BTreeMap<String, Lease>) {}
+
+    /// The last run succeeded (`None`) or failed (why).
+    fn health(&mut self, _problem: Option<&str>) {}
+}
+
+/// How long the loop waits for more of a burst before acting.
+pub const LEASE_BATCH: Duration = Duration::from_millis(10);
+pub const KERNEL_DEBOUNCE: Duration = Duration::from_millis(2);
+/// How soon a failed run is retried.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// The node; see the module docs.
+pub struct Node<P: Plane> {
+    plane: P,
+    own: Lease,
+    leases: BTreeMap<String, Lease>,
+    have_snapshot: bool,
+    /// BGP mode: the latest routes and whether the speaker synced; `None` for other backends.
+    bgp: Option<(Vec<BgpRoute>, bool)>,
+}
+
+/// What a run must do, accumulated from the inputs of one batch.
+#[derive(Default)]
+struct Pending {
+    run: bool,
+    read_kernel: bool,
+    leases_changed: bool,
+}
+
+impl<P: Plane> Node<P> {
+    /// A node holding `own`; `bgp`: whether routes come from a BGP speaker.
+    pub fn new(plane: P, own: Lease, bgp: bool) -> Node<P> {
+        let mut leases = BTreeMap::new();
+        leases.insert(own.node.clone(), own.clone());
+        Node {
+            plane,
+            own,
+            leases,
+            have_snapshot: false,
+            bgp: bgp.then(|| (Vec::new(), false)),
+        }
+    }
+
+    pub fn plane(&self) -> &P {
+        &self.plane
+    }
+
+    /// Runs until [`Input::Shutdown`], the inputs end, or the datastore says this node's lease
+    /// is lost (`Err` with the reason).
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Result<P, String> {
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let retry = async {
+                match retry_at {
+                    Some(t) => sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut pending = Pending::default();
+            tokio::select! {
+                input = inputs.recv() => {
+                    let Some(input) = input else { return Ok(self.plane) };
+                    let wait = match &input {
+                        Input::Lease(_) => LEASE_BATCH,
+                        Input::KernelChanged => KERNEL_DEBOUNCE,
+                        _ => Duration::ZERO,
+                    };
+                    if self.take(input, &mut pending)? {
+                        return Ok(self.plane);
+                    }
+                    // Take the rest of a burst: everything queued, and what arrives meanwhile.
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    while let Ok(input) = inputs.try_recv() {
+                        if self.take(input, &mut pending)? {
+                            return Ok(self.plane);
+                        }
+                    }
+                }
+                _ = retry => {
+                    pending.run = true;
+                    pending.read_kernel = true;
+                }
+            }
+            if !pending.run || !self.have_snapshot {
+                continue;
+            }
+            if pending.leases_changed {
+                self.plane.leases_changed(&self.leases);
+            }
+            let routes = match &self.bgp {
+                Some((routes, true)) => Some(routes.as_slice()),
+                _ => None,
+            };
+            match self.plane.run(&self.leases, routes, pending.read_kernel).await {
+                Ok(()) => {
+                    retry_at = None;
+                    self.plane.health(None);
+                }
+                Err(e) => {
+                    warn!("reconcile failed, retrying in {} s: {e}", RETRY.as_secs());
+                    self.plane.health(Some(&e));
+                    retry_at = Some(Instant::now() + RETRY);
+                }
+            }
+        }
+    }
+
+    /// Applies one input to the node's state and to what the next run must do; `Ok(true)`:
+    /// shut down.
+    fn take(&mut self, input: Input, pending: &mut Pending) -> Result<bool, String> {
+        match input {
+            Input::Lease(ev) => {
+                self.have_snapshot = true;
+                self.apply(ev)?;
+                pending.run = true;
+                pending.leases_changed = true;
+            }
+            Input::Routes { routes, synced } => {
+                if let Some(bgp) = &mut self.bgp {
+                    *bgp = (routes, synced || bgp.1);
+                    pending.run |= bgp.1;
+                }
+            }
+            Input::KernelChanged | Input::Tick => {
+                pending.run = true;
+                pending.read_kernel = true;
+            }
+            Input::Shutdown => {
+                info!("exiting; the dataplane stays in place so pods keep talking");
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A datastore event; this node's own lease always stays as this process holds it.
+    fn apply(&mut self, ev: Event) -> Result<(), String> {
+        match ev {
+            Event::Snapshot(all) => {
+                self.leases.clear();
+                self.leases.extend(all.into_iter().map(|l| (l.node.clone(), l)));
+            }
+            Event::Upsert(l) => {
+                self.leases.insert(l.node.clone(), l);
+            }
+            Event::Remove(node) => {
+                if self.leases.remove(&node).is_some() {
+                    info!(node, "node left");
+                }
+            }
+            Event::Lost(why) => return Err(why),
+        }
+        self.leases.insert(self.own.node.clone(), self.own.clone());
+        Ok(())
+    }
+}
+
+/// The real [`Plane`]: the kernel dataplane, and the BGP speaker's peer set.
+pub struct KernelPlane {
+    pub dataplane: crate::reconcile::Dataplane,
+    pub metrics: crate::metrics::Metrics,
+    pub bgp: Option<BgpPeers>,
+}
+
+/// What the BGP speaker's peer set is computed from (the backend config and the leases).
+pub struct BgpPeers {
+    pub speaker: crate::bgp::Speaker,
+    pub backend: crate::config::Backend,
+    pub node: String,
+    pub underlay_ip: std::net::IpAddr,
+    /// The addresses last given to the speaker.
+    pub current: Option<Vec<std::net::IpAddr>>,
+}
+
+impl Plane for KernelPlane {
+    async fn run(
+        &mut self,
+        leases: &BTreeMap<String, Lease>,
+        routes: Option<&[BgpRoute]>,
+        read_kernel: bool,
+    ) -> Result<(), String> {
+        if let Some(routes) = routes {
+            self.dataplane
+                .set_bgp_routes(routes.to_vec())
+                .map_err(|e| e.to_string())?;
+        }
+        let result = if read_kernel {
+            self.dataplane.resync(leases).await
+        } else {
+            self.dataplane.reconcile(leases).await
+        };
+        result.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn leases_changed(&mut self, leases: &BTreeMap<String, Lease>) {
+        let Some(b) = &mut self.bgp else { return };
+        let peers = crate::backend::bgp::peers(&b.backend, &b.node, b.underlay_ip, leases);
+        let addrs: Vec<std::net::IpAddr> = peers.iter().map(|p| p.addr).collect();
+        if b.current.as_ref() != Some(&addrs) {
+            b.speaker.set_peers(
+                peers
+                    .into_iter()
+                    .map(|p| crate::bgp::PeerConfig {
+                        addr: p.addr,
+                        asn: p.asn,
+                    })
+                    .collect(),
+            );
+            b.current = Some(addrs);
+        }
+    }
+
+    fn health(&mut self, problem: Option<&str>) {
+        use crate::metrics::Problem;
+        match problem {
+            None => {
+                self.metrics.set_problem(Problem::Reconcile, None);
+                self.metrics.set_ready();
+            }
+            Some(p) => self
+                .metrics
+                .set_problem(Problem::Reconcile, Some(format!("the last reconcile failed: {p}"))),
+        }
+    }
+}
+
+/// Forwards the BGP speaker's routes (and whether it synced) to the node as [`Input::Routes`]
+/// whenever either changes, until the node stops listening.
+pub async fn forward_bgp_routes(
+    mut rib: tokio::sync::watch::Receiver<crate::bgp::Routes>,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    tx: mpsc::Sender<Input>,
+) {
+    loop {
+        let routes = rib
+            .borrow_and_update()
+            .values()
+            .map(|r| BgpRoute {
+                prefix: r.prefix,
+                next_hop: r.next_hop,
+            })
+            .collect();
+        let is_synced = *synced.borrow_and_update();
+        if tx
+            .send(Input::Routes {
+                routes,
+                synced: is_synced,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            r = rib.changed() => if r.is_err() { return },
+            r = synced.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Forwards the datastore's events to the node as [`Input::Lease`].
+pub async fn forward_leases(mut events: mpsc::Receiver<Event>, tx: mpsc::Sender<Input>) {
+    while let Some(ev) = events.recv().await {
+        if tx.send(Input::Lease(ev)).await.is_err() {
+            return;
+        }
+    }
+    warn!("the datastore stopped");
+    let _ = tx.send(Input::Shutdown).await;
+}
+
+/// Forwards the kernel watch's wake-ups, periodic ticks and SIGTERM / Ctrl-C to the node.
+pub async fn forward_kernel_ticks_and_signals(
+    mut kernel: mpsc::Receiver<()>,
+    resync: Duration,
+    tx: mpsc::Sender<Input>,
+) -> Result<(), String> {
+    let mut tick = tokio::time::interval(resync);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    loop {
+        let input = tokio::select! {
+            Some(()) = kernel.recv() => Input::KernelChanged,
+            _ = tick.tick() => Input::Tick,
+            _ = sigterm.recv() => Input::Shutdown,
+            _ = tokio::signal::ctrl_c() => Input::Shutdown,
+        };
+        let last = input == Input::Shutdown;
+        if tx.send(input).await.is_err() || last {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::BackendData;
+
+    /// One call of [`Plane::run`]: the nodes it saw, the routes, whether it read the kernel, and
+    /// when (paused clock, from the test's start).
+    #[derive(Debug, Clone, PartialEq)]
+    struct Call {
+        nodes: Vec<String>,
+        routes: Option<usize>,
+        read_kernel: bool,
+        at: Duration,
+    }
+
+    struct Recording {
+        start: Instant,
+        calls: Vec<Call>,
+        /// Runs that fail, counted from the first.
+        failures: usize,
+        peer_updates: usize,
+        problems: Vec<Option<String>>,
+    }
+
+    impl Plane for Recording {
+        async fn run(
+            &mut self,
+            leases: &BTreeMap<String, Lease>,
+            routes: Option<&[BgpRoute]>,
+            read_kernel: bool,
+        ) -> Result<(), String> {
+            self.calls.push(Call {
+                nodes: leases.keys().cloned().collect(),
+                routes: routes.map(<[BgpRoute]>::len),
+                read_kernel,
+                at: self.start.elapsed(),
+            });
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err("a route was refused".into());
+            }
+            Ok(())
+        }
+
+        fn leases_changed(&mut self, _: &BTreeMap<String, Lease>) {
+            self.peer_updates += 1;
+        }
+
+        fn health(&mut self, problem: Option<&str>) {
+            self.problems.push(problem.map(String::from));
+        }
+    }
+
+    fn lease(node: &str, i: u8) -> Lease {
+        Lease {
+            node: node.into(),
+            underlay_ip: format!("192.168.1.{i}").parse().unwrap(),
+            pod_cidrs: vec![format!("10.244.{i}.0/24").parse().unwrap()],
+            backend: BackendData::HostGw,
+        }
+    }
+
+    fn route(i: u8) -> BgpRoute {
+        BgpRoute {
+            prefix: format!("10.244.{i}.0/24").parse().unwrap(),
+            next_hop: format!("192.168.1.{i}").parse().unwrap(),
+        }
+    }
+
+    /// Starts a node (bgp or not) with a recording plane whose first `failures` runs fail.
+    fn start(bgp: bool, failures: usize) -> (mpsc::Sender<Input>, tokio::task::JoinHandle<Result<Recording, String>>) {
+        let plane = Recording {
+            start: Instant::now(),
+            calls: Vec::new(),
+            failures,
+            peer_updates: 0,
+            problems: Vec::new(),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let node = Node::new(plane, lease("me", 1), bgp);
+        (tx, tokio::spawn(node.run(rx)))
+    }
+
+    async fn stop(tx: mpsc::Sender<Input>, h: tokio::task::JoinHandle<Result<Recording, String>>) -> Recording {
+        tx.send(Input::Shutdown).await.unwrap();
+        h.await.unwrap().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_runs_before_the_first_snapshot() {
+        let (tx, h) = start(false, 0);
+        tx.send(Input::KernelChanged).await.unwrap();
+        tx.send(Input::Tick).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tx.send(Input::Lease(Event::Snapshot(vec![lease("a", 2)])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let rec = stop(tx, h).await;
+        assert_eq!(rec.calls.len(), 1, "{:?}", rec.calls);
+        assert_eq!(rec.calls[0].nodes, ["a", "me"], "our own lease is always there");
+        assert!(!rec.calls[0].read_kernel, "a datastore event sends the difference");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_lease_events_makes_one_run_and_kernel_changes_one_resync() {
+        let (tx, h) = start(false, 0);
+        tx.send(Input::Lease(Event::Snapshot(vec![]))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 2..12 {
+            tx.send(Input::Lease(Event::Upsert(lease(&format!("n{i:02}"), i))))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(0)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..5 {
+            tx.send(Input::KernelChanged).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let rec = stop(tx, h).await;
+        assert_eq!(rec.calls.len(), 3, "{:?}", rec.calls);
+        assert_eq!(rec.calls[1].nodes.len(), 11, "ten upserts in one run");
+        assert!(!rec.calls[1].read_kernel);
+        assert!(rec.calls[2].read_kernel, "kernel changes read the kernel");
+        assert_eq!(rec.peer_updates, 2, "peers follow lease changes, not kernel changes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_run_is_retried_after_a_second_reading_the_kernel() {
+        let (tx, h) = start(false, 2);
+        tx.send(Input::Lease(Event::Snapshot(vec![lease("a", 2)])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rec = stop(tx, h).await;
+        assert_eq!(rec.calls.len(), 3, "two failures, then success: {:?}", rec.calls);
+        assert!(rec.calls[1].read_kernel && rec.calls[2].read_kernel);
+        let gap = rec.calls[2].at - rec.calls[1].at;
+        assert_eq!(gap, RETRY, "{:?}", rec.calls);
+        assert_eq!(
+            rec.problems,
+            [
+                Some("a route was refused".into()),
+                Some("a route was refused".into()),
+                None
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bgp_routes_wait_for_the_speaker_to_sync() {
+        let (tx, h) = start(true, 0);
+        tx.send(Input::Lease(Event::Snapshot(vec![]))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Routes before sync: kept back (the kernel keeps what it had).
+        tx.send(Input::Routes {
+            routes: vec![route(2)],
+            synced: false,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(Input::Routes {
+            routes: vec![route(2), route(3)],
+            synced: true,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Once synced, a later update (even one saying unsynced) goes through.
+        tx.send(Input::Routes {
+            routes: vec![route(2)],
+            synced: false,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let rec = stop(tx, h).await;
+        let routes: Vec<Option<usize>> = rec.calls.iter().map(|c| c.routes).collect();
+        assert_eq!(routes, [None, Some(2), Some(1)], "{:?}", rec.calls);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_loop_and_a_lost_lease_ends_it_with_the_reason() {
+        let (tx, h) = start(false, 0);
+        let rec = stop(tx, h).await;
+        assert!(rec.calls.is_empty(), "shutdown touches nothing");
+
+        let (tx, h) = start(false, 0);
+        tx.send(Input::Lease(Event::Lost("another pod CIDR".into())))
+            .await
+            .unwrap();
+        assert_eq!(h.await.unwrap().err().as_deref(), Some("another pod CIDR"));
+        drop(tx);
+    }
+}
