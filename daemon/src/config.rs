@@ -25,7 +25,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// When to turn off TX checksum offload on the VXLAN device (see `backend::vxlan`).
+/// When to turn off TX checksum offload on the VXLAN device (see `backend::checksum`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChecksumOffload {

@@ -7,7 +7,8 @@ mod dataplane_support;
 
 use dataplane_support::*;
 use trellis_net::ethtool::Ethtool;
-use trellisd::backend::vxlan::{tx_checksum_offload, vtep_mac};
+use trellisd::backend::checksum::tx_checksum_offload;
+use trellisd::backend::vxlan::vtep_mac;
 use trellisd::config::ChecksumOffload;
 use trellisd::metrics::Metrics;
 use trellisd::reconcile::{Dataplane, ReconcileReport, NEXTHOP_ID_RANGE};

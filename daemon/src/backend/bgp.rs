@@ -45,14 +45,17 @@
 //! A kernel without the `ipip` module cannot have the cross-subnet tunnel: that is logged once
 //! at start, routes on the subnet work as usual, and off-subnet ones are noted.
 
-use super::{ipip, vxlan, Desired, Notices, TRELLISD_PROTO};
+use super::ipip::{self, Ipip};
+use super::tunnel::Tunnel;
+use super::vxlan::Vxlan;
+use super::{checksum, Desired, Notices, TRELLISD_PROTO};
 use crate::config::{Backend as BackendConfig, ChecksumOffload, CrossSubnet};
 use crate::lease::{BackendData, Lease, MacString};
 use crate::reconcile::{DataplaneError, Underlay};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use trellis_net::{MacAddr, Netlink, Route};
+use trellis_net::{Netlink, Route};
 
 /// The VNI of the cross-subnet VXLAN device (the vxlan backend's default: device `trellis.1`).
 pub const CROSS_SUBNET_VNI: u32 = 1;
@@ -125,32 +128,24 @@ pub fn exports(own: &Lease, underlay_ip: IpAddr) -> (Vec<IpNetwork>, Option<IpAd
     (prefixes, v4, v6)
 }
 
-/// How routes to next hops off the L2 subnet go (the cross-subnet tunnel as it is now).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How routes to next hops off the L2 subnet go: through the cross-subnet tunnel, or not.
+#[derive(Debug)]
 pub enum CrossPath {
-    /// Through the IPIP device with this index.
-    Ipip(u32),
-    /// Through the VXLAN device with this index.
-    Vxlan(u32),
+    /// Through this IPIP device.
+    Ipip(Tunnel<Ipip>),
+    /// Through this VXLAN device.
+    Vxlan(Tunnel<Vxlan>),
     /// The configured tunnel cannot be had: why.
     Unavailable(String),
     /// `CrossSubnet: none`.
     Refused,
 }
 
-enum Tunnel {
-    None,
-    Ipip(ipip::Ipip),
-    Vxlan(Box<vxlan::Vxlan>),
-    Unavailable(String),
-}
-
 /// The BGP backend: the cross-subnet tunnel and the learned routes.
 pub struct Bgp {
     asn: u32,
-    vtep_mac: Option<MacAddr>,
     cluster: Vec<IpNetwork>,
-    tunnel: Tunnel,
+    cross: CrossPath,
     /// `None` until the speaker's first RIB: then nothing is removed.
     rib: Option<BTreeMap<IpNetwork, IpAddr>>,
 }
@@ -174,32 +169,24 @@ impl Bgp {
         else {
             unreachable!("Bgp::new is only called for the bgp backend")
         };
-        let (tunnel, vtep_mac) = match cross_subnet {
-            CrossSubnet::None => (Tunnel::None, None),
-            CrossSubnet::Ipip if !underlay.ip.is_ipv4() => (
-                Tunnel::Unavailable(format!(
-                    "IPIP needs an IPv4 underlay, {} has {}",
-                    underlay.name, underlay.ip
-                )),
-                None,
-            ),
-            CrossSubnet::Ipip => match ipip::Ipip::new(underlay, nl).await {
-                Ok(t) => (Tunnel::Ipip(t), None),
-                Err(DataplaneError::Unsupported(why)) => (Tunnel::Unavailable(why), None),
-                Err(e) => return Err(e),
+        // `cfg`'s overhead, which makes the tunnel's MTU, is the cross-subnet tunnel's.
+        let cross = match cross_subnet {
+            CrossSubnet::None => CrossPath::Refused,
+            CrossSubnet::Ipip => match Ipip::new(underlay) {
+                Err(why) => CrossPath::Unavailable(why),
+                Ok(ipip) => match Tunnel::new(ipip, cfg, underlay, nl).await {
+                    Ok(tunnel) => CrossPath::Ipip(tunnel),
+                    Err(DataplaneError::Unsupported(why)) => CrossPath::Unavailable(why),
+                    Err(e) => return Err(e),
+                },
             },
             CrossSubnet::Vxlan => {
-                let vx_cfg = BackendConfig::Vxlan {
-                    vni: CROSS_SUBNET_VNI,
-                    port: CROSS_SUBNET_PORT,
-                    direct_routing: false,
-                    checksum_offload: ChecksumOffload::Auto,
-                };
-                let vx = vxlan::Vxlan::new(&vx_cfg, node, underlay, nl, ethtool).await?;
-                (Tunnel::Vxlan(Box::new(vx)), Some(vxlan::vtep_mac(node)))
+                let tx_checksum = checksum::decide(ChecksumOffload::Auto);
+                let vxlan = Vxlan::new(CROSS_SUBNET_VNI, CROSS_SUBNET_PORT, node, tx_checksum, ethtool)?;
+                CrossPath::Vxlan(Tunnel::new(vxlan, cfg, underlay, nl).await?)
             }
         };
-        if let Tunnel::Unavailable(why) = &tunnel {
+        if let CrossPath::Unavailable(why) = &cross {
             tracing::warn!(
                 "bgp: no cross-subnet IPIP tunnel ({why}): routes to nodes off {} will not be installed",
                 underlay.prefix
@@ -207,49 +194,44 @@ impl Bgp {
         }
         Ok(Bgp {
             asn: as_number,
-            vtep_mac,
             cluster: cluster.to_vec(),
-            tunnel,
+            cross,
             rib: None,
         })
     }
 
+    /// The ASN and, with a VXLAN cross-subnet tunnel, its VTEP MAC.
     pub fn backend_data(&self) -> BackendData {
+        let vtep_mac = match &self.cross {
+            CrossPath::Vxlan(tunnel) => Some(MacString(tunnel.kind().mac())),
+            _ => None,
+        };
         BackendData::Bgp {
             asn: self.asn,
-            vtep_mac: self.vtep_mac.map(MacString),
+            vtep_mac,
         }
     }
 
     /// The cross-subnet tunnel's device, if there is one.
     pub fn device_index(&self) -> Option<u32> {
-        match &self.tunnel {
-            Tunnel::Ipip(t) => Some(t.index()),
-            Tunnel::Vxlan(v) => Some(v.index()),
-            Tunnel::None | Tunnel::Unavailable(_) => None,
+        match &self.cross {
+            CrossPath::Ipip(tunnel) => Some(tunnel.index()),
+            CrossPath::Vxlan(tunnel) => Some(tunnel.index()),
+            CrossPath::Unavailable(_) | CrossPath::Refused => None,
         }
     }
 
-    fn cross_path(&self) -> CrossPath {
-        match &self.tunnel {
-            Tunnel::None => CrossPath::Refused,
-            Tunnel::Ipip(t) => CrossPath::Ipip(t.index()),
-            Tunnel::Vxlan(v) => CrossPath::Vxlan(v.index()),
-            Tunnel::Unavailable(why) => CrossPath::Unavailable(why.clone()),
-        }
-    }
-
-    /// Makes the tunnel device be there as configured (see `Ipip::ensure`, `Vxlan::ensure`).
+    /// Makes the tunnel device be there as configured (see [`Tunnel::ensure`]).
     pub async fn ensure(
         &mut self,
         nl: &Netlink,
         underlay: &Underlay,
         own: Option<&Lease>,
     ) -> Result<(), DataplaneError> {
-        match &mut self.tunnel {
-            Tunnel::Ipip(t) => t.ensure(nl, underlay, own).await,
-            Tunnel::Vxlan(v) => v.ensure(nl, underlay, own).await,
-            Tunnel::None | Tunnel::Unavailable(_) => Ok(()),
+        match &mut self.cross {
+            CrossPath::Ipip(tunnel) => tunnel.ensure(nl, underlay, own).await,
+            CrossPath::Vxlan(tunnel) => tunnel.ensure(nl, underlay, own).await,
+            CrossPath::Unavailable(_) | CrossPath::Refused => Ok(()),
         }
     }
 
@@ -292,7 +274,7 @@ impl Bgp {
         };
         let ctx = Context {
             cluster: &self.cluster,
-            cross: self.cross_path(),
+            cross: &self.cross,
             underlay,
             own,
             remotes,
@@ -308,7 +290,7 @@ impl Bgp {
 pub struct Context<'a> {
     /// The cluster CIDRs: learned prefixes must lie inside one.
     pub cluster: &'a [IpNetwork],
-    pub cross: CrossPath,
+    pub cross: &'a CrossPath,
     pub underlay: &'a Underlay,
     /// This node's lease (its prefixes are never installed as remote ones).
     pub own: Option<&'a Lease>,
@@ -367,7 +349,7 @@ impl Context<'_> {
             "bgp: learned route {prefix} via {next_hop}: the next hop is off this node's subnet {}",
             underlay.prefix
         );
-        match &self.cross {
+        match self.cross {
             CrossPath::Refused => notices.note(
                 &key,
                 "subnet",
@@ -378,9 +360,10 @@ impl Context<'_> {
                 "subnet",
                 format!("{off} and the cross-subnet tunnel is unavailable ({why}): not installed"),
             ),
-            CrossPath::Ipip(index) => match (prefix, next_hop) {
+            CrossPath::Ipip(tunnel) => match (prefix, next_hop) {
                 (IpNetwork::V4(_), IpAddr::V4(nh)) if underlay.ip.is_ipv4() => {
-                    out.routes.insert(prefix, ipip::tunnel_route(prefix, nh, *index));
+                    out.routes
+                        .insert(prefix, ipip::tunnel_route(prefix, nh, tunnel.index()));
                 }
                 _ => notices.note(
                     &key,
@@ -388,7 +371,7 @@ impl Context<'_> {
                     format!("{off} and IPIP carries IPv4 over IPv4 only: not installed"),
                 ),
             },
-            CrossPath::Vxlan(index) => self.vxlan_route(prefix, next_hop, *index, &off, out, notices),
+            CrossPath::Vxlan(tunnel) => self.vxlan_route(prefix, next_hop, tunnel.index(), &off, out, notices),
         }
     }
 
@@ -439,14 +422,15 @@ impl Context<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BgpPeer;
-
     use crate::backend::fixtures::underlay;
+    use crate::backend::vxlan::vtep_mac;
+    use crate::config::BgpPeer;
+    use trellis_net::ethtool::Ethtool;
 
     fn lease(node: &str, ip: &str, cidrs: &[&str], vtep: bool) -> Lease {
         let backend = BackendData::Bgp {
             asn: 64512,
-            vtep_mac: vtep.then(|| MacString(vxlan::vtep_mac(node))),
+            vtep_mac: vtep.then(|| MacString(vtep_mac(node))),
         };
         crate::backend::fixtures::lease(node, ip, cidrs, backend)
     }
@@ -455,13 +439,25 @@ mod tests {
         vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap()]
     }
 
+    /// Through an IPIP device at `index`.
+    fn ipip_at(index: u32) -> CrossPath {
+        CrossPath::Ipip(Tunnel::at(Ipip::new(&underlay()).unwrap(), index))
+    }
+
+    /// Through a VXLAN device at `index`.
+    fn vxlan_at(index: u32) -> CrossPath {
+        let ethtool = Ethtool::open().unwrap();
+        let vxlan = Vxlan::new(CROSS_SUBNET_VNI, CROSS_SUBNET_PORT, "me", true, ethtool).unwrap();
+        CrossPath::Vxlan(Tunnel::at(vxlan, index))
+    }
+
     /// Runs `routes` through a context and returns what it wants and the notices.
     fn compute(cross: CrossPath, routes: &[(&str, &str)], remotes: &[Lease]) -> (Desired, Vec<String>) {
         let (cluster, u) = (cluster(), underlay());
         let own = lease("me", "192.168.0.11", &["10.244.1.0/24", "fd00:244:0:1::/64"], true);
         let ctx = Context {
             cluster: &cluster,
-            cross,
+            cross: &cross,
             underlay: &u,
             own: Some(&own),
             remotes,
@@ -486,7 +482,7 @@ mod tests {
     #[test]
     fn on_the_subnet_plain_routes_beyond_it_through_the_ipip_tunnel() {
         let (out, notices) = compute(
-            CrossPath::Ipip(9),
+            ipip_at(9),
             &[
                 ("10.244.2.0/24", "192.168.0.12"),
                 ("10.244.3.0/24", "10.1.0.13"),
@@ -515,7 +511,7 @@ mod tests {
             lease("novtep", "10.1.0.14", &["10.244.4.0/24"], false),
         ];
         let (out, notices) = compute(
-            CrossPath::Vxlan(7),
+            vxlan_at(7),
             &[
                 ("10.244.2.0/24", "192.168.0.12"),
                 ("10.244.3.0/24", "10.1.0.13"),
@@ -532,7 +528,7 @@ mod tests {
                 "10.244.3.0/24 via 10.244.3.0 dev 7 onlink"
             ]
         );
-        let mac = vxlan::vtep_mac("far");
+        let mac = vtep_mac("far");
         assert_eq!(out.neighbours, [("10.244.3.0".parse().unwrap(), mac)].into());
         assert_eq!(out.fdb, [(mac, "10.1.0.13".parse().unwrap())].into());
         assert_eq!(notices.len(), 2, "{notices:?}");
@@ -541,9 +537,12 @@ mod tests {
 
     #[test]
     fn beyond_the_subnet_refused_without_a_tunnel_once_per_prefix() {
-        for cross in [CrossPath::Refused, CrossPath::Unavailable("no ipip module".into())] {
+        for (cross, why) in [
+            (CrossPath::Refused, "CrossSubnet is \"none\""),
+            (CrossPath::Unavailable("no ipip module".into()), "no ipip module"),
+        ] {
             let (out, notices) = compute(
-                cross.clone(),
+                cross,
                 &[
                     ("10.244.2.0/24", "192.168.0.12"),
                     ("10.244.3.0/24", "10.1.0.13"),
@@ -551,16 +550,11 @@ mod tests {
                 ],
                 &[],
             );
-            assert_eq!(out.routes.len(), 1, "{cross:?}");
+            assert_eq!(out.routes.len(), 1, "{why}");
             assert_eq!(notices.len(), 1, "{notices:?}");
             assert!(
                 notices[0].contains("10.244.3.0/24 via 10.1.0.13") && notices[0].contains("off this node's subnet")
             );
-            let why = if cross == CrossPath::Refused {
-                "CrossSubnet is \"none\""
-            } else {
-                "no ipip module"
-            };
             assert!(notices[0].contains(why), "{notices:?}");
         }
     }
@@ -568,7 +562,7 @@ mod tests {
     #[test]
     fn what_must_not_be_installed_is_skipped_or_noted() {
         let (out, notices) = compute(
-            CrossPath::Ipip(9),
+            ipip_at(9),
             &[
                 ("0.0.0.0/0", "192.168.0.12"),         // outside the cluster
                 ("10.0.0.0/8", "192.168.0.12"),        // wider than the cluster CIDR
@@ -596,9 +590,8 @@ mod tests {
     fn no_rib_no_desired_state_then_the_rib_is_the_desired_state() {
         let mut bgp = Bgp {
             asn: 64512,
-            vtep_mac: None,
             cluster: cluster(),
-            tunnel: Tunnel::None,
+            cross: CrossPath::Refused,
             rib: None,
         };
         let u = underlay();

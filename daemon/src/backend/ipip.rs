@@ -41,15 +41,15 @@
 //! - Costs to know: the nodes must let IP protocol 4 through their firewalls (some clouds drop
 //!   it: Azure does); without UDP ports, NICs that spread receive queues by L4 hash put all the
 //!   traffic between two nodes on one queue; the kernel needs the `ipip` module (its absence is
-//!   reported as [`DataplaneError::Unsupported`] at start).
+//!   reported as [`crate::reconcile::DataplaneError::Unsupported`] at start).
 
-use super::{ensure_device_addresses, hostgw::backend_name, vxlan::vtep_address, Desired, Notices, TRELLISD_PROTO};
-use crate::config::IPIP_OVERHEAD;
+use super::tunnel::{tunnel_address, TunnelKind};
+use super::{hostgw::backend_name, Desired, Notices, TRELLISD_PROTO};
 use crate::lease::{BackendData, Lease};
-use crate::reconcile::{DataplaneError, Underlay};
+use crate::reconcile::Underlay;
 use ipnetwork::IpNetwork;
 use std::net::{IpAddr, Ipv4Addr};
-use trellis_net::{IpipConfig, IpipInfo, LinkInfo, Netlink, Route};
+use trellis_net::{IpipConfig, IpipInfo, LinkInfo, NetError, Netlink, Route};
 
 /// The tunnel device's name (15 bytes at most).
 pub const DEVICE_NAME: &str = "trellis.ipip";
@@ -67,140 +67,69 @@ pub fn tunnel_route(cidr: IpNetwork, remote: Ipv4Addr, index: u32) -> Route {
         .protocol(TRELLISD_PROTO)
 }
 
-/// The IPIP backend: its device.
+/// The IPIP tunnel: what its device has that other tunnels' do not (how a tunnel device is kept:
+/// [`super::tunnel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipip {
-    index: u32,
-    mtu: u32,
+    /// The underlay's address: the outer source, and what the device receives on.
+    local: Ipv4Addr,
 }
 
 impl Ipip {
-    /// Creates the device (or keeps the one that is there when its settings are right).
-    pub async fn new(underlay: &Underlay, nl: &Netlink) -> Result<Ipip, DataplaneError> {
-        if !underlay.ip.is_ipv4() {
-            return Err(DataplaneError::Invalid(format!(
-                "IPIP needs an IPv4 underlay; {} has {}",
-                underlay.name, underlay.ip
-            )));
-        }
-        let mtu = underlay
-            .mtu
-            .checked_sub(IPIP_OVERHEAD)
-            .filter(|m| *m >= 576)
-            .ok_or_else(|| {
-                DataplaneError::Invalid(format!(
-                    "underlay {} MTU {} leaves no room for IPIP's {IPIP_OVERHEAD} bytes",
-                    underlay.name, underlay.mtu
-                ))
-            })?;
-        let mut ipip = Ipip { index: 0, mtu };
-        ipip.ensure(nl, underlay, None).await?;
-        Ok(ipip)
-    }
-
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    pub fn name(&self) -> &'static str {
-        DEVICE_NAME
-    }
-
-    fn local(underlay: &Underlay) -> Option<Ipv4Addr> {
+    /// IPIP over `underlay`, whose address must be IPv4 (the outer header is); else why not.
+    pub fn new(underlay: &Underlay) -> Result<Ipip, String> {
         match underlay.ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
+            IpAddr::V4(local) => Ok(Ipip { local }),
+            IpAddr::V6(ip) => Err(format!("IPIP needs an IPv4 underlay; {} has {ip}", underlay.name)),
         }
     }
 
-    fn config(&self, underlay: &Underlay) -> IpipConfig<'static> {
+    fn config(&self, underlay: &Underlay, mtu: u32) -> IpipConfig<'static> {
         IpipConfig {
-            local: Self::local(underlay),
+            local: Some(self.local),
             underlay_index: Some(underlay.index),
             ttl: TTL,
             pmtudisc: true,
-            mtu: Some(self.mtu),
+            mtu: Some(mtu),
             ..IpipConfig::new(DEVICE_NAME)
         }
     }
 
-    /// What differs between the device that is there and the one we want (empty if nothing
-    /// that needs a new device; the MTU is fixed in place).
-    fn differences(&self, link: &LinkInfo, underlay: &Underlay) -> Vec<String> {
-        let want = IpipInfo {
-            local: Self::local(underlay),
+    /// The settings the kernel reports for the device we create.
+    pub(crate) fn wanted(&self, underlay: &Underlay) -> IpipInfo {
+        IpipInfo {
+            local: Some(self.local),
             remote: None,
             underlay_index: Some(underlay.index),
             ttl: TTL,
             pmtudisc: true,
-        };
-        match (&link.kind, &link.ipip) {
-            (Some(kind), Some(have)) if kind == "ipip" => {
-                if *have == want {
-                    vec![]
-                } else {
-                    vec![format!("{have:?}, want {want:?}")]
-                }
-            }
-            (kind, _) => vec![format!("kind {:?}", kind.as_deref().unwrap_or("none"))],
+        }
+    }
+}
+
+impl TunnelKind for Ipip {
+    const LINK_KIND: &'static str = "ipip";
+    const LABEL: &'static str = "IPIP";
+
+    fn name(&self) -> &str {
+        DEVICE_NAME
+    }
+
+    async fn create(&self, nl: &Netlink, underlay: &Underlay, mtu: u32) -> Result<LinkInfo, NetError> {
+        nl.create_ipip(&self.config(underlay, mtu)).await
+    }
+
+    fn differences(&self, link: &LinkInfo, underlay: &Underlay) -> Vec<String> {
+        let want = self.wanted(underlay);
+        match &link.ipip {
+            Some(have) if *have == want => vec![],
+            have => vec![format!("{have:?}, want {want:?}")],
         }
     }
 
-    /// Makes the device be there as configured: created if missing, recreated if its settings
-    /// differ, MTU fixed in place; with `own`, this node's tunnel address (and no other) on it
-    /// and the device up.
-    pub async fn ensure(
-        &mut self,
-        nl: &Netlink,
-        underlay: &Underlay,
-        own: Option<&Lease>,
-    ) -> Result<(), DataplaneError> {
-        let link = match nl.link_by_name(DEVICE_NAME).await? {
-            Some(link) => {
-                let diff = self.differences(&link, underlay);
-                if diff.is_empty() {
-                    if link.mtu != self.mtu {
-                        nl.set_link_mtu(link.index, self.mtu).await?;
-                    }
-                    Some(link)
-                } else {
-                    tracing::info!(device = DEVICE_NAME, "recreating the IPIP device: {}", diff.join("; "));
-                    nl.del_link(link.index).await?;
-                    None
-                }
-            }
-            None => None,
-        };
-        let link = match link {
-            Some(link) => link,
-            None => {
-                let link = nl.create_ipip(&self.config(underlay)).await.map_err(|e| {
-                    if e.is_not_supported() {
-                        DataplaneError::Unsupported(format!(
-                            "this kernel has no IPIP support (load the ipip module: modprobe ipip): {e}"
-                        ))
-                    } else {
-                        e.into()
-                    }
-                })?;
-                tracing::info!(device = DEVICE_NAME, index = link.index, local = %underlay.ip, mtu = self.mtu,
-                    "created the IPIP device");
-                link
-            }
-        };
-        self.index = link.index;
-        if let Some(own) = own {
-            let want: Vec<IpNetwork> = own.cidr_v4().iter().map(vtep_address).collect();
-            ensure_device_addresses(nl, self.index, &want).await?;
-            if !link.up {
-                nl.set_link_up(link.index).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// What one remote node's lease calls for (see [`desired`]).
-    pub fn desired(&self, remote: &Lease, underlay: &Underlay, out: &mut Desired, notices: &mut Notices) {
-        desired(self.index, remote, underlay, out, notices)
+    /// The tunnel address of this node's IPv4 pod CIDR: IPIP carries nothing else.
+    fn addresses(&self, own: &Lease) -> Vec<IpNetwork> {
+        own.cidr_v4().iter().map(tunnel_address).collect()
     }
 }
 
@@ -241,8 +170,7 @@ pub fn desired(index: u32, remote: &Lease, underlay: &Underlay, out: &mut Desire
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::backend::fixtures::underlay;
+    use crate::backend::fixtures::{link, underlay};
 
     fn lease(node: &str, ip: &str, cidrs: &[&str]) -> Lease {
         crate::backend::fixtures::lease(node, ip, cidrs, BackendData::Ipip)
@@ -319,8 +247,9 @@ mod tests {
 
     #[test]
     fn the_device_we_want() {
-        let ipip = Ipip { index: 0, mtu: 1480 };
-        let cfg = ipip.config(&underlay());
+        let u = underlay();
+        let ipip = Ipip::new(&u).unwrap();
+        let cfg = ipip.config(&u, 1480);
         assert_eq!(
             (cfg.name, cfg.local, cfg.underlay_index, cfg.ttl, cfg.pmtudisc, cfg.mtu),
             (
@@ -334,19 +263,6 @@ mod tests {
         );
         assert!(DEVICE_NAME.len() <= 15);
         let mut link = LinkInfo {
-            index: 5,
-            name: DEVICE_NAME.into(),
-            mac: None,
-            mtu: 1480,
-            kind: Some("ipip".into()),
-            master: None,
-            up: true,
-            lower_up: true,
-            promisc: false,
-            link: None,
-            link_netnsid: None,
-            alias: None,
-            vxlan: None,
             ipip: Some(IpipInfo {
                 local: Some("192.168.0.11".parse().unwrap()),
                 remote: None,
@@ -354,12 +270,27 @@ mod tests {
                 ttl: 64,
                 pmtudisc: true,
             }),
+            ..link(DEVICE_NAME, "ipip")
         };
-        assert!(ipip.differences(&link, &underlay()).is_empty());
+        assert!(ipip.differences(&link, &u).is_empty());
         link.ipip.as_mut().unwrap().local = Some("192.168.0.99".parse().unwrap());
-        assert_eq!(ipip.differences(&link, &underlay()).len(), 1, "the underlay IP changed");
-        link.kind = Some("dummy".into());
+        assert_eq!(ipip.differences(&link, &u).len(), 1, "the underlay IP changed");
         link.ipip = None;
-        assert_eq!(ipip.differences(&link, &underlay()), ["kind \"dummy\""]);
+        assert_eq!(ipip.differences(&link, &u).len(), 1, "nothing reported");
+    }
+
+    #[test]
+    fn ipip_needs_an_ipv4_underlay_and_carries_this_nodes_ipv4_cidr_only() {
+        let v6 = Underlay {
+            ip: "fd00::11".parse().unwrap(),
+            ..underlay()
+        };
+        assert_eq!(
+            Ipip::new(&v6).unwrap_err(),
+            "IPIP needs an IPv4 underlay; eth0 has fd00::11"
+        );
+        let own = lease("me", "192.168.0.11", &["10.244.1.0/24", "fd00:244:1::/64"]);
+        let addresses = Ipip::new(&underlay()).unwrap().addresses(&own);
+        assert_eq!(addresses, ["10.244.1.0/32".parse::<IpNetwork>().unwrap()]);
     }
 }

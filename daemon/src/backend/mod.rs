@@ -15,26 +15,34 @@
 //! - [`bgp`]: the routes come from the BGP speaker's RIB instead of from the leases: plain routes
 //!   on the L2 subnet, an IPIP or VXLAN tunnel (or nothing) beyond it (Calico's `CrossSubnet`).
 //!
+//! Whatever uses a tunnel device (VXLAN, IPIP: as a backend or as BGP's cross-subnet path) keeps
+//! it with [`tunnel::Tunnel`], one algorithm for every kind of tunnel.
+//!
 //! Every route a backend asks for carries [`TRELLISD_PROTO`]: the reconciler lists and removes
 //! only routes with that protocol, so it never touches anyone else's and finds its own stale
 //! ones after a restart.
 
 pub mod bgp;
+pub mod checksum;
 pub mod hostgw;
 pub mod ipip;
 pub mod kernel_watch;
 mod notices;
+pub mod tunnel;
 pub mod vxlan;
 
 pub use notices::Notices;
 
 use crate::config::Backend as BackendConfig;
 use crate::lease::{BackendData, Lease};
-use crate::reconcile::Underlay;
+use crate::reconcile::{DataplaneError, Underlay};
+use ipip::Ipip;
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use trellis_net::{AddressOptions, LinkInfo, MacAddr, NetError, Netlink, Route};
+use trellis_net::{LinkInfo, MacAddr, NetError, Netlink, Route};
+use tunnel::{Tunnel, TunnelKind};
+use vxlan::Vxlan;
 
 /// The route protocol (`RTPROT_*`, `ip route ... proto 117`) of every route trellisd adds.
 ///
@@ -71,39 +79,21 @@ pub(crate) fn on_our_subnet(remote: &Lease, underlay: &Underlay) -> bool {
     underlay.prefix.contains(remote.underlay_ip)
 }
 
-/// This node's own addresses on a backend device (VXLAN VTEP, IPIP tunnel): `want` there and no
-/// other global ones (an earlier CIDR's); IPv6 link-local addresses are left alone.
-pub(crate) async fn ensure_device_addresses(nl: &Netlink, index: u32, want: &[IpNetwork]) -> Result<(), NetError> {
-    let have = nl.addresses(index).await?;
-    for a in &have {
-        let link_local = matches!(a.address.ip(), IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 == 0xfe80);
-        if !link_local && !want.contains(&a.address) {
-            nl.del_address(index, a.address).await?;
-        }
-    }
-    for addr in want {
-        if !have.iter().any(|a| a.address == *addr) {
-            let opts = AddressOptions {
-                nodad: true,
-                no_prefix_route: true,
-            };
-            nl.add_address_with(index, *addr, opts).await?;
-        }
-    }
-    Ok(())
-}
-
 /// Whether a link is a backend device of trellisd's making: a VXLAN device `trellis.<VNI>` (or
 /// `trellis<VNI>`) or the IPIP device `trellis.ipip`.
 pub fn is_backend_device(link: &LinkInfo) -> bool {
-    link.name.starts_with("trellis") && matches!(link.kind.as_deref(), Some("vxlan" | "ipip"))
+    link.name.starts_with("trellis") && matches!(link.kind.as_deref(), Some(Vxlan::LINK_KIND | Ipip::LINK_KIND))
 }
 
 /// The configured backend, with its state (its device, the BGP routes).
 pub enum Backend {
-    Vxlan(vxlan::Vxlan),
+    Vxlan {
+        tunnel: Tunnel<Vxlan>,
+        /// Plain routes to the nodes on our L2 subnet.
+        direct_routing: bool,
+    },
     HostGw(hostgw::HostGw),
-    Ipip(ipip::Ipip),
+    Ipip(Tunnel<Ipip>),
     Bgp(bgp::Bgp),
 }
 
@@ -117,11 +107,25 @@ impl Backend {
         cluster: &[IpNetwork],
         nl: &Netlink,
         ethtool: trellis_net::ethtool::Ethtool,
-    ) -> Result<Backend, crate::reconcile::DataplaneError> {
-        Ok(match cfg {
-            BackendConfig::Vxlan { .. } => Backend::Vxlan(vxlan::Vxlan::new(cfg, node, underlay, nl, ethtool).await?),
+    ) -> Result<Backend, DataplaneError> {
+        Ok(match *cfg {
+            BackendConfig::Vxlan {
+                vni,
+                port,
+                direct_routing,
+                checksum_offload,
+            } => {
+                let vxlan = Vxlan::new(vni, port, node, checksum::decide(checksum_offload), ethtool)?;
+                Backend::Vxlan {
+                    tunnel: Tunnel::new(vxlan, cfg, underlay, nl).await?,
+                    direct_routing,
+                }
+            }
             BackendConfig::HostGw => Backend::HostGw(hostgw::HostGw),
-            BackendConfig::Ipip => Backend::Ipip(ipip::Ipip::new(underlay, nl).await?),
+            BackendConfig::Ipip => {
+                let ipip = Ipip::new(underlay).map_err(DataplaneError::Invalid)?;
+                Backend::Ipip(Tunnel::new(ipip, cfg, underlay, nl).await?)
+            }
             BackendConfig::Bgp { .. } => Backend::Bgp(bgp::Bgp::new(cfg, node, underlay, cluster, nl, ethtool).await?),
         })
     }
@@ -129,7 +133,7 @@ impl Backend {
     /// What this node publishes in its lease.
     pub fn backend_data(&self) -> BackendData {
         match self {
-            Backend::Vxlan(v) => v.backend_data(),
+            Backend::Vxlan { tunnel, .. } => tunnel.kind().backend_data(),
             Backend::HostGw(_) => BackendData::HostGw,
             Backend::Ipip(_) => BackendData::Ipip,
             Backend::Bgp(b) => b.backend_data(),
@@ -139,9 +143,9 @@ impl Backend {
     /// The backend's device (its neighbours and FDB entries are ours), if it has one.
     pub fn device_index(&self) -> Option<u32> {
         match self {
-            Backend::Vxlan(v) => Some(v.index()),
+            Backend::Vxlan { tunnel, .. } => Some(tunnel.index()),
             Backend::HostGw(_) => None,
-            Backend::Ipip(i) => Some(i.index()),
+            Backend::Ipip(tunnel) => Some(tunnel.index()),
             Backend::Bgp(b) => b.device_index(),
         }
     }
@@ -172,11 +176,11 @@ impl Backend {
         nl: &Netlink,
         underlay: &Underlay,
         own: Option<&Lease>,
-    ) -> Result<(), crate::reconcile::DataplaneError> {
+    ) -> Result<(), DataplaneError> {
         match self {
-            Backend::Vxlan(v) => v.ensure(nl, underlay, own).await,
+            Backend::Vxlan { tunnel, .. } => tunnel.ensure(nl, underlay, own).await,
             Backend::HostGw(_) => Ok(()),
-            Backend::Ipip(i) => i.ensure(nl, underlay, own).await,
+            Backend::Ipip(tunnel) => tunnel.ensure(nl, underlay, own).await,
             Backend::Bgp(b) => b.ensure(nl, underlay, own).await,
         }
     }
@@ -198,9 +202,11 @@ impl Backend {
         }
         for remote in remotes {
             match self {
-                Backend::Vxlan(v) => v.desired(remote, underlay, out, notices),
+                Backend::Vxlan { tunnel, direct_routing } => {
+                    tunnel.overlay(*direct_routing).desired(remote, underlay, out, notices)
+                }
                 Backend::HostGw(h) => h.desired(remote, underlay, out, notices),
-                Backend::Ipip(i) => i.desired(remote, underlay, out, notices),
+                Backend::Ipip(tunnel) => ipip::desired(tunnel.index(), remote, underlay, out, notices),
                 Backend::Bgp(_) => unreachable!("the routes of BGP mode come from its RIB"),
             }
         }
@@ -213,6 +219,7 @@ impl Backend {
 pub(crate) mod fixtures {
     use crate::lease::{BackendData, Lease};
     use crate::reconcile::Underlay;
+    use trellis_net::LinkInfo;
 
     /// A node on 192.168.0.0/24 at .11, MTU 1500.
     pub fn underlay() -> Underlay {
@@ -231,6 +238,26 @@ pub(crate) mod fixtures {
             underlay_ip: ip.parse().unwrap(),
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             backend,
+        }
+    }
+
+    /// A link `name` of `kind` as the kernel reports it, up, without settings of its kind.
+    pub fn link(name: &str, kind: &str) -> LinkInfo {
+        LinkInfo {
+            index: 5,
+            name: name.into(),
+            mac: None,
+            mtu: 1450,
+            kind: Some(kind.into()),
+            master: None,
+            up: true,
+            lower_up: true,
+            promisc: false,
+            link: None,
+            link_netnsid: None,
+            alias: None,
+            vxlan: None,
+            ipip: None,
         }
     }
 }
