@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
 
 fn trellisd() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
-    p
+    trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
 }
 
 fn net_conf(backend: &str) -> String {
@@ -129,43 +126,19 @@ fn bgp_daemon_restart_with_graceful_restart_loses_no_ping() {
     let mut c = cluster(r#"{"Type": "bgp", "ASNumber": 64512, "Mesh": true, "HoldTime": 9}"#, 3);
     reach(&c, "bgp mesh");
     let target = c.pods[2].ips[0].clone();
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.pods[0].ns.name,
-            "ping",
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-            "-c",
-            "120",
-            &target,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    // Restart the daemon of the node the target pod is on, and the first pod's.
-    for i in [1, 0] {
-        c.stop_daemon(i);
-        std::thread::sleep(Duration::from_millis(300));
-        c.start_daemon(i);
-        std::thread::sleep(Duration::from_millis(1200));
-    }
-    let out = ping.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let stats = text.lines().find(|l| l.contains("packets transmitted")).unwrap();
-    let nums: Vec<u32> = stats
-        .split(|ch: char| !ch.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let (sent, got) = c.ping_during(0, &target, 6, |c| {
+        // Restart the daemon of the node the target pod is on, and the first pod's.
+        for i in [1, 0] {
+            c.stop_daemon(i);
+            std::thread::sleep(Duration::from_millis(300));
+            c.start_daemon(i);
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+    });
     assert_eq!(
-        nums[0],
-        nums[1],
-        "pings lost across BGP daemon restarts: {stats}\nnode1 log:\n{}",
+        sent,
+        got,
+        "pings lost across BGP daemon restarts\nnode1 log:\n{}",
         c.log(0)
     );
     reach(&c, "after restarts");

@@ -14,10 +14,7 @@ use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
 use trellis_tests::CniCall;
 
 fn trellisd() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
-    p
+    trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
 }
 
 const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56",

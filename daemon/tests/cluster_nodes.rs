@@ -6,10 +6,7 @@ use std::time::{Duration, Instant};
 use trellis_tests::cluster::{wait_until, Cluster};
 
 fn trellisd() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
-    p
+    trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
 }
 
 fn net_conf(backend: &str) -> String {

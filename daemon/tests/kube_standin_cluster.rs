@@ -17,10 +17,7 @@ use trellis_tests::cluster::{wait_until, Cluster, Options, UNDERLAY};
 use trellis_tests::kube_apiserver::{Fault, ListKind};
 
 fn trellisd() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_trellisd"));
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis");
-    trellis_tests::cni::sibling_binary(p.to_str().unwrap(), "trellis-ipam");
-    p
+    trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
 }
 
 const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56",

@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 /// The underlay subnet inside every cluster: the bridge is .1, node N is .(10 + N).
 pub const UNDERLAY: &str = "192.168.200";
 
+/// The `trellisd` at `exe` (a test's `env!("CARGO_BIN_EXE_trellisd")`), checking that the
+/// plugins the cluster's pods are wired with were built beside it.
+pub fn trellisd_with_plugins(exe: &str) -> PathBuf {
+    crate::cni::sibling_binary(exe, "trellis");
+    crate::cni::sibling_binary(exe, "trellis-ipam");
+    PathBuf::from(exe)
+}
+
 /// A process killed when dropped.
 pub struct Proc {
     pub child: Child,

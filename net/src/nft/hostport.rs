@@ -47,6 +47,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::conn::{Batch, Conn};
 use super::interval::Family;
+use super::objects::expr;
 use super::wire::*;
 use super::NftError;
 
@@ -531,12 +532,6 @@ fn new_rule(table: &str, chain: &str, comment: &str, build: &dyn Fn(&mut Msg)) -
     udata.push(0);
     m.bytes(NFTA_RULE_USERDATA, &udata);
     m
-}
-
-fn expr(m: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {
-    m.begin(NFTA_LIST_ELEM).str(NFTA_EXPR_NAME, name).begin(NFTA_EXPR_DATA);
-    data(m);
-    m.end().end();
 }
 
 fn cmp_eq(m: &mut Msg, reg: u32, value: &[u8]) {

@@ -185,7 +185,7 @@ pub(super) fn parse_rule_comment(attrs_buf: &[u8]) -> Option<String> {
     None
 }
 
-fn expr(m: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {
+pub(super) fn expr(m: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {
     m.begin(NFTA_LIST_ELEM).str(NFTA_EXPR_NAME, name).begin(NFTA_EXPR_DATA);
     data(m);
     m.end().end();
