@@ -14,6 +14,7 @@ pub mod cidr;
 pub mod cniconf;
 pub mod config;
 pub mod datastore;
+pub mod error;
 pub mod install;
 pub mod lease;
 pub mod metrics;

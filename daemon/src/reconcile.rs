@@ -37,14 +37,17 @@
 //! Nothing is torn down when the `Dataplane` is dropped: pods keep talking while the daemon
 //! restarts, and the next daemon adopts what it finds.
 
+mod kernel_watch;
 mod nexthop;
 
+pub use crate::error::{DataplaneError, ReconcileReport};
+pub use crate::underlay::Underlay;
 pub use nexthop::ID_RANGE as NEXTHOP_ID_RANGE;
 
 use nexthop::Assignment;
 
 use crate::backend::bgp::BgpRoute;
-use crate::backend::{kernel_watch, Backend, Desired, Notices, TRELLISD_PROTO};
+use crate::backend::{Backend, Desired, Notices, TRELLISD_PROTO};
 use crate::lease::{BackendData, Lease};
 use crate::metrics::Metrics;
 use ipnetwork::IpNetwork;
@@ -58,22 +61,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use trellis_net::ethtool::Ethtool;
 use trellis_net::netns::{run_in, THREAD_NETNS};
-use trellis_net::nft::{Masquerade, MasqueradeConfig, NftError};
+use trellis_net::nft::{Masquerade, MasqueradeConfig};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Nexthop, Route, RouteFilter};
-
-/// The link this node's traffic to the other nodes leaves by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Underlay {
-    pub index: u32,
-    pub name: String,
-    /// This node's underlay address (the lease's `underlay_ip`).
-    pub ip: IpAddr,
-    /// The underlay's own subnet, address included (`192.168.50.11/24`): nodes in it are
-    /// directly reachable.
-    pub prefix: IpNetwork,
-    pub mtu: u32,
-}
 
 #[derive(Clone, Debug)]
 pub struct DataplaneConfig {
@@ -86,34 +76,6 @@ pub struct DataplaneConfig {
     /// Routes by kernel nexthop object where the kernel has them (see the module docs);
     /// `false`: plain routes, each with its gateway (and our leftover nexthops removed).
     pub nexthop_objects: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error(transparent)]
-    Net(#[from] NetError),
-    #[error("masquerade: {0}")]
-    Nft(#[from] NftError),
-    #[error("{0}")]
-    Invalid(String),
-    /// The kernel lacks what the backend needs (the `ipip` module).
-    #[error("{0}")]
-    Unsupported(String),
-    /// Some kernel changes of a reconcile run failed; the others were applied.
-    #[error("{} kernel change(s) failed ({} applied): {}", failures.len(), report.added + report.removed,
-        failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Partial {
-        failures: Vec<NetError>,
-        report: ReconcileReport,
-    },
-}
-
-/// What a reconcile run changed: kernel objects (routes, neighbours, FDB entries) added or
-/// replaced, and removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReconcileReport {
-    pub added: usize,
-    pub removed: usize,
 }
 
 /// The node's dataplane; see the module docs.

@@ -1,10 +1,23 @@
-//! Finding the underlay: the interface and address other nodes reach this node by. Given by
-//! flag, or the interface of the default route (as flannel does).
+//! The underlay: the interface and address other nodes reach this node by ([`Underlay`], part of
+//! the vocabulary every backend shares), and finding it: given by flag, or the interface of the
+//! default route (as flannel does).
 
-use crate::reconcile::Underlay;
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 use trellis_net::{IpFamily, Netlink, RouteFilter};
+
+/// The link this node's traffic to the other nodes leaves by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    pub index: u32,
+    pub name: String,
+    /// This node's underlay address (the lease's `underlay_ip`).
+    pub ip: IpAddr,
+    /// The underlay's own subnet, address included (`192.168.50.11/24`): nodes in it are
+    /// directly reachable.
+    pub prefix: IpNetwork,
+    pub mtu: u32,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnderlayError {

@@ -18,7 +18,7 @@
 
 use super::{direct_route, on_our_subnet, Desired, Notices};
 use crate::lease::{BackendData, Lease};
-use crate::reconcile::Underlay;
+use crate::underlay::Underlay;
 
 /// The host-gw backend (it has no state: no device, nothing learned).
 #[derive(Clone, Copy, Debug, Default)]

@@ -41,12 +41,12 @@
 //! - Costs to know: the nodes must let IP protocol 4 through their firewalls (some clouds drop
 //!   it: Azure does); without UDP ports, NICs that spread receive queues by L4 hash put all the
 //!   traffic between two nodes on one queue; the kernel needs the `ipip` module (its absence is
-//!   reported as [`crate::reconcile::DataplaneError::Unsupported`] at start).
+//!   reported as [`crate::error::DataplaneError::Unsupported`] at start).
 
 use super::tunnel::{tunnel_address, TunnelKind};
 use super::{hostgw::backend_name, Desired, Notices, TRELLISD_PROTO};
 use crate::lease::{BackendData, Lease};
-use crate::reconcile::Underlay;
+use crate::underlay::Underlay;
 use ipnetwork::IpNetwork;
 use std::net::{IpAddr, Ipv4Addr};
 use trellis_net::{IpipConfig, IpipInfo, LinkInfo, NetError, Netlink, Route};

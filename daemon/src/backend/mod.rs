@@ -26,7 +26,6 @@ pub mod bgp;
 pub mod checksum;
 pub mod hostgw;
 pub mod ipip;
-pub mod kernel_watch;
 mod notices;
 pub mod tunnel;
 pub mod vxlan;
@@ -34,8 +33,9 @@ pub mod vxlan;
 pub use notices::Notices;
 
 use crate::config::Backend as BackendConfig;
+use crate::error::DataplaneError;
 use crate::lease::{BackendData, Lease};
-use crate::reconcile::{DataplaneError, Underlay};
+use crate::underlay::Underlay;
 use ipip::Ipip;
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
@@ -218,7 +218,7 @@ impl Backend {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use crate::lease::{BackendData, Lease};
-    use crate::reconcile::Underlay;
+    use crate::underlay::Underlay;
     use trellis_net::LinkInfo;
 
     /// A node on 192.168.0.0/24 at .11, MTU 1500.

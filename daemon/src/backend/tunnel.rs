@@ -32,8 +32,9 @@
 //! pod CIDR's network address as a host prefix (VXLAN calls it the VTEP address).
 
 use crate::config::Backend as BackendConfig;
+use crate::error::DataplaneError;
 use crate::lease::Lease;
-use crate::reconcile::{DataplaneError, Underlay};
+use crate::underlay::Underlay;
 use ipnetwork::IpNetwork;
 use std::future::Future;
 use std::net::IpAddr;

@@ -34,8 +34,9 @@
 
 use super::tunnel::{tunnel_address, Tunnel, TunnelKind};
 use super::{direct_route, hostgw::backend_name, on_our_subnet, Desired, Notices, TRELLISD_PROTO};
+use crate::error::DataplaneError;
 use crate::lease::{BackendData, Lease, MacString};
-use crate::reconcile::{DataplaneError, Underlay};
+use crate::underlay::Underlay;
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 use trellis_net::ethtool::Ethtool;

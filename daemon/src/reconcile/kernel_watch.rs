@@ -14,8 +14,8 @@
 //! up, except once after it deletes something stale. The wake-up channel holds one element:
 //! a burst of changes wakes the receiver once.
 
+use super::nexthop::ID_RANGE as NEXTHOP_ID_RANGE;
 use crate::backend::TRELLISD_PROTO;
-use crate::reconcile::NEXTHOP_ID_RANGE;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
