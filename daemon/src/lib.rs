@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod bgp;
 pub mod cidr;
+pub mod cli;
 pub mod cniconf;
 pub mod config;
 pub mod datastore;
@@ -20,5 +21,6 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod reconcile;
+pub mod start;
 pub mod state;
 pub mod underlay;

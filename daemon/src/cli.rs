@@ -1,0 +1,106 @@
+//! trellisd's command line: the flags, and the one subcommand (`install-cni`). In the library
+//! so that tests and tools parse it as the daemon does.
+
+use clap::{Parser, ValueEnum};
+use ipnetwork::IpNetwork;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::cniconf;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DatastoreKind {
+    Etcd,
+    Kube,
+    None,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Copy the CNI plugin binaries into the host's CNI bin folder, atomically (the init
+    /// container's job), and exit.
+    InstallCni {
+        /// Where the image keeps the binaries.
+        #[arg(long, default_value = "/opt/trellis/bin")]
+        from: PathBuf,
+        /// The host's CNI bin folder, as mounted in the container.
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        to: PathBuf,
+    },
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "trellisd", version, about = "The Trellis node daemon")]
+pub struct Args {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    /// This node's name (its key in the datastore).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// flannel-style net-conf.json.
+    #[arg(long, default_value = "/etc/trellis/net-conf.json")]
+    pub net_conf: PathBuf,
+    /// The interface other nodes reach this one by (default: the default route's).
+    #[arg(long)]
+    pub underlay_iface: Option<String>,
+    /// The address other nodes reach this one by (default: the underlay interface's first).
+    #[arg(long)]
+    pub underlay_ip: Option<IpAddr>,
+    #[arg(long, value_enum, default_value = "etcd")]
+    pub datastore: DatastoreKind,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    #[arg(long, default_value = "/trellis/leases/")]
+    pub etcd_prefix: String,
+    /// Seconds a lease outlives its node when the node stops renewing it.
+    #[arg(long, default_value_t = 30)]
+    pub lease_ttl: u64,
+    /// A kubeconfig for `--datastore kube` (default: in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node's pod CIDR(s) with `--datastore none`.
+    #[arg(long)]
+    pub pod_cidr: Vec<IpNetwork>,
+    /// Where /healthz and /metrics are served.
+    #[arg(long, default_value = "127.0.0.1:9909")]
+    pub listen: SocketAddr,
+    /// The CNI config to write.
+    #[arg(long, default_value = cniconf::DEFAULT_PATH)]
+    pub cni_conf: PathBuf,
+    /// Where the daemon keeps what it must remember across its restarts (the pod CIDRs it held).
+    #[arg(long, default_value = crate::state::DEFAULT_DIR)]
+    pub state_dir: PathBuf,
+    /// The trellis plugin's mode in the CNI config: bridge or routed.
+    #[arg(long, default_value = "bridge")]
+    pub cni_mode: trellis_plugin::config::Mode,
+    /// trellis-ipam's dataDir in the CNI config (its default when not given).
+    #[arg(long)]
+    pub ipam_data_dir: Option<PathBuf>,
+    /// Do not ask the runtime for pods' hostPorts (the `portMappings` capability) in the CNI
+    /// config.
+    #[arg(long, alias = "no-portmap")]
+    pub no_hostport: bool,
+    /// Seconds between full resyncs with the kernel.
+    #[arg(long, default_value_t = 30)]
+    pub resync: u64,
+    /// Program plain routes, each with its own gateway, even where the kernel has nexthop
+    /// objects (Linux 5.3+; by default routes go by nexthop object, which the kernel inserts in
+    /// flat time however many nodes there are). Nexthops left from an earlier run are removed.
+    #[arg(long)]
+    pub no_nexthop_objects: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_as_given_and_a_bad_mode_is_refused() {
+        let a = Args::try_parse_from(["trellisd", "--datastore=kube", "--cni-mode", "routed", "--no-portmap"]).unwrap();
+        assert_eq!(a.cni_mode, trellis_plugin::config::Mode::Routed);
+        assert!(a.no_hostport, "--no-portmap is the older name of --no-hostport");
+        let e = Args::try_parse_from(["trellisd", "--cni-mode", "bogus"]).unwrap_err();
+        assert!(e.to_string().contains("bridge or routed"), "{e}");
+    }
+}

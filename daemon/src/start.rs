@@ -1,0 +1,185 @@
+//! Starting the node: find the underlay, set up the dataplane, take this node's lease, write the
+//! CNI config, start BGP if configured, then hand every source to the [`Node`] loop. What
+//! `trellisd` (no subcommand) runs; `main.rs` only parses flags and sets up logging.
+
+use crate::bgp::{BgpConfig, Speaker};
+use crate::cli::{Args, DatastoreKind};
+use crate::cniconf::{self, CniConfOptions};
+use crate::config::NetConf;
+use crate::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, NodeInfo};
+use crate::lease::Lease;
+use crate::metrics::Metrics;
+use crate::node::{self, BgpPeers, KernelPlane, Node};
+use crate::reconcile::{Dataplane, DataplaneConfig};
+use std::net::IpAddr;
+use std::time::Duration;
+use tracing::{info, warn};
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Runs the node until SIGTERM, or until its lease is lost (`Err` with the reason).
+pub async fn run(args: Args) -> Result<(), String> {
+    let node = args
+        .node_name
+        .clone()
+        .or_else(hostname)
+        .ok_or("no --node-name and no hostname")?;
+    let text =
+        std::fs::read_to_string(&args.net_conf).map_err(|e| format!("reading {}: {e}", args.net_conf.display()))?;
+    let conf = NetConf::parse(&text).map_err(|e| e.to_string())?;
+    let metrics = Metrics::new();
+    tokio::spawn(metrics.clone().serve(args.listen));
+
+    let nl = trellis_net::Netlink::connect().map_err(|e| e.to_string())?;
+    let underlay = crate::underlay::detect(&nl, args.underlay_iface.as_deref(), args.underlay_ip)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(node, underlay = %underlay.name, ip = %underlay.ip, mtu = underlay.mtu, backend = conf.backend.name(), "starting");
+    let mut dp = Dataplane::new(
+        DataplaneConfig {
+            node: node.clone(),
+            backend: conf.backend.clone(),
+            underlay: underlay.clone(),
+            cluster_cidrs: conf.cluster_cidrs(),
+            nexthop_objects: !args.no_nexthop_objects,
+        },
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let store = match args.datastore {
+        DatastoreKind::Etcd => Datastore::Etcd(
+            EtcdStore::new(args.etcd_endpoints.clone())
+                .with_prefix(args.etcd_prefix.clone())
+                .with_ttl(Duration::from_secs(args.lease_ttl))
+                // The CIDRs held before: the same ones back after a restart, even one longer
+                // than the lease's TTL (from the CNI config an earlier version wrote when the
+                // state folder has none).
+                .with_hint(
+                    Some(crate::state::read_cidrs(&args.state_dir))
+                        .filter(|c| !c.is_empty())
+                        .unwrap_or_else(|| cniconf::read_cidrs(&args.cni_conf)),
+                ),
+        ),
+        DatastoreKind::Kube => Datastore::Kube(crate::datastore::kube::KubeStore {
+            kubeconfig: args.kubeconfig.clone(),
+        }),
+        DatastoreKind::None => Datastore::None(NoneStore {
+            pod_cidrs: args.pod_cidr.clone(),
+        }),
+    };
+    let me = NodeInfo {
+        name: node.clone(),
+        underlay_ip: underlay.ip,
+        backend: dp.backend_data(),
+    };
+    let (own, events) = store
+        .start(me, conf.pools.clone(), metrics.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(cidrs = ?own.pod_cidrs, "holding the node lease");
+    if let Err(e) = crate::state::write_cidrs(&args.state_dir, &own.pod_cidrs) {
+        warn!(dir = %args.state_dir.display(), "cannot remember the pod CIDRs ({e}): a restart after the lease expires may get others");
+    }
+    dp.set_own(&own).await.map_err(|e| e.to_string())?;
+    // The node routes between its pods and the other nodes. In a container /proc/sys is
+    // read-only unless privileged: kubeadm already requires ip_forward, so a node where it is on
+    // needs no write, and one where it is off gets a warning rather than a crash loop.
+    for (key, on) in [
+        ("net.ipv4.ip_forward", own.cidr_v4().is_some()),
+        ("net.ipv6.conf.all.forwarding", own.cidr_v6().is_some()),
+    ] {
+        let already = trellis_net::sysctl::read(key).is_ok_and(|v| v.trim() == "1");
+        if on && !already {
+            if let Err(e) = trellis_net::sysctl::write(key, "1") {
+                warn!("{key} is off and cannot be turned on ({e}): pods on other nodes are unreachable until it is");
+            }
+        }
+    }
+    let opts = CniConfOptions {
+        path: args.cni_conf.clone(),
+        mode: args.cni_mode,
+        ipam_data_dir: args.ipam_data_dir.clone(),
+        hostport: !args.no_hostport,
+        ..Default::default()
+    };
+    write_cni_conf(&own, dp.pod_mtu(), &opts)?;
+
+    // Every source sends its inputs to the node's one channel; the node decides what runs.
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut plane = KernelPlane {
+        dataplane: dp,
+        metrics: metrics.clone(),
+        bgp: None,
+    };
+    if let crate::config::Backend::Bgp {
+        as_number,
+        hold_time,
+        graceful_restart,
+        ..
+    } = &conf.backend
+    {
+        let settings = (*as_number, *hold_time, *graceful_restart);
+        let (speaker, rib, synced) = start_bgp(&plane.dataplane, &own, &underlay, &conf, settings, &metrics).await?;
+        tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
+        plane.bgp = Some(BgpPeers {
+            speaker,
+            backend: conf.backend.clone(),
+            node: node.clone(),
+            underlay_ip: underlay.ip,
+            current: None,
+        });
+    }
+    let kernel = plane.dataplane.kernel_changes();
+    tokio::spawn(node::forward_leases(events, tx.clone()));
+    let resync = Duration::from_secs(args.resync.max(1));
+    tokio::spawn(node::forward_kernel_ticks_and_signals(kernel, resync, tx));
+    let is_bgp = plane.bgp.is_some();
+    Node::new(plane, own, is_bgp).run(rx).await.map(|_| ())
+}
+
+/// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
+/// the AS number, hold time and graceful-restart time.
+async fn start_bgp(
+    dp: &Dataplane,
+    own: &Lease,
+    underlay: &crate::reconcile::Underlay,
+    conf: &NetConf,
+    (asn, hold_time, graceful_restart): (u32, u16, u16),
+    metrics: &Metrics,
+) -> Result<(Speaker, Routes, Synced), String> {
+    let IpAddr::V4(router_id) = underlay.ip else {
+        return Err("BGP needs an IPv4 underlay address for its router ID".into());
+    };
+    let mut cfg = BgpConfig::new(asn, router_id);
+    cfg.hold_time = hold_time;
+    cfg.graceful_restart_secs = graceful_restart;
+    cfg.import_within = conf.cluster_cidrs();
+    // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
+    cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;
+    let (speaker, rib) = Speaker::start(cfg, metrics.clone())
+        .await
+        .map_err(|e| format!("BGP: {e}"))?;
+    let (prefixes, v4, v6) = crate::backend::bgp::exports(own, underlay.ip);
+    speaker.set_exports(prefixes, v4, v6);
+    let synced = speaker.synced();
+    info!(asn, %router_id, "BGP speaker started");
+    Ok((speaker, rib, synced))
+}
+
+type Routes = tokio::sync::watch::Receiver<crate::bgp::Routes>;
+type Synced = tokio::sync::watch::Receiver<bool>;
+
+fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(&cniconf::render(own, mtu, opts)).expect("JSON") + "\n";
+    match cniconf::write_if_changed(&opts.path, &text) {
+        Ok(true) => info!(path = %opts.path.display(), mtu, "wrote the CNI config"),
+        Ok(false) => {}
+        Err(e) => return Err(format!("writing {}: {e}", opts.path.display())),
+    }
+    Ok(())
+}
