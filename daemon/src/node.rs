@@ -73,6 +73,8 @@ pub const LEASE_BATCH: Duration = Duration::from_millis(10);
 pub const KERNEL_DEBOUNCE: Duration = Duration::from_millis(2);
 /// How soon a failed run is retried.
 pub const RETRY: Duration = Duration::from_secs(1);
+/// How often the same failure is logged again while it lasts.
+const REPEAT_LOG: Duration = Duration::from_secs(60);
 
 /// The node; see the module docs.
 pub struct Node<P: Plane> {
@@ -114,6 +116,9 @@ impl<P: Plane> Node<P> {
     /// is lost (`Err` with the reason).
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Result<P, String> {
         let mut retry_at: Option<Instant> = None;
+        // The last failure logged and when: a run failing every second for the same reason is
+        // logged again once a minute, not every second.
+        let mut logged: Option<(String, Instant)> = None;
         loop {
             let retry = async {
                 match retry_at {
@@ -160,11 +165,20 @@ impl<P: Plane> Node<P> {
             };
             match self.plane.run(&self.leases, routes, pending.read_kernel).await {
                 Ok(()) => {
+                    if logged.take().is_some() {
+                        info!("reconcile succeeded again");
+                    }
                     retry_at = None;
                     self.plane.health(None);
                 }
                 Err(e) => {
-                    warn!("reconcile failed, retrying in {} s: {e}", RETRY.as_secs());
+                    let repeat = logged
+                        .as_ref()
+                        .is_some_and(|(last, at)| *last == e && at.elapsed() < REPEAT_LOG);
+                    if !repeat {
+                        warn!("reconcile failed, retrying every {} s: {e}", RETRY.as_secs());
+                        logged = Some((e.clone(), Instant::now()));
+                    }
                     self.plane.health(Some(&e));
                     retry_at = Some(Instant::now() + RETRY);
                 }

@@ -127,6 +127,7 @@ pub fn spawn(
                 }
             }
             tracing::warn!("kernel change notifications stopped; reopening");
+            let mut logged = false;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 match Monitor::open_in(&ns, &groups) {
@@ -136,7 +137,12 @@ pub fn spawn(
                         interest.wake();
                         break;
                     }
-                    Err(e) => tracing::warn!("reopening kernel change notifications: {e}"),
+                    // Retried every second; logged once.
+                    Err(e) if !logged => {
+                        tracing::warn!("reopening kernel change notifications: {e}; retrying every second");
+                        logged = true;
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -163,16 +169,22 @@ pub fn spawn_table_watch(
                 }
                 Err(e) => {
                     tracing::warn!("nftables change notifications failed ({e}); reopening");
+                    // Retried every second; a failure is logged once, not every second.
+                    let mut logged = false;
                     loop {
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        match trellis_net::netns::run_in(&ns, &reopen) {
+                        let failure = match trellis_net::netns::run_in(&ns, &reopen) {
                             Ok(Ok(w)) => {
                                 watch = w;
                                 interest.wake();
                                 break;
                             }
-                            Ok(Err(e)) => tracing::warn!("reopening nftables change notifications: {e}"),
-                            Err(e) => tracing::warn!("reopening nftables change notifications: {e}"),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        if !logged {
+                            tracing::warn!("reopening nftables change notifications: {failure}; retrying every second");
+                            logged = true;
                         }
                     }
                 }
