@@ -523,34 +523,22 @@ mod tests {
         );
     }
 
+    /// Sends the speaker's routes and lets the node act on them.
+    async fn routes(tx: &mpsc::Sender<Input>, routes: Vec<BgpRoute>, synced: bool) {
+        tx.send(Input::Routes { routes, synced }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bgp_routes_wait_for_the_speaker_to_sync() {
         let (tx, h) = start(true, 0);
         tx.send(Input::Lease(Event::Snapshot(vec![]))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Routes before sync: kept back (the kernel keeps what it had).
-        tx.send(Input::Routes {
-            routes: vec![route(2)],
-            synced: false,
-        })
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        tx.send(Input::Routes {
-            routes: vec![route(2), route(3)],
-            synced: true,
-        })
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        routes(&tx, vec![route(2)], false).await;
+        routes(&tx, vec![route(2), route(3)], true).await;
         // Once synced, a later update (even one saying unsynced) goes through.
-        tx.send(Input::Routes {
-            routes: vec![route(2)],
-            synced: false,
-        })
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        routes(&tx, vec![route(2)], false).await;
         let rec = stop(tx, h).await;
         let routes: Vec<Option<usize>> = rec.calls.iter().map(|c| c.routes).collect();
         assert_eq!(routes, [None, Some(2), Some(1)], "{:?}", rec.calls);

@@ -47,7 +47,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::conn::{Batch, Conn};
 use super::interval::Family;
-use super::objects::expr;
+use super::objects::{expr, header};
 use super::wire::*;
 use super::NftError;
 
@@ -127,20 +127,6 @@ fn hairpin_name(fam: Family) -> &'static str {
     match fam {
         Family::V4 => "hairpin4",
         Family::V6 => "hairpin6",
-    }
-}
-
-fn addr_len(fam: Family) -> u32 {
-    match fam {
-        Family::V4 => 4,
-        Family::V6 => 16,
-    }
-}
-
-fn nfproto(fam: Family) -> u8 {
-    match fam {
-        Family::V4 => NFPROTO_IPV4,
-        Family::V6 => NFPROTO_IPV6,
     }
 }
 
@@ -246,7 +232,7 @@ impl HostPorts {
                 let (Some(proto), Some(data)) = (key.first().and_then(|p| Protocol::from_number(*p)), data) else {
                     continue;
                 };
-                let alen = addr_len(fam) as usize;
+                let alen = header(fam).addr_len as usize;
                 if key.len() < 6 || data.len() < alen + 2 {
                     continue;
                 }
@@ -468,7 +454,7 @@ fn new_map(table: &str, fam: Family, id: u32) -> Msg {
         )
         .u32(NFTA_SET_KEY_LEN, 8)
         .u32(NFTA_SET_DATA_TYPE, concat_type(addr_type, NFT_TYPE_INET_SERVICE))
-        .u32(NFTA_SET_DATA_LEN, addr_len(fam) + 4)
+        .u32(NFTA_SET_DATA_LEN, header(fam).addr_len + 4)
         .u32(NFTA_SET_ID, id);
     m
 }
@@ -485,7 +471,7 @@ fn new_hairpin_set(table: &str, fam: Family, id: u32) -> Msg {
         .str(NFTA_SET_NAME, hairpin_name(fam))
         .u32(NFTA_SET_FLAGS, 0)
         .u32(NFTA_SET_KEY_TYPE, concat_type(addr_type, addr_type))
-        .u32(NFTA_SET_KEY_LEN, 2 * addr_len(fam))
+        .u32(NFTA_SET_KEY_LEN, 2 * header(fam).addr_len)
         .u32(NFTA_SET_ID, id);
     m
 }
@@ -545,7 +531,7 @@ fn match_family(m: &mut Msg, fam: Family) {
     expr(m, "meta", |m| {
         m.u32(NFTA_META_KEY, NFT_META_NFPROTO).u32(NFTA_META_DREG, NFT_REG_1);
     });
-    cmp_eq(m, NFT_REG_1, &[nfproto(fam)]);
+    cmp_eq(m, NFT_REG_1, &[header(fam).nfproto]);
 }
 
 fn payload(m: &mut Msg, reg: u32, base: u32, offset: u32, len: u32) {
@@ -569,20 +555,6 @@ fn verdict(m: &mut Msg, code: i32, chain: Option<&str>) {
     });
 }
 
-fn daddr_offset(fam: Family) -> u32 {
-    match fam {
-        Family::V4 => 16,
-        Family::V6 => 24,
-    }
-}
-
-fn saddr_offset(fam: Family) -> u32 {
-    match fam {
-        Family::V4 => 12,
-        Family::V6 => 8,
-    }
-}
-
 /// `fib daddr type local jump hostports`
 fn jump_if_local(m: &mut Msg) {
     expr(m, "fib", |m| {
@@ -599,11 +571,11 @@ fn loopback_return(m: &mut Msg, fam: Family) {
     match_family(m, fam);
     match fam {
         Family::V4 => {
-            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, daddr_offset(fam), 1);
+            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, header(fam).daddr_offset, 1);
             cmp_eq(m, NFT_REG_1, &[127]);
         }
         Family::V6 => {
-            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, daddr_offset(fam), 16);
+            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, header(fam).daddr_offset, 16);
             cmp_eq(m, NFT_REG_1, &std::net::Ipv6Addr::LOCALHOST.octets());
         }
     }
@@ -625,11 +597,11 @@ fn dnat_by_map(m: &mut Msg, fam: Family) {
             .u32(NFTA_LOOKUP_SREG, NFT_REG32_00)
             .u32(NFTA_LOOKUP_DREG, data_reg);
     });
-    let port_reg = data_reg + addr_len(fam) / 4;
+    let port_reg = data_reg + header(fam).addr_len / 4;
     expr(m, "counter", |_| {});
     expr(m, "nat", |m| {
         m.u32(NFTA_NAT_TYPE, NFT_NAT_DNAT)
-            .u32(NFTA_NAT_FAMILY, nfproto(fam) as u32)
+            .u32(NFTA_NAT_FAMILY, header(fam).nfproto as u32)
             .u32(NFTA_NAT_REG_ADDR_MIN, data_reg)
             .u32(NFTA_NAT_REG_PROTO_MIN, port_reg)
             .u32(NFTA_NAT_FLAGS, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED);
@@ -639,13 +611,19 @@ fn dnat_by_map(m: &mut Msg, fam: Family) {
 /// `ip saddr . ip daddr @hairpinN counter masquerade` (or `ip6`).
 fn hairpin_masquerade(m: &mut Msg, fam: Family) {
     match_family(m, fam);
-    let len = addr_len(fam);
-    payload(m, NFT_REG32_00, NFT_PAYLOAD_NETWORK_HEADER, saddr_offset(fam), len);
+    let len = header(fam).addr_len;
+    payload(
+        m,
+        NFT_REG32_00,
+        NFT_PAYLOAD_NETWORK_HEADER,
+        header(fam).saddr_offset,
+        len,
+    );
     payload(
         m,
         NFT_REG32_00 + len / 4,
         NFT_PAYLOAD_NETWORK_HEADER,
-        daddr_offset(fam),
+        header(fam).daddr_offset,
         len,
     );
     expr(m, "lookup", |m| {

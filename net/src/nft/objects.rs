@@ -37,15 +37,15 @@ impl SetKind {
 }
 
 /// Geometry of one family's network header.
-struct Header {
-    nfproto: u8,
-    saddr_offset: u32,
-    daddr_offset: u32,
-    addr_len: u32,
-    key_type: u32,
+pub(super) struct Header {
+    pub(super) nfproto: u8,
+    pub(super) saddr_offset: u32,
+    pub(super) daddr_offset: u32,
+    pub(super) addr_len: u32,
+    pub(super) key_type: u32,
 }
 
-fn header(fam: Family) -> Header {
+pub(super) fn header(fam: Family) -> Header {
     match fam {
         Family::V4 => Header {
             nfproto: NFPROTO_IPV4,
