@@ -198,6 +198,12 @@ impl<P: Plane> Node<P> {
             }
             Input::Routes { routes, synced } => {
                 if let Some(bgp) = &mut self.bgp {
+                    if synced && !bgp.1 {
+                        info!(
+                            routes = routes.len(),
+                            "bgp: the speaker synced; its routes are the desired state from now on"
+                        );
+                    }
                     *bgp = (routes, synced || bgp.1);
                     pending.run |= bgp.1;
                 }
@@ -260,15 +266,14 @@ impl Plane for KernelPlane {
         routes: Option<&[BgpRoute]>,
         read_kernel: bool,
     ) -> Result<(), String> {
-        if let Some(routes) = routes {
-            self.dataplane
-                .set_bgp_routes(routes.to_vec())
-                .map_err(|e| e.to_string())?;
-        }
+        let sources = crate::reconcile::Sources {
+            leases,
+            learned: routes,
+        };
         let result = if read_kernel {
-            self.dataplane.resync(leases).await
+            self.dataplane.resync(sources).await
         } else {
-            self.dataplane.reconcile(leases).await
+            self.dataplane.reconcile(sources).await
         };
         result.map(|_| ()).map_err(|e| e.to_string())
     }

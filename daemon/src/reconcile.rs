@@ -7,7 +7,7 @@
 //!
 //! 1. makes the backend's device be there (recreated if someone deleted it);
 //! 2. computes the kernel objects the other nodes' leases call for ([`Desired`]) — in BGP mode,
-//!    the routes the BGP speaker learned ([`Dataplane::set_bgp_routes`]) instead;
+//!    the routes the BGP speaker learned ([`Sources::learned`]) instead;
 //! 3. reads what the kernel holds: routes with [`TRELLISD_PROTO`] in the main table, our
 //!    nexthop objects, permanent neighbours and FDB entries on our device;
 //! 4. applies the difference ([`plan`]): adds and replaces what is missing or wrong, removes what
@@ -29,8 +29,8 @@
 //! change that concerns us since. [`Dataplane::resync`] always reads the kernel (main.rs: on
 //! kernel notifications and periodically), which also catches what the watch does not report.
 //!
-//! In BGP mode, until the first [`Dataplane::set_bgp_routes`] a run only makes the device be
-//! there and changes no route, neighbour or FDB entry: the desired state is not known yet, and the
+//! In BGP mode, while [`Sources::learned`] is `None` (the speaker has not synced) a run only
+//! makes the device be there and changes no route, neighbour or FDB entry: the desired state is not known yet, and the
 //! routes an earlier run installed keep the pods talking while the BGP sessions come up (see
 //! `backend::bgp`).
 //!
@@ -45,6 +45,26 @@ pub use crate::underlay::Underlay;
 pub use nexthop::ID_RANGE as NEXTHOP_ID_RANGE;
 
 use nexthop::Assignment;
+
+/// What the desired state is made from: the datastore's leases, and in BGP mode the routes the
+/// speaker learned — two route sources side by side, each backend reading the one it routes by.
+/// A plain lease map converts into one (`dp.reconcile(&leases)`).
+#[derive(Clone, Copy, Debug)]
+pub struct Sources<'a> {
+    /// Every node's lease, this node's included (and skipped).
+    pub leases: &'a BTreeMap<String, Lease>,
+    /// The BGP speaker's routes, all of them (those of a gracefully restarting peer, flagged
+    /// stale, included), already through its import policy; `None` until it has synced with
+    /// its peers: then a BGP run changes no route (see the module docs). Read by the `bgp`
+    /// backend only.
+    pub learned: Option<&'a [BgpRoute]>,
+}
+
+impl<'a> From<&'a BTreeMap<String, Lease>> for Sources<'a> {
+    fn from(leases: &'a BTreeMap<String, Lease>) -> Self {
+        Sources { leases, learned: None }
+    }
+}
 
 use crate::backend::bgp::BgpRoute;
 use crate::backend::{Backend, Desired, Notices, TRELLISD_PROTO};
@@ -131,7 +151,7 @@ impl Dataplane {
             move || Masquerade::new(cfg.clone()).and_then(|m| m.watch().map(|w| (m, w)))
         };
         let (masquerade, table_watch) = run_in(&ns, open.clone())??;
-        let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &cfg.cluster_cidrs, &nl, ethtool).await?;
+        let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &nl, ethtool).await?;
         for name in backend.remove_other_devices(&nl).await? {
             tracing::info!(device = %name, backend = cfg.backend.name(), "removed a device an earlier backend configuration left");
         }
@@ -212,22 +232,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// BGP mode: the routes the speaker learned, all of them (those of a gracefully restarting
-    /// peer, flagged stale, included): from now on the desired routes, applied by the next
-    /// [`Dataplane::reconcile`]. An error when the backend is not `bgp`.
-    pub fn set_bgp_routes(&mut self, routes: Vec<BgpRoute>) -> Result<(), DataplaneError> {
-        match &mut self.backend {
-            Backend::Bgp(b) => {
-                b.set_routes(routes);
-                Ok(())
-            }
-            _ => Err(DataplaneError::Invalid(format!(
-                "set_bgp_routes: this node runs the {} backend, not bgp",
-                self.cfg.backend.name()
-            ))),
-        }
-    }
-
     /// How many routes of ours the kernel holds now: at start, those an earlier run left (for
     /// BGP graceful restart, the forwarding state kept across the restart).
     pub async fn installed_routes(&self) -> Result<usize, DataplaneError> {
@@ -239,33 +243,29 @@ impl Dataplane {
         Ok(self.nl.routes(&filter).await?.len())
     }
 
-    /// Makes the kernel hold what `leases` (every node's, this node's included and skipped) call
-    /// for, and nothing else of ours. In BGP mode the routes come from [`Dataplane::set_bgp_routes`]
-    /// (the leases give the VXLAN cross-subnet VTEPs), and nothing changes before its first call.
+    /// Makes the kernel hold what `sources` call for, and nothing else of ours: the other nodes'
+    /// leases, or in BGP mode the learned routes (the leases then give the VXLAN cross-subnet
+    /// VTEPs), and nothing changes while there are none yet.
     ///
     /// The kernel is read only when the last run left something undone or the kernel watch has
     /// seen a change that concerns us since (see the module docs); otherwise only the difference
     /// from the last run's leases is sent.
-    pub async fn reconcile(&mut self, leases: &BTreeMap<String, Lease>) -> Result<ReconcileReport, DataplaneError> {
-        self.run(leases, false).await
+    pub async fn reconcile<'a>(&mut self, sources: impl Into<Sources<'a>>) -> Result<ReconcileReport, DataplaneError> {
+        self.run(sources.into(), false).await
     }
 
     /// [`Dataplane::reconcile`], reading what the kernel holds whatever happened since the last
     /// run: after kernel notifications, and periodically.
-    pub async fn resync(&mut self, leases: &BTreeMap<String, Lease>) -> Result<ReconcileReport, DataplaneError> {
-        self.run(leases, true).await
+    pub async fn resync<'a>(&mut self, sources: impl Into<Sources<'a>>) -> Result<ReconcileReport, DataplaneError> {
+        self.run(sources.into(), true).await
     }
 
-    async fn run(
-        &mut self,
-        leases: &BTreeMap<String, Lease>,
-        read_kernel: bool,
-    ) -> Result<ReconcileReport, DataplaneError> {
+    async fn run(&mut self, sources: Sources<'_>, read_kernel: bool) -> Result<ReconcileReport, DataplaneError> {
         let started = Instant::now();
         self.metrics.reconcile_runs().inc();
-        self.metrics.leases().set(leases.len() as i64);
+        self.metrics.leases().set(sources.leases.len() as i64);
         let result = match self.ensure_masquerade(read_kernel) {
-            Ok(()) => self.reconcile_once(leases, read_kernel).await,
+            Ok(()) => self.reconcile_once(sources, read_kernel).await,
             Err(e) => Err(e),
         };
         self.metrics
@@ -308,7 +308,7 @@ impl Dataplane {
 
     async fn reconcile_once(
         &mut self,
-        leases: &BTreeMap<String, Lease>,
+        sources: Sources<'_>,
         read_kernel: bool,
     ) -> Result<ReconcileReport, DataplaneError> {
         let underlay = &self.cfg.underlay;
@@ -317,16 +317,22 @@ impl Dataplane {
         self.interest.set_device(device);
 
         let (mut desired, mut notices) = (Desired::default(), Notices::default());
-        let remotes: Vec<Lease> = leases
+        let remotes: Vec<Lease> = sources
+            .leases
             .values()
             .filter(|l| l.node != self.cfg.node)
             .map(normalized)
             .collect();
-        let known = self
-            .backend
-            .desired(&remotes, self.own.as_ref(), underlay, &mut desired, &mut notices);
+        let known = self.backend.desired(
+            &remotes,
+            sources.learned,
+            self.own.as_ref(),
+            underlay,
+            &mut desired,
+            &mut notices,
+        );
         if !known {
-            // BGP before the speaker's first RIB: keep what is installed (see the module docs).
+            // BGP before the speaker has synced: keep what is installed (see the module docs).
             return Ok(ReconcileReport::default());
         }
         for message in notices.fresh(&self.notices) {

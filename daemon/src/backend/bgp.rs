@@ -4,8 +4,8 @@
 //! # Why this design
 //!
 //! Every node announces its pod CIDR(s) over BGP with its underlay address as next hop. The
-//! routes to the other nodes' pods come from what the speaker *learned* ([`BgpRoute`], handed
-//! over by `Dataplane::set_bgp_routes`), not from the leases: what the network says is what is
+//! routes to the other nodes' pods come from what the speaker *learned* ([`BgpRoute`], a route
+//! source beside the leases: `reconcile::Sources::learned`), not from the leases: what the network says is what is
 //! installed, so routes through route reflectors or top-of-rack routers, and pod CIDRs of nodes
 //! outside this datastore, work the same way. The leases still allocate the CIDRs, name the
 //! mesh peers and their AS numbers ([`peers`]) and carry the VTEP MACs for VXLAN cross-subnet.
@@ -26,17 +26,21 @@
 //!     lease publishes a VTEP MAC; other next hops are noted, not routed;
 //!   - `none`: not installed, and noted once (the underlay routers must route pod CIDRs then,
 //!     and announce themselves as next hop).
-//! - not installed either, each noted once: prefixes outside the cluster CIDRs (a peer
-//!   announcing a default route or someone else's network must not capture the node's traffic),
-//!   an IPv6 prefix via an IPv4 next hop (or the reverse), IPv6 through IPIP. This node's own
-//!   prefixes, and routes via this node, are skipped silently (a reflector sends them back).
+//! - not installed either, each noted once: an IPv6 prefix via an IPv4 next hop (or the
+//!   reverse), IPv6 through IPIP. A prefix overlapping this node's own pod CIDRs is skipped
+//!   silently: whatever its source, the node's own pods are never routed away.
+//!
+//! What a peer may announce at all (only inside the cluster CIDRs, no default route, no next
+//! hop of ours) is the speaker's import policy (`crate::bgp::policy`), applied once, as the
+//! UPDATE arrives; what reaches this module has passed it. Only what the kernel can install is
+//! decided here.
 //!
 //! IPv6 pods need IPv6 next hops, so an IPv6 underlay; over an IPv4 underlay they are not routed
 //! across nodes (as with host-gw).
 //!
 //! # Start-up and graceful restart
 //!
-//! Until the first RIB is handed over, a reconcile leaves every route untouched: the routes a
+//! Until the speaker has synced (no learned routes yet), a reconcile leaves every route untouched: the routes a
 //! previous run installed keep the pods talking while this run's sessions come up, instead of
 //! being removed as "stale" and added back seconds later. Likewise the routes of a peer that is
 //! restarting gracefully (RFC 4724) are still in the speaker's RIB, flagged stale: main passes
@@ -142,13 +146,11 @@ pub enum CrossPath {
     Refused,
 }
 
-/// The BGP backend: the cross-subnet tunnel and the learned routes.
+/// The BGP backend: the cross-subnet tunnel; the routes are the learned ones handed to
+/// [`Bgp::desired`].
 pub struct Bgp {
     asn: u32,
-    cluster: Vec<IpNetwork>,
     cross: CrossPath,
-    /// `None` until the speaker's first RIB: then nothing is removed.
-    rib: Option<BTreeMap<IpNetwork, IpAddr>>,
 }
 
 impl Bgp {
@@ -158,7 +160,6 @@ impl Bgp {
         cfg: &BackendConfig,
         node: &str,
         underlay: &Underlay,
-        cluster: &[IpNetwork],
         nl: &Netlink,
         ethtool: trellis_net::ethtool::Ethtool,
     ) -> Result<Bgp, DataplaneError> {
@@ -193,12 +194,7 @@ impl Bgp {
                 underlay.prefix
             );
         }
-        Ok(Bgp {
-            asn: as_number,
-            cluster: cluster.to_vec(),
-            cross,
-            rib: None,
-        })
+        Ok(Bgp { asn: as_number, cross })
     }
 
     /// The ASN and, with a VXLAN cross-subnet tunnel, its VTEP MAC.
@@ -236,52 +232,36 @@ impl Bgp {
         }
     }
 
-    /// The speaker's RIB, all of it (stale routes included): the desired state from now on.
-    /// Two routes to one prefix: the last one wins.
-    pub fn set_routes(&mut self, routes: Vec<BgpRoute>) {
-        if self.rib.is_none() {
-            tracing::info!(
-                routes = routes.len(),
-                "bgp: first routes from the speaker; reconciling from now on"
-            );
-        }
-        let rib = routes
-            .into_iter()
-            .map(|r| {
-                let prefix = IpNetwork::new(r.prefix.network(), r.prefix.prefix()).expect("same prefix length");
-                (prefix, r.next_hop)
-            })
-            .collect();
-        self.rib = Some(rib);
-    }
-
-    /// Whether the speaker's first RIB has arrived.
-    pub fn has_routes(&self) -> bool {
-        self.rib.is_some()
-    }
-
-    /// See [`desired`]; `false` (nothing computed) before the first RIB.
+    /// Adds what installing `learned` takes (two routes to one prefix: the last one wins);
+    /// `false` (nothing computed) while there are none yet: the speaker has not synced.
     pub fn desired(
         &self,
+        learned: Option<&[BgpRoute]>,
         remotes: &[Lease],
         own: Option<&Lease>,
         underlay: &Underlay,
         out: &mut Desired,
         notices: &mut Notices,
     ) -> bool {
-        let Some(rib) = &self.rib else {
-            tracing::debug!("bgp: no routes from the speaker yet: leaving the installed routes in place");
+        let Some(learned) = learned else {
+            tracing::debug!("bgp: the speaker has not synced yet: leaving the installed routes in place");
             return false;
         };
         let ctx = Context {
-            cluster: &self.cluster,
             cross: &self.cross,
             underlay,
             own,
             remotes,
         };
+        let rib: BTreeMap<IpNetwork, IpAddr> = learned
+            .iter()
+            .map(|r| {
+                let prefix = IpNetwork::new(r.prefix.network(), r.prefix.prefix()).expect("same prefix length");
+                (prefix, r.next_hop)
+            })
+            .collect();
         for (prefix, next_hop) in rib {
-            ctx.route(*prefix, *next_hop, out, notices);
+            ctx.route(prefix, next_hop, out, notices);
         }
         true
     }
@@ -289,8 +269,6 @@ impl Bgp {
 
 /// What installing a learned route depends on.
 pub struct Context<'a> {
-    /// The cluster CIDRs: learned prefixes must lie inside one.
-    pub cluster: &'a [IpNetwork],
     pub cross: &'a CrossPath,
     pub underlay: &'a Underlay,
     /// This node's lease (its prefixes are never installed as remote ones).
@@ -309,23 +287,6 @@ impl Context<'_> {
     pub fn route(&self, prefix: IpNetwork, next_hop: IpAddr, out: &mut Desired, notices: &mut Notices) {
         let key = prefix.to_string();
         let underlay = self.underlay;
-        if next_hop == underlay.ip {
-            return;
-        }
-        let inside = |c: &IpNetwork| {
-            c.is_ipv4() == prefix.is_ipv4() && c.prefix() <= prefix.prefix() && c.contains(prefix.network())
-        };
-        if !self.cluster.iter().any(inside) {
-            let msg = format!(
-                "bgp: learned route {prefix} via {next_hop} is outside the cluster CIDRs {}: not installed",
-                self.cluster
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            return notices.note(&key, "outside", msg);
-        }
         if self
             .own
             .is_some_and(|o| o.pod_cidrs.iter().any(|c| overlaps(c, &prefix)))
@@ -436,10 +397,6 @@ mod tests {
         crate::backend::fixtures::lease(node, ip, cidrs, backend)
     }
 
-    fn cluster() -> Vec<IpNetwork> {
-        vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap()]
-    }
-
     /// Through an IPIP device at `index`.
     fn ipip_at(index: u32) -> CrossPath {
         CrossPath::Ipip(Tunnel::at(Ipip::new(&underlay()).unwrap(), index))
@@ -454,10 +411,9 @@ mod tests {
 
     /// Runs `routes` through a context and returns what it wants and the notices.
     fn compute(cross: CrossPath, routes: &[(&str, &str)], remotes: &[Lease]) -> (Desired, Vec<String>) {
-        let (cluster, u) = (cluster(), underlay());
+        let u = underlay();
         let own = lease("me", "192.168.0.11", &["10.244.1.0/24", "fd00:244:0:1::/64"], true);
         let ctx = Context {
-            cluster: &cluster,
             cross: &cross,
             underlay: &u,
             own: Some(&own),
@@ -561,24 +517,22 @@ mod tests {
     }
 
     #[test]
-    fn what_must_not_be_installed_is_skipped_or_noted() {
+    fn what_cannot_be_installed_is_skipped_or_noted() {
+        // What the import policy drops (outside the cluster, default routes, next hop ours) is
+        // tested in `crate::bgp::policy`: it never reaches this module.
         let (out, notices) = compute(
             ipip_at(9),
             &[
-                ("0.0.0.0/0", "192.168.0.12"),         // outside the cluster
-                ("10.0.0.0/8", "192.168.0.12"),        // wider than the cluster CIDR
-                ("10.245.0.0/24", "192.168.0.12"),     // outside
                 ("10.244.1.0/24", "192.168.0.12"),     // ours, reflected back
                 ("10.244.1.128/25", "192.168.0.12"),   // inside ours
-                ("10.244.6.0/24", "192.168.0.11"),     // via ourselves
+                ("10.244.0.0/16", "192.168.0.12"),     // wider than ours: would swallow it
                 ("fd00:244:0:2::/64", "192.168.0.12"), // family mismatch
                 ("fd00:244:0:3::/64", "fd00::13"),     // IPv6 beyond an IPv4 underlay: not through IPIP
             ],
             &[],
         );
         assert!(out.routes.is_empty(), "{:?}", out.routes.keys().collect::<Vec<_>>());
-        assert_eq!(notices.len(), 5, "{notices:?}");
-        assert_eq!(notices.iter().filter(|n| n.contains("outside the cluster")).count(), 3);
+        assert_eq!(notices.len(), 2, "{notices:?}");
         assert!(notices
             .iter()
             .any(|n| n.contains("fd00:244:0:2::/64") && n.contains("other family")));
@@ -589,20 +543,17 @@ mod tests {
 
     #[test]
     fn no_rib_no_desired_state_then_the_rib_is_the_desired_state() {
-        let mut bgp = Bgp {
+        let bgp = Bgp {
             asn: 64512,
-            cluster: cluster(),
             cross: CrossPath::Refused,
-            rib: None,
         };
         let u = underlay();
         let (mut out, mut notices) = (Desired::default(), Notices::default());
         assert!(
-            !bgp.desired(&[], None, &u, &mut out, &mut notices),
-            "unknown before the first RIB"
+            !bgp.desired(None, &[], None, &u, &mut out, &mut notices),
+            "unknown before the speaker synced"
         );
-        assert!(!bgp.has_routes());
-        bgp.set_routes(vec![
+        let rib = [
             BgpRoute {
                 prefix: "10.244.2.7/24".parse().unwrap(),
                 next_hop: "192.168.0.12".parse().unwrap(),
@@ -611,8 +562,8 @@ mod tests {
                 prefix: "10.244.3.0/24".parse().unwrap(),
                 next_hop: "10.1.0.13".parse().unwrap(),
             },
-        ]);
-        assert!(bgp.desired(&[], None, &u, &mut out, &mut notices));
+        ];
+        assert!(bgp.desired(Some(&rib), &[], None, &u, &mut out, &mut notices));
         assert_eq!(
             out.routes.keys().map(ToString::to_string).collect::<Vec<_>>(),
             ["10.244.2.0/24"],
@@ -620,9 +571,8 @@ mod tests {
         );
         assert_eq!(notices.messages().count(), 1, "CrossSubnet none");
         // An empty RIB is a known state: everything goes.
-        bgp.set_routes(vec![]);
         let (mut out, mut notices) = (Desired::default(), Notices::default());
-        assert!(bgp.desired(&[], None, &u, &mut out, &mut notices));
+        assert!(bgp.desired(Some(&[]), &[], None, &u, &mut out, &mut notices));
         assert!(out.routes.is_empty());
         assert_eq!(
             bgp.backend_data(),

@@ -99,12 +99,10 @@ pub enum Backend {
 
 impl Backend {
     /// Sets the backend up in the namespace `nl` talks to (VXLAN, IPIP: creates the device).
-    /// `cluster` holds the cluster CIDRs (BGP installs no learned route outside them).
     pub async fn new(
         cfg: &BackendConfig,
         node: &str,
         underlay: &Underlay,
-        cluster: &[IpNetwork],
         nl: &Netlink,
         ethtool: trellis_net::ethtool::Ethtool,
     ) -> Result<Backend, DataplaneError> {
@@ -126,7 +124,7 @@ impl Backend {
                 let ipip = Ipip::new(underlay).map_err(DataplaneError::Invalid)?;
                 Backend::Ipip(Tunnel::new(ipip, cfg, underlay, nl).await?)
             }
-            BackendConfig::Bgp { .. } => Backend::Bgp(bgp::Bgp::new(cfg, node, underlay, cluster, nl, ethtool).await?),
+            BackendConfig::Bgp { .. } => Backend::Bgp(bgp::Bgp::new(cfg, node, underlay, nl, ethtool).await?),
         })
     }
 
@@ -188,17 +186,18 @@ impl Backend {
     /// Adds what the other nodes call for to `out` — from their leases (`remotes`, this node's
     /// excluded), or for BGP from the routes learned — and notes in `notices` what cannot be
     /// done (logged once per node and reason by the reconciler). `false` when the desired state
-    /// is not known yet (BGP before the speaker's first RIB): then nothing may be removed.
+    /// is not known yet (BGP before the speaker has synced): then nothing may be removed.
     pub fn desired(
         &self,
         remotes: &[Lease],
+        learned: Option<&[bgp::BgpRoute]>,
         own: Option<&Lease>,
         underlay: &Underlay,
         out: &mut Desired,
         notices: &mut Notices,
     ) -> bool {
         if let Backend::Bgp(b) = self {
-            return b.desired(remotes, own, underlay, out, notices);
+            return b.desired(learned, remotes, own, underlay, out, notices);
         }
         for remote in remotes {
             match self {
