@@ -24,7 +24,7 @@ struct Raw {
 
 impl Raw {
     async fn connect(lab: &Lab, from: Option<IpAddr>) -> Raw {
-        let sock = trellis_net::netns::run_in(&lab.node(RAW).path(), TcpSocket::new_v4)
+        let sock = trellis_net::netns::run_in(lab.node(RAW).path(), TcpSocket::new_v4)
             .unwrap()
             .unwrap();
         if let Some(ip) = from {

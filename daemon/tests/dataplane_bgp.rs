@@ -63,7 +63,7 @@ async fn learn_everything(c: &Cluster, dps: &mut [Dataplane], leases: &Leases) -
 
 #[tokio::test]
 async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() {
-    let c = cluster("bgp", false).await;
+    let c = cluster(false).await;
     let n1 = &c.nodes[0];
     // An earlier run's routes: one still right, one to a node that has gone since.
     n1.ip(&[
@@ -193,8 +193,7 @@ async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() 
 
 #[tokio::test]
 async fn cross_subnet_vxlan_to_a_node_behind_a_router() {
-    let mut c = cluster("bgpvx", false).await;
-    put_last_node_behind_a_router(&mut c).await;
+    let c = cluster_behind_router(false).await;
     let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Vxlan)).await;
     assert!(matches!(
         dps[0].backend_data(),
@@ -240,8 +239,7 @@ async fn cross_subnet_ipip_to_a_node_behind_a_router() {
         eprintln!("SKIPPED cross_subnet_ipip_to_a_node_behind_a_router: {why}");
         return;
     }
-    let mut c = cluster("bgpip", false).await;
-    put_last_node_behind_a_router(&mut c).await;
+    let c = cluster_behind_router(false).await;
     let (mut dps, leases) = start(&c, &bgp(CrossSubnet::Ipip)).await;
     learn_everything(&c, &mut dps, &leases).await;
     let n1 = &c.nodes[0];

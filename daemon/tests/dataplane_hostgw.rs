@@ -43,7 +43,7 @@ impl Logs {
 async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
     let logs = Logs::default();
     let _guard = logs.capture();
-    let c = cluster("hg", false).await;
+    let c = cluster(false).await;
     // The VXLAN device of an earlier configuration (this node ran the vxlan backend).
     c.nodes[0].ip(&[
         "link",
@@ -114,7 +114,7 @@ async fn host_gw_routes_via_the_nodes_and_refuses_one_off_the_subnet_once() {
 
 #[tokio::test]
 async fn vxlan_with_direct_routing_goes_direct_on_the_subnet_and_carries_ipv6_over_the_overlay() {
-    let c = cluster("dr", true).await;
+    let c = cluster(true).await;
     let (mut dps, leases) = start(&c, &vxlan(true)).await;
     let n1 = &c.nodes[0];
     let routes = n1.routes(&["route", "show", "proto", "117"]);

@@ -17,8 +17,7 @@ async fn ipip_carries_pods_across_nodes_on_and_off_the_subnet() {
         eprintln!("SKIPPED ipip_carries_pods_across_nodes_on_and_off_the_subnet: {why}");
         return;
     }
-    let mut c = cluster("ipip", false).await;
-    put_last_node_behind_a_router(&mut c).await;
+    let c = cluster_behind_router(false).await;
     let (mut dps, leases) = start(&c, &Backend::Ipip).await;
     let n1 = &c.nodes[0];
     assert_eq!(dps[0].backend_data(), BackendData::Ipip);
@@ -80,7 +79,7 @@ async fn without_ipip_support_the_backend_says_so() {
         return;
     };
     eprintln!("no IPIP here ({why}): checking the error");
-    let c = cluster("noipip", false).await;
+    let c = cluster(false).await;
     let n1 = &c.nodes[0];
     let err = match Dataplane::new_in(n1.config(&Backend::Ipip), Metrics::new(), n1.ns.path()).await {
         Ok(_) => panic!("a dataplane without IPIP support"),

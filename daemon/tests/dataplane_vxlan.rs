@@ -19,16 +19,16 @@ fn bridge(node: &Node, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along() {
-    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with("vx", true).await;
+    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(true).await;
 }
 
 #[tokio::test]
 async fn the_same_with_plain_routes() {
-    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with("vxp", false).await;
+    pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(false).await;
 }
 
-async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(tag: &str, nexthops: bool) {
-    let mut c = cluster(tag, true).await;
+async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(nexthops: bool) {
+    let mut c = cluster(true).await;
     if !nexthops {
         c.plain_routes();
     }
@@ -142,7 +142,7 @@ async fn pods_reach_each_other_and_a_removed_lease_takes_its_objects_along_with(
 
 #[tokio::test]
 async fn what_someone_deletes_comes_back_and_the_kernel_watch_says_so() {
-    let c = cluster("kw", true).await;
+    let c = cluster(true).await;
     let (mut dps, leases) = start(&c, &vxlan(false)).await;
     let n1 = &c.nodes[0];
     let mut changes = dps[0].kernel_changes();
@@ -235,7 +235,7 @@ async fn what_someone_deletes_comes_back_and_the_kernel_watch_says_so() {
 
 #[tokio::test]
 async fn start_up_removes_stale_routes_of_ours_only_and_a_restart_changes_nothing() {
-    let c = cluster("st", false).await;
+    let c = cluster(false).await;
     let n1 = &c.nodes[0];
     let backend = vxlan(false);
     // Left by an earlier run: a route of ours to a CIDR no node holds any more, and a device
@@ -345,7 +345,7 @@ fn continuous_ping(from: &Node, to: std::net::IpAddr, secs: u32) -> std::thread:
 
 #[tokio::test]
 async fn switching_between_plain_routes_and_nexthops_loses_no_packet() {
-    let mut c = cluster("sw", true).await;
+    let mut c = cluster(true).await;
     c.plain_routes();
     let backend = vxlan(false);
     let (mut dps, leases) = start(&c, &backend).await;
@@ -392,7 +392,7 @@ async fn switching_between_plain_routes_and_nexthops_loses_no_packet() {
 
 #[tokio::test]
 async fn a_reconcile_after_a_lease_change_sends_only_the_difference_and_a_resync_reads_the_kernel() {
-    let c = cluster("inc", true).await;
+    let c = cluster(true).await;
     let (mut dps, mut leases) = start(&c, &vxlan(false)).await;
     let n1 = &c.nodes[0];
     let mut changes = dps[0].kernel_changes();

@@ -1,15 +1,12 @@
 //! The etcd datastore against a real etcd server (one per test, on loopback ports).
 
-#[path = "common/etcd_server.rs"]
-mod etcd_server;
-
 use etcd_client::{Client, GetOptions};
-use etcd_server::EtcdServer;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout};
+use trellis_tests::etcd::Etcd;
 use trellisd::config::Pool;
 use trellisd::datastore::etcd::EtcdStore;
 use trellisd::datastore::{Event, NodeInfo};
@@ -65,7 +62,12 @@ fn log_to_test_output() {
     });
 }
 
-async fn start_node(server: &EtcdServer, name: &str, n: u8, pools: Vec<Pool>) -> Node {
+/// A client of the test's etcd.
+async fn client(server: &Etcd) -> Client {
+    Client::connect([server.endpoint()], None).await.expect("etcd client")
+}
+
+async fn start_node(server: &Etcd, name: &str, n: u8, pools: Vec<Pool>) -> Node {
     log_to_test_output();
     let metrics = Metrics::new();
     let store = EtcdStore::new(vec![server.endpoint()]).with_ttl(TTL);
@@ -141,7 +143,7 @@ async fn record_created(client: &mut Client, name: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_get_different_cidrs_and_see_each_other() {
-    let server = EtcdServer::start().await;
+    let server = Etcd::start();
     let v6 = pool("fd00:244::/56", 64, "fd00:244:0:1::/64", "fd00:244:0:ff::/64");
     let mut a = start_node(&server, "node-a", 1, vec![v4_pool(), v6.clone()]).await;
     let mut b = start_node(&server, "node-b", 2, vec![v4_pool(), v6]).await;
@@ -158,7 +160,7 @@ async fn two_nodes_get_different_cidrs_and_see_each_other() {
     b.wait_for_nodes(&["node-a", "node-b"]).await;
     assert_eq!(a.view["node-b"], b.lease);
     assert_eq!(b.view["node-a"], a.lease);
-    let mut c = server.client().await;
+    let mut c = client(&server).await;
     for cidr in &a.lease.pod_cidrs {
         assert_eq!(cidr_owner(&mut c, cidr).await.unwrap().0, "node-a");
     }
@@ -166,7 +168,7 @@ async fn two_nodes_get_different_cidrs_and_see_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_gets_its_cidr_back() {
-    let server = EtcdServer::start().await;
+    let server = Etcd::start();
     let first = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
     let cidr = first.cidr();
     // Another node in between must not take it.
@@ -179,7 +181,7 @@ async fn a_restarted_node_gets_its_cidr_back() {
     assert_eq!(again.cidr(), cidr);
     // The records moved to the new etcd lease: they outlive the old one's TTL.
     sleep(TTL + Duration::from_secs(2)).await;
-    let mut c = server.client().await;
+    let mut c = client(&server).await;
     assert!(
         record_created(&mut c, "node-a").await.is_some(),
         "record expired with the old etcd lease"
@@ -189,7 +191,7 @@ async fn a_restarted_node_gets_its_cidr_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_expires_and_frees_its_cidr() {
-    let server = EtcdServer::start().await;
+    let server = Etcd::start();
     let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
     // node-b may only have one CIDR, which node-a does not hold.
     let only = if a.cidr().to_string() == "10.244.7.0/24" {
@@ -213,7 +215,7 @@ async fn a_silent_node_expires_and_frees_its_cidr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_racing_for_the_last_cidr_never_share_it() {
-    let server = EtcdServer::start().await;
+    let server = Etcd::start();
     let last = "10.244.9.0";
     log_to_test_output();
     let start = |name: &'static str, n: u8| {
@@ -232,7 +234,7 @@ async fn two_nodes_racing_for_the_last_cidr_never_share_it() {
     // The other one keeps retrying.
     sleep(Duration::from_secs(3)).await;
     assert!(!loser.is_finished(), "both nodes hold the last CIDR");
-    let mut c = server.client().await;
+    let mut c = client(&server).await;
     let (owner, lease_id) = cidr_owner(&mut c, &won.pod_cidrs[0]).await.unwrap();
     assert_eq!(owner, won.node);
     // The winner goes away and its etcd lease is revoked: the CIDR is free at once.
@@ -250,27 +252,27 @@ async fn two_nodes_racing_for_the_last_cidr_never_share_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_rides_out_an_etcd_restart() {
-    let mut server = EtcdServer::start().await;
+    let mut server = Etcd::start();
     let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
     a.wait_for_nodes(&["node-a"]).await;
-    let created = record_created(&mut server.client().await, "node-a").await;
+    let created = record_created(&mut client(&server).await, "node-a").await;
     server.kill();
     sleep(Duration::from_secs(1)).await;
-    server.restart().await;
+    server.restart();
     let b = start_node(&server, "node-b", 2, vec![v4_pool()]).await;
     a.wait_for_nodes(&["node-a", "node-b"]).await;
     assert_eq!(a.view["node-b"], b.lease);
     // Same record, never re-created: the etcd lease survived the downtime.
-    assert_eq!(record_created(&mut server.client().await, "node-a").await, created);
+    assert_eq!(record_created(&mut client(&server).await, "node-a").await, created);
     assert!(a.metrics.datastore_errors().get() > 0, "the outage went uncounted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_etcd_lease_is_recreated_with_the_same_cidr() {
-    let server = EtcdServer::start().await;
+    let server = Etcd::start();
     let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
     a.wait_for_nodes(&["node-a"]).await;
-    let mut c = server.client().await;
+    let mut c = client(&server).await;
     let (_, lease_id) = cidr_owner(&mut c, &a.cidr()).await.unwrap();
     // What etcd does when the lease expires (e.g. etcd unreachable for longer than the TTL).
     c.lease_revoke(lease_id).await.unwrap();
@@ -294,8 +296,8 @@ async fn a_lost_etcd_lease_is_recreated_with_the_same_cidr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_values_are_ignored() {
-    let server = EtcdServer::start().await;
-    let mut c = server.client().await;
+    let server = Etcd::start();
+    let mut c = client(&server).await;
     c.put(format!("{PREFIX}bogus"), "{not json", None).await.unwrap();
     c.put(format!("{PREFIX}cidrs/garbage"), "node-x", None).await.unwrap();
     let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;

@@ -100,7 +100,7 @@ fn del_twice_and_del_after_the_namespace_is_gone_succeed_and_release() {
         node.del(&conf, "d1", Some(&pod)).ok();
         let pod2 = Netns::new("tpd");
         node.add(&conf, "d2", &pod2);
-        let path = pod2.path();
+        let path = pod2.path().to_path_buf();
         drop(pod2);
         // The namespace is gone: DEL still releases the address and removes the host end.
         node.call("DEL", &conf, "d2", None).netns(&path).run().ok();

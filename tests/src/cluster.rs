@@ -1,13 +1,15 @@
-//! A cluster on one machine: an underlay namespace with a bridge (and an etcd server listening
-//! on it, or the stand-in Kubernetes API server: [`Options::kube`]), N node namespaces joined to
-//! it by veths, `trellisd` in each node, and pods wired by the `trellis` plugin with the CNI
+//! A cluster on one machine: the test [`Topology`] (an underlay namespace with a bridge, N node
+//! namespaces joined to it by veths) with an etcd server listening on the underlay (or the
+//! stand-in Kubernetes API server: [`Options::kube`]), `trellisd` in each node, and pods wired by the `trellis` plugin with the CNI
 //! config each daemon wrote. Everything is deleted (processes killed, namespaces removed) when
 //! the [`Cluster`] drops, also when the test panics.
 //!
 //! Each cluster's addresses live in its own namespaces, so clusters of parallel tests can use
 //! the same underlay subnet without colliding.
 
+use crate::etcd::Etcd;
 use crate::kube_apiserver::ApiServer;
+use crate::topology::{Spec, Topology};
 use crate::{CniCall, Netns, TempDir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -37,34 +39,6 @@ impl Drop for Proc {
     }
 }
 
-/// A single-member etcd listening on `ip` (ports 2379 and 2380) inside `ns`, its data in
-/// `dir/etcd` (kept across restarts) and its log in `dir/etcd.log`.
-pub fn spawn_etcd(ns: &Netns, ip: &str, name: &str, dir: &Path) -> Proc {
-    let url = |port: u16| format!("http://{ip}:{port}");
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "etcd", "--name", name, "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args([
-            "--listen-client-urls",
-            &url(2379),
-            "--advertise-client-urls",
-            &url(2379),
-        ])
-        .args([
-            "--listen-peer-urls",
-            &url(2380),
-            "--initial-advertise-peer-urls",
-            &url(2380),
-        ])
-        .args(["--initial-cluster", &format!("{name}={}", url(2380))])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("etcd (apt-get install etcd-server)");
-    Proc { child }
-}
-
 pub struct Node {
     /// First: the daemon is killed before its namespace is deleted.
     pub daemon: Option<Proc>,
@@ -92,6 +66,10 @@ pub struct Options {
     pub capabilities: Option<Vec<String>>,
     /// Do not wait for the CNI configs (for daemons that are expected not to get there).
     pub no_wait: bool,
+    /// The namespaces' name prefix (at most 3 characters): `{tag}u…` the underlay, `{tag}n…`
+    /// the nodes, `{tag}p…` the pods; `tc` when `None`. The lab uses its own, so that
+    /// `./lab down` finds what a crashed lab left.
+    pub tag: Option<String>,
 }
 
 /// The stand-in API server's port.
@@ -139,7 +117,7 @@ pub struct Cluster {
     /// Dropped in field order: pods, daemons and etcd before the namespaces they run in.
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
-    pub etcd: Option<Proc>,
+    pub etcd: Option<Etcd>,
     /// The stand-in Kubernetes API server ([`Options::kube`]).
     pub api: Option<ApiServer>,
     pub options: Options,
@@ -162,10 +140,8 @@ impl Cluster {
         crate::require_root();
         let slot = Slot::take();
         let dir = TempDir::new("cluster");
-        let underlay = Netns::new("tcu");
-        underlay.exec_ok(&["ip", "link", "add", "ulbr0", "type", "bridge"]);
-        underlay.exec_ok(&["ip", "addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "ulbr0"]);
-        underlay.exec_ok(&["ip", "link", "set", "ulbr0", "up"]);
+        let tag = options.tag.clone().unwrap_or_else(|| "tc".into());
+        let Topology { underlay, nodes, .. } = Topology::new(&tag, n, Spec::v4(UNDERLAY).default_route());
         std::fs::write(dir.path().join("net-conf.json"), net_conf).expect("write net-conf");
         let mut c = Cluster {
             pods: Vec::new(),
@@ -195,20 +171,7 @@ impl Cluster {
                 c.api = Some(api);
             }
         }
-        for i in 1..=n {
-            let ns = Netns::new("tcn");
-            let peer = format!("ul{i}x{}", &ns.name[3..]);
-            let peer: String = peer.chars().take(15).collect();
-            crate::sh(&format!(
-                "ip link add {peer} netns {u} type veth peer name ul0 netns {n}",
-                u = c.underlay.name,
-                n = ns.name
-            ));
-            c.underlay
-                .exec_ok(&["ip", "link", "set", &peer, "master", "ulbr0", "up"]);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{UNDERLAY}.{}/24", 10 + i), "dev", "ul0"]);
-            ns.exec_ok(&["ip", "link", "set", "ul0", "up"]);
-            ns.exec_ok(&["ip", "route", "add", "default", "via", &format!("{UNDERLAY}.1")]);
+        for (i, ns) in (1..=n).zip(nodes) {
             let node_dir = c.dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             let in_cluster = c.options.in_cluster.contains(&(i - 1));
@@ -267,10 +230,12 @@ impl Cluster {
         format!("http://{UNDERLAY}.1:2379")
     }
 
-    /// Starts (or restarts, on the same data dir) etcd in the underlay namespace.
+    /// Starts (or restarts, on the same data dir) etcd in the underlay namespace; returns once
+    /// it answers.
     pub fn start_etcd(&mut self) {
+        self.etcd = None;
         let ip = format!("{UNDERLAY}.1");
-        self.etcd = Some(spawn_etcd(&self.underlay, &ip, "tc", self.dir.path()));
+        self.etcd = Some(Etcd::start_in(&self.underlay, &ip, self.dir.path()));
     }
 
     pub fn stop_etcd(&mut self) {
@@ -377,7 +342,7 @@ impl Cluster {
 
     /// Adds a pod on node `i` with the plugin config `conf`; returns its index in `pods`.
     pub fn add_pod_with(&mut self, i: usize, conf: Value) -> usize {
-        let ns = Netns::new("tcp");
+        let ns = Netns::new(&format!("{}p", self.options.tag.as_deref().unwrap_or("tc")));
         let id = format!("{}-{}", self.nodes[i].name, ns.name);
         let mut call = CniCall::new(self.bin.join("trellis"), "ADD", conf)
             .container(&id)

@@ -4,7 +4,12 @@
 //!
 //! - [`require_root`]: one clear failure when the tests are not run as root;
 //! - [`names`]: unique names for namespaces and links;
-//! - [`netns`]: a network namespace guard;
+//! - [`netns`]: the network namespace guard;
+//! - [`topology`]: the one test topology: an underlay bridge and node namespaces on it (the
+//!   daemon's tests, the benches, [`cluster`] and `./lab` all build on it);
+//! - [`etcd`]: the one etcd launcher;
+//! - [`cluster`]: a whole cluster on a topology: etcd or the stand-in API server, `trellisd` on
+//!   every node, pods wired by the plugin;
 //! - [`tempdir`]: a temporary folder guard;
 //! - [`cni`]: running a CNI plugin with `CNI_*` env and a config on stdin, and reading its output;
 //! - [`kube_apiserver`]: a stand-in Kubernetes API server (HTTPS, Nodes, watches, faults) for
@@ -12,10 +17,12 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod etcd;
 pub mod kube_apiserver;
 pub mod names;
 pub mod netns;
 pub mod tempdir;
+pub mod topology;
 
 pub use cni::{CniCall, CniOutput};
 pub use names::unique_name;
@@ -32,6 +39,49 @@ pub fn require_root() {
         "Trellis integration tests must run as root (they create network namespaces, links and \
          nftables rules). Run: sudo -E cargo test --workspace"
     );
+}
+
+/// SIGTERM and SIGINT, for the harness's long-running binaries (`trellis-lab`,
+/// `trellis-kube-apiserver`): [`Signals::block`] before any thread starts (threads started after
+/// inherit the mask; children do not, `std::process::Command` resets it), then
+/// [`Signals::wait`].
+pub struct Signals(libc::sigset_t);
+
+impl Signals {
+    pub fn block() -> Signals {
+        // SAFETY: plain signal-set manipulation on a local set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Signals(set)
+        }
+    }
+
+    /// Blocks until one arrives; returns its number.
+    pub fn wait(&self) -> i32 {
+        let mut sig = 0;
+        // SAFETY: an initialized signal set and a valid out pointer.
+        unsafe { libc::sigwait(&self.0, &mut sig) };
+        sig
+    }
+}
+
+/// Runs a program and returns its stdout; panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `cmd` (a shell line) and panics with its output if it fails. For test set-up only.

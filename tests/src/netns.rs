@@ -1,30 +1,45 @@
-//! A named network namespace that is deleted when the guard drops, also when the test panics.
+//! The tests' network namespace guard: a uniquely named namespace, deleted when the guard drops,
+//! also when the test panics. It is the one guard of the test harness, the benches and the lab;
+//! it makes and removes namespaces with `trellis_net::netns` (a bind mount on
+//! `/run/netns/NAME`, as `ip netns add` does, without forking), so `ip netns exec NAME` and
+//! `ip -n NAME` work on it as on any named namespace.
 
 use crate::names::unique_name;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use trellis_net::netns::{create_named, delete_named};
 
+#[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    path: PathBuf,
 }
 
 impl Netns {
     /// Creates `/run/netns/<prefix><unique>` with loopback up.
     pub fn new(prefix: &str) -> Netns {
-        let name = unique_name(prefix);
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip")
-            .success();
-        assert!(ok, "ip netns add {name} failed");
-        let ns = Netns { name };
+        Netns::named(unique_name(prefix))
+    }
+
+    /// Creates `/run/netns/NAME` with loopback up; for names that must be known outside this
+    /// process (the lab's). Fails if it exists.
+    pub fn named(name: String) -> Netns {
+        if let Err(e) = create_named(&name) {
+            panic!("creating network namespace {name}: {e}");
+        }
+        let path = PathBuf::from("/run/netns").join(&name);
+        let ns = Netns { name, path };
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
         ns
     }
 
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+    /// `/run/netns/NAME`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Runs a command inside the namespace.
@@ -47,10 +62,22 @@ impl Netns {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// `ip -n NAME ARGS...`; panics if it fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        crate::run("ip", &[&["-n", &self.name], args].concat())
+    }
+
+    /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward=1`).
+    pub fn sysctl(&self, setting: &str) {
+        self.exec_ok(&["sysctl", "-qw", setting]);
+    }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        if let Err(e) = delete_named(&self.name) {
+            eprintln!("trellis-tests: leaving network namespace {} behind: {e}", self.name);
+        }
     }
 }

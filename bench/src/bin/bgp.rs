@@ -305,7 +305,7 @@ fn mesh_converged(c: &Cluster, t0: Instant, every: Duration) -> Result<Duration,
     let mut worst = Duration::ZERO;
     for node in &c.nodes {
         let w = Wait {
-            ns: &node.ns.path(),
+            ns: node.ns.path(),
             proto: PROTO_TRELLIS,
             n,
             base: None,
@@ -373,7 +373,7 @@ fn main() {
         c.nodes[0].ns.exec_ok(&["ip", "route", "del", &prefix, "proto", "117"]);
         let t0 = Instant::now();
         let w = Wait {
-            ns: &node1,
+            ns: node1,
             proto: PROTO_TRELLIS,
             n: 2,
             base: None,
@@ -397,7 +397,7 @@ fn main() {
             let mut good = true;
             for ns in [pair.a.path(), pair.b.path()] {
                 let w = Wait {
-                    ns: &ns,
+                    ns,
                     proto: PROTO_BIRD,
                     n: 1,
                     base: None,
@@ -423,7 +423,7 @@ fn main() {
         pair.start(&statics, &["10.202.0.0/24".into()], true);
         let bpath = pair.b.path();
         let w1 = Wait {
-            ns: &bpath,
+            ns: bpath,
             proto: PROTO_BIRD,
             n: 1,
             base: None,
@@ -440,7 +440,7 @@ fn main() {
             let t0 = Instant::now();
             birdc(&d, "a", &["configure"]);
             let w = Wait {
-                ns: &bpath,
+                ns: bpath,
                 proto: PROTO_BIRD,
                 n: statics.len(),
                 base: None,
@@ -513,12 +513,12 @@ fn main() {
         )
     };
     std::fs::write(dir.path().join("r.conf"), rr(&statics)).expect("bird config");
-    let base = fib_prefixes_in(&node);
-    let before = count_in(&node, PROTO_TRELLIS);
+    let base = fib_prefixes_in(node);
+    let before = count_in(node, PROTO_TRELLIS);
     let t0 = Instant::now();
     let bird = start_bird(&c.underlay.name, dir.path(), "r");
     let w = Wait {
-        ns: &node,
+        ns: node,
         proto: PROTO_TRELLIS,
         n: before + n,
         base: Some(base),
@@ -536,11 +536,11 @@ fn main() {
         statics.push(format!("10.250.{k}.0/24"));
         std::fs::write(dir.path().join("r.conf"), rr(&statics)).expect("bird config");
         std::thread::sleep(Duration::from_millis(300));
-        let now = fib_prefixes_in(&node);
+        let now = fib_prefixes_in(node);
         let t0 = Instant::now();
         birdc(dir.path(), "r", &["configure"]);
         let w = Wait {
-            ns: &node,
+            ns: node,
             proto: PROTO_TRELLIS,
             n: before + n + k + 1,
             base: None,
@@ -558,7 +558,7 @@ fn main() {
 
     // BIRD → BIRD, same routes.
     let mut pair = Pair::new();
-    let bpath = pair.b.path();
+    let bpath = pair.b.path().to_path_buf();
     let base = fib_prefixes_in(&bpath);
     let t0 = pair.start(&statics, &[], true);
     let w = Wait {

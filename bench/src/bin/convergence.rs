@@ -39,17 +39,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use trellis_bench::{cleanup, fib_prefixes, median, runtime};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{NeighbourState, Netlink, RouteFilter};
-use trellis_tests::cluster::Proc;
+use trellis_tests::etcd::Etcd;
+use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{sh, Netns, TempDir};
 
 /// Name prefixes of what the benchmark creates, for the panic clean-up.
+/// The test topology's tag: its namespaces are `bcu…` (underlay) and `bcn…` (the node).
+const TOPOLOGY_TAG: &str = "bc";
 const UNDERLAY_NS: &str = "bcu";
 const NODE_NS: &str = "bcn";
 const BATCH_NS: &str = "bcb";
 const DIR: &str = "bench";
 
 const ETCD_IP: &str = "172.31.0.1";
-const NODE_IP: &str = "172.31.0.2";
+/// The node's address in the test topology (node 1: `.11`).
+const NODE_IP: &str = "172.31.0.11";
 const PREFIX: &str = "/trellis/leases/";
 const DEVICE: &str = "trellis.1";
 const PROTO: u8 = 117;
@@ -224,7 +228,7 @@ async fn counts(nl: &Netlink) -> Counts {
 
 /// Exact counts in the namespace `ns`.
 fn counts_in(ns: &Netns) -> Counts {
-    trellis_net::netns::run_in(&ns.path(), || {
+    trellis_net::netns::run_in(ns.path(), || {
         let rt = runtime();
         rt.block_on(async { counts(&Netlink::connect().expect("netlink")).await })
     })
@@ -289,7 +293,7 @@ fn ip_batch(remotes: &[Remote], dir: &Path, mode: Mode) -> Duration {
 fn load_etcd(underlay: &Netns, remotes: &[Remote]) -> Duration {
     // The client's sockets must be made inside the underlay namespace: the whole runtime lives
     // on a thread that entered it.
-    trellis_net::netns::run_in(&underlay.path(), || {
+    trellis_net::netns::run_in(underlay.path(), || {
         runtime().block_on(async {
             let endpoint = format!("http://{ETCD_IP}:2379");
             let t = Instant::now();
@@ -438,7 +442,7 @@ fn find_named(pid: u32, name: &str) -> Option<u32> {
 
 /// `/metrics` of the daemon in the node namespace.
 fn metrics(node: &Netns) -> String {
-    trellis_net::netns::run_in(&node.path(), || {
+    trellis_net::netns::run_in(node.path(), || {
         let mut s = TcpStream::connect("127.0.0.1:9909").ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut text = String::new();
@@ -499,7 +503,7 @@ fn timed<T>(
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<Instant>();
         let poller = scope.spawn(move || {
-            trellis_net::netns::run_in(&node.path(), move || {
+            trellis_net::netns::run_in(node.path(), move || {
                 let base = fib_prefixes();
                 let rt = runtime();
                 let nl = rt.block_on(async { Netlink::connect() }).expect("netlink");
@@ -548,20 +552,11 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize, mode: Mode) -> Trial
     let n = remotes.len();
     // Dropped in this order: the daemon and etcd before the namespaces they run in.
     let dir = TempDir::new(DIR);
-    let underlay = Netns::new(UNDERLAY_NS);
-    let node = Netns::new(NODE_NS);
-    let u = &underlay.name;
-    let peer: String = format!("ul{}", &node.name[3..]).chars().take(15).collect();
-    sh(&format!(
-        "ip -n {u} link add ulbr0 type bridge && ip -n {u} addr add {ETCD_IP}/16 dev ulbr0 && \
-         ip -n {u} link set ulbr0 up && \
-         ip link add {peer} netns {u} type veth peer name ul0 netns {nn} && \
-         ip -n {u} link set {peer} master ulbr0 up && \
-         ip -n {nn} addr add {NODE_IP}/16 dev ul0 && ip -n {nn} link set ul0 up && \
-         ip -n {nn} route add default via {ETCD_IP}",
-        nn = node.name
-    ));
-    let etcd = start_etcd(&underlay, dir.path());
+    let Topology { underlay, nodes, .. } =
+        Topology::new(TOPOLOGY_TAG, 1, Spec::v4("172.31.0").v4_len(16).default_route());
+    let node = nodes.into_iter().next().expect("one node");
+    assert_eq!(node_address(&node), NODE_IP);
+    let etcd = Etcd::start_in(&underlay, ETCD_IP, dir.path());
     let load = load_etcd(&underlay, remotes);
 
     let conf = dir.path().join("net-conf.json");
@@ -650,8 +645,15 @@ fn trellisd_trial(o: &Opts, remotes: &[Remote], run: usize, mode: Mode) -> Trial
     }
 }
 
-fn start_etcd(underlay: &Netns, dir: &Path) -> Proc {
-    trellis_tests::cluster::spawn_etcd(underlay, ETCD_IP, "bc", dir)
+/// The node's IPv4 underlay address, as the topology gave it.
+fn node_address(node: &Netns) -> String {
+    let out = node.ip(&["-4", "-o", "addr", "show", "dev", "ul0"]);
+    let word = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or_default();
+    word.split('/').next().unwrap_or_default().to_string()
 }
 
 fn secs(d: Duration) -> String {

@@ -5,7 +5,7 @@
 //!   (`trellis_tests::cluster::Cluster`): an underlay namespace with a bridge and etcd, two node
 //!   namespaces running `trellisd` (VXLAN, VNI 1, port 8472; `--cni-mode bridge` or `routed`),
 //!   one pod per node wired by the `trellis` plugin with the CNI config trellisd wrote.
-//! - by hand: the same underlay (bridge, veths, `192.168.200.0/24`), per node a VXLAN device
+//! - by hand: the same underlay (`trellis_tests::topology`, `192.168.200.0/24`), per node a VXLAN device
 //!   with the same VNI, port, MTU (1450) and `nolearning`, a veth "pod" (MTU 1450) routed by the
 //!   node, and per remote node the same three objects trellisd programs: an onlink route via the
 //!   remote VTEP, a permanent neighbour and an FDB entry. No bridge on the pod side: the plain
@@ -35,6 +35,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use trellis_bench::{cleanup, median};
 use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{sh, Netns};
 
 /// Name prefixes of what this benchmark creates (the cluster harness's, and ours), for the
@@ -90,7 +91,8 @@ enum Attach {
 struct Manual {
     pods: Vec<Netns>,
     nodes: Vec<Netns>,
-    underlay: Netns,
+    /// Held only to be dropped last.
+    _underlay: Netns,
 }
 
 /// Node i's (1, 2) pod subnet `10.245.i.0/24`: VTEP `.0`, node side of the pod's veth `.1`,
@@ -104,28 +106,18 @@ fn manual_mac(i: usize) -> String {
 }
 
 fn manual(attach: Attach) -> Manual {
-    let underlay = Netns::new("bdu");
-    let u = &underlay.name;
-    sh(&format!(
-        "ip -n {u} link add ulbr0 type bridge && ip -n {u} addr add {UNDERLAY}.1/24 dev ulbr0 && \
-         ip -n {u} link set ulbr0 up"
-    ));
+    let Topology { underlay, nodes, .. } = Topology::new("bd", 2, Spec::v4(UNDERLAY));
     let mut m = Manual {
         pods: Vec::new(),
         nodes: Vec::new(),
-        underlay,
+        _underlay: underlay,
     };
-    for i in 1..=2 {
-        let node = Netns::new("bdn");
+    for (i, node) in (1..=2).zip(nodes) {
         let pod = Netns::new("bdp");
-        let (u, n, p) = (&m.underlay.name, &node.name, &pod.name);
-        let peer: String = format!("ul{i}x{}", &n[3..]).chars().take(15).collect();
+        let (n, p) = (&node.name, &pod.name);
         let s = manual_subnet(i);
         sh(&format!(
-            "ip link add {peer} netns {u} type veth peer name ul0 netns {n} && \
-             ip -n {u} link set {peer} master ulbr0 up && \
-             ip -n {n} addr add {UNDERLAY}.{ip}/24 dev ul0 && ip -n {n} link set ul0 up && \
-             ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && \
+            "ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 && \
              ip -n {n} link add {DEVICE} mtu 1450 address {mac} type vxlan id 1 local {UNDERLAY}.{ip} \
              dev ul0 dstport 8472 nolearning && \
              ip -n {n} addr add {s}.0/32 dev {DEVICE} noprefixroute && ip -n {n} link set {DEVICE} up && \

@@ -1,9 +1,9 @@
-//! BIRD 2 and a small underlay for the BGP speaker's tests.
+//! BIRD 2 on the test topology (`trellis_tests::topology`), for the BGP speaker's tests.
 //!
 //! ```text
 //!   node ns N (ul0 192.168.77.1N/24, fd00:77::1N/64)  — a trellisd BGP speaker (in-process)
 //!     │ veth ul0 <-> uN
-//!   underlay ns (bridge br0 192.168.77.1/24, fd00:77::1/64) — BIRD runs here
+//!   underlay ns (bridge ulbr0 192.168.77.1/24, fd00:77::1/64) — BIRD runs here
 //! ```
 //!
 //! Every namespace is a guard (unique name, deleted on drop, also on panic); BIRD is killed
@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{Netns, TempDir};
 use trellisd::bgp::{BgpConfig, LearnedRoute, PeerConfig, Routes, Speaker};
 use trellisd::metrics::Metrics;
@@ -53,71 +54,29 @@ pub fn log_to_test_output() {
 pub struct Lab {
     /// First: BIRD is killed before the namespaces go.
     pub bird: Option<Bird>,
-    pub nodes: Vec<Netns>,
-    pub underlay: Netns,
+    pub net: Topology,
     pub dir: TempDir,
 }
 
 impl Lab {
-    /// The underlay and `n` node namespaces (nodes numbered from 1).
+    /// The underlay (BIRD's addresses on its bridge) and `n` node namespaces (from 1), dual
+    /// stack.
     pub fn new(n: usize) -> Lab {
-        trellis_tests::require_root();
         log_to_test_output();
         let dir = TempDir::new("bgp");
-        let underlay = Netns::new("tbgu");
-        nodad(&underlay);
-        underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-        underlay.exec_ok(&["ip", "addr", "add", &format!("{BIRD_V4}/24"), "dev", "br0"]);
-        underlay.exec_ok(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{BIRD_V6}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ]);
-        underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
-        let mut nodes = Vec::new();
-        for i in 1..=n {
-            let ns = Netns::new("tbgn");
-            nodad(&ns);
-            trellis_tests::sh(&format!(
-                "ip link add u{i} netns {u} type veth peer name ul0 netns {n}",
-                u = underlay.name,
-                n = ns.name
-            ));
-            underlay.exec_ok(&["ip", "link", "set", &format!("u{i}"), "master", "br0", "up"]);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{}/24", node_v4(i)), "dev", "ul0"]);
-            ns.exec_ok(&[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", node_v6(i)),
-                "dev",
-                "ul0",
-                "nodad",
-            ]);
-            ns.exec_ok(&["ip", "link", "set", "ul0", "up"]);
-            nodes.push(ns);
-        }
-        Lab {
-            bird: None,
-            nodes,
-            underlay,
-            dir,
-        }
+        let net = Topology::new("tbg", n, Spec::v4("192.168.77").dual_stack("fd00:77::"));
+        assert_eq!(net.gateway4().to_string(), BIRD_V4);
+        assert_eq!(net.node_ip6(1), Some(node_v6(1)));
+        Lab { bird: None, net, dir }
     }
 
     pub fn node(&self, i: usize) -> &Netns {
-        &self.nodes[i - 1]
+        self.net.node(i)
     }
 
     /// Starts BIRD in the underlay namespace with `conf`.
     pub fn start_bird(&mut self, conf: &BirdConf) {
-        self.bird = Some(Bird::start(&self.underlay, self.dir.path(), &conf.render()));
+        self.bird = Some(Bird::start(&self.net.underlay, self.dir.path(), &conf.render()));
     }
 
     pub fn bird(&self) -> &Bird {
@@ -132,7 +91,7 @@ impl Lab {
         cfg.connect_retry = Duration::from_secs(1);
         cfg.graceful_restart_secs = 30;
         cfg.import_within = vec![CLUSTER_V4.parse().unwrap(), CLUSTER_V6.parse().unwrap()];
-        cfg.netns = Some(self.node(i).path());
+        cfg.netns = Some(self.node(i).path().to_path_buf());
         cfg
     }
 
@@ -175,11 +134,6 @@ impl Lab {
         s.set_peers(peers);
         (s, rx)
     }
-}
-
-fn nodad(ns: &Netns) {
-    ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
-    ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
 }
 
 pub fn bird_peer() -> PeerConfig {
@@ -392,7 +346,7 @@ impl Bird {
     }
 
     /// BIRD's routes: prefix → the lines describing it (`unicast [n0 ...] * (100) [i]`,
-    /// `via 192.168.77.11 on br0`).
+    /// `via 192.168.77.11 on ulbr0`).
     pub fn routes(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         let mut current: Option<String> = None;

@@ -1,23 +1,26 @@
-//! A three-node cluster in namespaces for the dataplane tests:
+//! A three-node cluster in namespaces for the dataplane tests, on the test topology
+//! (`trellis_tests::topology`) with a pod per node wired by hand:
 //!
 //! ```text
 //!   pod ns (eth0 10.244.N.2/24, fd00:244:N::2/64)
 //!     │ veth
 //!   node ns "node-N" (vp0 10.244.N.1/24; ul0 192.168.77.1N/24; trellis.1 made by the Dataplane)
 //!     │ veth ul0 <-> uN
-//!   underlay ns (bridge br0 joining u1, u2, u3)
+//!   underlay ns (bridge ulbr0 192.168.77.1 joining u1, u2, u3)
 //! ```
 //!
-//! Every namespace is a `NetnsGuard` (unique name, deleted on drop, also on panic); nothing is
-//! done in the caller's namespace.
+//! Every namespace is a `trellis_tests::Netns` (unique name, deleted on drop, also on panic);
+//! nothing is done in the caller's namespace.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use trellis_net::netns::{run_in, NetnsGuard, NetnsRef};
-use trellis_net::{sysctl, AddressOptions, BridgeConfig, Netlink, Route, VethConfig};
+use trellis_net::netns::{run_in, NetnsRef};
+use trellis_net::{sysctl, AddressOptions, Netlink, Route, VethConfig};
+use trellis_tests::topology::{Spec, Topology, NODE_LINK};
+use trellis_tests::Netns;
 use trellisd::config::{Backend, ChecksumOffload};
 use trellisd::lease::Lease;
 use trellisd::metrics::Metrics;
@@ -37,8 +40,8 @@ pub fn vxlan(direct_routing: bool) -> Backend {
 
 pub struct Node {
     pub name: String,
-    pub ns: NetnsGuard,
-    pub pod: NetnsGuard,
+    pub ns: Netns,
+    pub pod: Netns,
     pub nl: Netlink,
     pub underlay: Underlay,
     pub pod_ip4: IpAddr,
@@ -104,45 +107,42 @@ impl Node {
 }
 
 pub struct Cluster {
-    pub underlay: NetnsGuard,
     pub nodes: Vec<Node>,
+    pub underlay: Netns,
 }
 
 /// Three nodes (`node-1..3`) with a pod each; IPv6 pod CIDRs too when `dual_stack`.
-pub async fn cluster(tag: &str, dual_stack: bool) -> Cluster {
-    trellis_tests::require_root();
-    let underlay = NetnsGuard::create(&format!("tdp-{tag}-ul")).unwrap();
-    let unl = Netlink::connect_in(underlay.path()).unwrap();
-    let br = unl.create_bridge(&BridgeConfig::new("br0")).await.unwrap();
-    unl.set_link_up(br.index).await.unwrap();
+pub async fn cluster(dual_stack: bool) -> Cluster {
+    build(dual_stack, false).await
+}
+
+/// [`cluster`], with the last node moved onto a second underlay subnet (`192.168.78.0/24`) behind
+/// the underlay namespace as router (`192.168.77.1`, `192.168.78.1`, every node's default
+/// route): that node is then off the others' L2 subnet and reachable only through a router that
+/// knows nothing of pod addresses (`Topology::put_last_node_behind_a_router`).
+pub async fn cluster_behind_router(dual_stack: bool) -> Cluster {
+    build(dual_stack, true).await
+}
+
+async fn build(dual_stack: bool, behind_router: bool) -> Cluster {
+    let mut net = Topology::new("tdp", 3, Spec::v4("192.168.77"));
+    if behind_router {
+        net.put_last_node_behind_a_router();
+    }
+    let addresses: Vec<IpAddr> = (1..=3).map(|i| net.node_ip4(i)).collect();
+    let Topology {
+        underlay, nodes: nss, ..
+    } = net;
     let mut nodes = Vec::new();
-    for i in 1..=3u8 {
-        let ns = NetnsGuard::create(&format!("tdp-{tag}-n{i}")).unwrap();
-        let pod = NetnsGuard::create(&format!("tdp-{tag}-p{i}")).unwrap();
+    for ((i, ns), ip) in (1..=3u8).zip(nss).zip(addresses) {
+        let pod = Netns::new("tdpp");
         // IPv6 addresses (link-local ones too) usable at once, without a second of DAD.
-        for ns in [&ns, &pod] {
-            run_in(ns.path(), || {
-                sysctl::write("net.ipv6.conf.all.accept_dad", "0").unwrap();
-                sysctl::write("net.ipv6.conf.default.accept_dad", "0").unwrap();
-            })
-            .unwrap();
-        }
+        pod.sysctl("net.ipv6.conf.all.accept_dad=0");
+        pod.sysctl("net.ipv6.conf.default.accept_dad=0");
         let nl = Netlink::connect_in(ns.path()).unwrap();
         let pnl = Netlink::connect_in(pod.path()).unwrap();
-
-        // Underlay: uN in the bridge namespace, ul0 in the node.
-        let port = unl
-            .create_veth(&VethConfig::new(&format!("u{i}"), "ul0").peer_netns(NetnsRef::Path(ns.path())))
-            .await
-            .unwrap();
-        unl.set_link_master(port.index, br.index).await.unwrap();
-        unl.set_link_up(port.index).await.unwrap();
-        let ul0 = nl.link_by_name("ul0").await.unwrap().unwrap();
-        let prefix: ipnetwork::IpNetwork = format!("192.168.77.1{i}/24").parse().unwrap();
-        nl.add_address(ul0.index, prefix).await.unwrap();
-        nl.set_link_up(ul0.index).await.unwrap();
-        let lo = nl.link_by_name("lo").await.unwrap().unwrap();
-        nl.set_link_up(lo.index).await.unwrap();
+        let ul0 = nl.link_by_name(NODE_LINK).await.unwrap().unwrap();
+        let prefix = ipnetwork::IpNetwork::new(ip, 24).unwrap();
 
         // The pod: eth0 in its namespace, vp0 in the node as its gateway.
         let mut cidrs: Vec<ipnetwork::IpNetwork> = vec![format!("10.244.{i}.0/24").parse().unwrap()];
@@ -201,7 +201,7 @@ pub async fn cluster(tag: &str, dual_stack: bool) -> Cluster {
             name: format!("node-{i}"),
             underlay: Underlay {
                 index: ul0.index,
-                name: "ul0".into(),
+                name: NODE_LINK.into(),
                 ip: prefix.ip(),
                 prefix,
                 mtu: ul0.mtu,
@@ -215,7 +215,7 @@ pub async fn cluster(tag: &str, dual_stack: bool) -> Cluster {
             nexthop_objects: true,
         });
     }
-    Cluster { underlay, nodes }
+    Cluster { nodes, underlay }
 }
 
 impl Cluster {
@@ -257,17 +257,7 @@ pub async fn start(cluster: &Cluster, backend: &Backend) -> (Vec<Dataplane>, BTr
     (dps, leases)
 }
 
-/// Runs a program and returns its stdout; panics with its output if it fails.
-pub fn run(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use trellis_tests::run;
 
 /// Whether `from`'s pod reaches `to` within about three seconds (the first packets may wait
 /// for neighbour resolution on the way).
@@ -310,51 +300,10 @@ pub async fn fired(rx: &mut tokio::sync::mpsc::Receiver<()>, secs: u64) -> bool 
     )
 }
 
-/// Moves the last node onto a second underlay subnet (`192.168.78.0/24`, bridge `br1`) and
-/// makes the underlay namespace the router between the two (`192.168.77.1`, `192.168.78.1`,
-/// every node's default route): that node is then off the others' L2 subnet and reachable only
-/// through the router, which knows nothing of pod addresses. Call before creating dataplanes.
-pub async fn put_last_node_behind_a_router(cluster: &mut Cluster) {
-    let unl = Netlink::connect_in(cluster.underlay.path()).unwrap();
-    let br0 = unl.link_by_name("br0").await.unwrap().unwrap();
-    unl.add_address(br0.index, "192.168.77.1/24".parse().unwrap())
-        .await
-        .unwrap();
-    let br1 = unl.create_bridge(&BridgeConfig::new("br1")).await.unwrap();
-    unl.set_link_up(br1.index).await.unwrap();
-    unl.add_address(br1.index, "192.168.78.1/24".parse().unwrap())
-        .await
-        .unwrap();
-    let last = cluster.nodes.len();
-    let port = unl.link_by_name(&format!("u{last}")).await.unwrap().unwrap();
-    unl.set_link_master(port.index, br1.index).await.unwrap();
-    run_in(cluster.underlay.path(), || sysctl::set_ipv4_forwarding(true).unwrap()).unwrap();
-
-    let (far, near) = cluster.nodes.split_last_mut().unwrap();
-    for node in near {
-        node.nl
-            .replace_route(&Route::new("0.0.0.0/0".parse().unwrap()).via("192.168.77.1".parse().unwrap()))
-            .await
-            .unwrap();
-    }
-    let prefix: ipnetwork::IpNetwork = format!("192.168.78.1{last}/24").parse().unwrap();
-    far.nl
-        .del_address(far.underlay.index, far.underlay.prefix)
-        .await
-        .unwrap();
-    far.nl.add_address(far.underlay.index, prefix).await.unwrap();
-    far.nl
-        .replace_route(&Route::new("0.0.0.0/0".parse().unwrap()).via("192.168.78.1".parse().unwrap()))
-        .await
-        .unwrap();
-    far.underlay.ip = prefix.ip();
-    far.underlay.prefix = prefix;
-}
-
 /// Whether this kernel can make IPIP devices (tried in a throw-away namespace); `Err` says why
 /// not, for the skip message.
 pub async fn ipip_support() -> Result<(), String> {
-    let ns = NetnsGuard::create("tdp-ipip-probe").unwrap();
+    let ns = Netns::new("tdpi");
     let nl = Netlink::connect_in(ns.path()).unwrap();
     match nl.create_ipip(&trellis_net::IpipConfig::new("probe0")).await {
         Ok(_) => Ok(()),

@@ -1,6 +1,7 @@
 //! `trellis-kube-apiserver`: the stand-in Kubernetes API server of the test harness
-//! (`trellis_tests::kube_apiserver`) as a process, for the lab (`./lab up --datastore kube`
-//! runs it with `ip netns exec`). It is not a cluster: Nodes only, kept in memory, gone when it
+//! (`trellis_tests::kube_apiserver`) as a process, to point `kubectl` or a hand-started
+//! `trellisd` at (`./lab up --datastore kube` runs the same server in-process). It is not a
+//! cluster: Nodes only, kept in memory, gone when it
 //! exits.
 //!
 //! ```text
@@ -74,33 +75,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     })
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread started after (the server's), so
-/// [`wait_for_signal`] receives them.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-set manipulation on a local set, before any other thread exists.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` is an initialized signal set, `sig` a valid out pointer.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
-}
-
 fn main() {
     let args = parse(std::env::args().skip(1)).unwrap_or_else(|e| {
         eprintln!("trellis-kube-apiserver: {e}\n{USAGE}");
         std::process::exit(2);
     });
-    let signals = block_signals();
+    let signals = trellis_tests::Signals::block();
     let server = ApiServer::start_with(
         None,
         args.listen,
@@ -127,6 +107,6 @@ fn main() {
         server.url(),
         kubeconfig.display()
     );
-    let sig = wait_for_signal(&signals);
+    let sig = signals.wait();
     eprintln!("trellis-kube-apiserver: signal {sig}, stopping");
 }

@@ -151,7 +151,7 @@ impl ApiServer {
             .enable_all()
             .build()
             .expect("a tokio runtime for the stand-in API server");
-        let netns = netns.map(Netns::path);
+        let netns = netns.map(|n| n.path().to_path_buf());
         let listener = server::bind(netns.as_deref(), addr)
             .unwrap_or_else(|e| panic!("stand-in API server: binding {addr} (netns {netns:?}): {e}"));
         let addr = listener.local_addr().expect("the listener's address");
