@@ -3,9 +3,9 @@
 //! over the BGP-learned routes.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+use trellis_tests::bird::Bird;
+use trellis_tests::cluster::{Cluster, UNDERLAY};
 
 fn trellisd() -> PathBuf {
     trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
@@ -49,7 +49,7 @@ fn bgp_full_mesh_every_pod_reaches_every_pod() {
 }
 
 /// BIRD in the underlay namespace as route reflector for `n` nodes (AS 64512).
-fn start_bird_rr(c: &Cluster, n: usize) -> Proc {
+fn start_bird_rr(c: &Cluster, n: usize) -> Bird {
     let mut conf = format!("log stderr all;\nrouter id {UNDERLAY}.1;\nprotocol device {{ }}\n");
     for i in 1..=n {
         conf += &format!(
@@ -59,25 +59,7 @@ fn start_bird_rr(c: &Cluster, n: usize) -> Proc {
             10 + i
         );
     }
-    let dir = c.dir.path();
-    std::fs::write(dir.join("bird.conf"), conf).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &c.underlay.name, "bird", "-f", "-c"])
-        .arg(dir.join("bird.conf"))
-        .arg("-s")
-        .arg(dir.join("bird.ctl"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("bird.log")).unwrap())
-        .spawn()
-        .expect("bird (Debian bird2)");
-    Proc { child }
-}
-
-fn birdc(c: &Cluster, args: &[&str]) -> String {
-    let sock = c.dir.path().join("bird.ctl");
-    let mut argv = vec!["birdc", "-s", sock.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    String::from_utf8_lossy(&c.underlay.exec(&argv).stdout).into_owned()
+    Bird::start(&c.underlay, c.dir.path(), "bird", &conf)
 }
 
 #[test]
@@ -91,7 +73,7 @@ fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
         &trellisd(),
         &["--lease-ttl", "10", "--resync", "5"],
     );
-    let _bird = start_bird_rr(&c, 3);
+    let bird = start_bird_rr(&c, 3);
     for node in 0..3 {
         c.add_pod(node);
         c.add_pod(node);
@@ -100,9 +82,9 @@ fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
     // BIRD's own table holds every node's pod CIDR with that node as next hop.
     let t = Instant::now();
     loop {
-        let table = birdc(&c, &["show", "route", "protocol", "node1"])
-            + &birdc(&c, &["show", "route", "protocol", "node2"])
-            + &birdc(&c, &["show", "route", "protocol", "node3"]);
+        let table = bird.birdc(&["show", "route", "protocol", "node1"])
+            + &bird.birdc(&["show", "route", "protocol", "node2"])
+            + &bird.birdc(&["show", "route", "protocol", "node3"]);
         let all = (0..3).all(|i| {
             let cidr = c.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
                 .as_str()

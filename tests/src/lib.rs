@@ -7,7 +7,7 @@
 //! - [`netns`]: the network namespace guard;
 //! - [`topology`]: the one test topology: an underlay bridge and node namespaces on it (the
 //!   daemon's tests, the benches, [`cluster`] and `./lab` all build on it);
-//! - [`etcd`]: the one etcd launcher;
+//! - [`etcd`]: the one etcd launcher; [`bird`]: the one BIRD launcher;
 //! - [`cluster`]: a whole cluster on a topology: etcd or the stand-in API server, `trellisd` on
 //!   every node, pods wired by the plugin;
 //! - [`tempdir`]: a temporary folder guard;
@@ -15,6 +15,7 @@
 //! - [`kube_apiserver`]: a stand-in Kubernetes API server (HTTPS, Nodes, watches, faults) for
 //!   the daemon's Kubernetes datastore, where no real one can run.
 
+pub mod bird;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;

@@ -24,12 +24,12 @@
 //! (default 10000)).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use trellis_bench::{cleanup, fib_prefixes, runtime};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{Netlink, RouteFilter};
-use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+use trellis_tests::bird::Bird;
+use trellis_tests::cluster::{Cluster, UNDERLAY};
 use trellis_tests::{Netns, TempDir};
 
 /// Name prefixes of what the benchmark creates, for the panic clean-up (the harness's too).
@@ -153,12 +153,9 @@ const SHORT_TIMERS: &str =
 
 /// One BIRD: iBGP to `neighbor`, exporting `statics` (blackholes, next hop self); with `kernel`,
 /// the BGP-learned routes go into the kernel's main table.
-fn bird_conf(local: &str, neighbor: &str, statics: &[String], short: bool, kernel: bool, log: &Path) -> String {
+fn bird_conf(local: &str, neighbor: &str, statics: &[String], short: bool, kernel: bool) -> String {
     let scan = if short { "scan time 1;" } else { "" };
-    let mut c = format!(
-        "log \"{}\" all;\nrouter id {local};\nprotocol device {{ {scan} }}\n",
-        log.display()
-    );
+    let mut c = format!("log stderr all;\nrouter id {local};\nprotocol device {{ {scan} }}\n");
     if kernel {
         c += &format!("protocol kernel {{ {scan} ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n");
     }
@@ -175,33 +172,9 @@ fn bird_conf(local: &str, neighbor: &str, statics: &[String], short: bool, kerne
     c
 }
 
-/// BIRD in `ns` with the config at `dir/name.conf` (control socket `dir/name.ctl`).
-fn start_bird(ns: &str, dir: &Path, name: &str) -> Proc {
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, "bird", "-f", "-c"])
-        .arg(dir.join(format!("{name}.conf")))
-        .arg("-s")
-        .arg(dir.join(format!("{name}.ctl")))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).expect("bird stderr"))
-        .spawn()
-        .expect("bird (Debian bird2)");
-    Proc { child }
-}
-
-fn birdc(dir: &Path, name: &str, args: &[&str]) -> String {
-    let out = Command::new("birdc")
-        .arg("-s")
-        .arg(dir.join(format!("{name}.ctl")))
-        .args(args)
-        .output()
-        .expect("birdc");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Two namespaces on a veth pair (A `172.30.0.1/30`, B `.2`), a BIRD in each.
 struct Pair {
-    birds: Vec<Proc>,
+    birds: Vec<Bird>,
     a: Netns,
     b: Netns,
     dir: TempDir,
@@ -225,18 +198,16 @@ impl Pair {
         }
     }
 
-    fn write(&self, name: &str, conf: &str) {
-        std::fs::write(self.dir.path().join(format!("{name}.conf")), conf).expect("bird config");
-    }
-
     /// Writes both configs and starts both BIRDs; returns the instant before the first start.
     fn start(&mut self, a_statics: &[String], b_statics: &[String], short: bool) -> Instant {
         let d = self.dir.path();
-        self.write("a", &bird_conf(PA, PB, a_statics, short, true, &d.join("a.log")));
-        self.write("b", &bird_conf(PB, PA, b_statics, short, true, &d.join("b.log")));
+        let (a, b) = (
+            bird_conf(PA, PB, a_statics, short, true),
+            bird_conf(PB, PA, b_statics, short, true),
+        );
         let t0 = Instant::now();
-        self.birds.push(start_bird(&self.a.name, d, "a"));
-        self.birds.push(start_bird(&self.b.name, d, "b"));
+        self.birds.push(Bird::launch(&self.a, d, "a", &a));
+        self.birds.push(Bird::launch(&self.b, d, "b", &b));
         t0
     }
 
@@ -434,11 +405,10 @@ fn main() {
         ok(wait(&w1, Instant::now()), "BIRD pair before change", &mut errors);
         for k in 0..o.runs.max(5) {
             statics.push(format!("10.203.{k}.0/24"));
-            let d = pair.dir.path().to_path_buf();
-            pair.write("a", &bird_conf(PA, PB, &statics, true, true, &d.join("a.log")));
+            let conf = bird_conf(PA, PB, &statics, true, true);
             std::thread::sleep(Duration::from_millis(200));
             let t0 = Instant::now();
-            birdc(&d, "a", &["configure"]);
+            pair.birds[0].reconfigure(&conf);
             let w = Wait {
                 ns: bpath,
                 proto: PROTO_BIRD,
@@ -509,14 +479,12 @@ fn main() {
             statics,
             true,
             false,
-            &dir.path().join("r.log"),
         )
     };
-    std::fs::write(dir.path().join("r.conf"), rr(&statics)).expect("bird config");
     let base = fib_prefixes_in(node);
     let before = count_in(node, PROTO_TRELLIS);
     let t0 = Instant::now();
-    let bird = start_bird(&c.underlay.name, dir.path(), "r");
+    let bird = Bird::launch(&c.underlay, dir.path(), "r", &rr(&statics));
     let w = Wait {
         ns: node,
         proto: PROTO_TRELLIS,
@@ -534,11 +502,11 @@ fn main() {
     let mut t_big_change = Vec::new();
     for k in 0..o.runs {
         statics.push(format!("10.250.{k}.0/24"));
-        std::fs::write(dir.path().join("r.conf"), rr(&statics)).expect("bird config");
+        let conf = rr(&statics);
         std::thread::sleep(Duration::from_millis(300));
         let now = fib_prefixes_in(node);
         let t0 = Instant::now();
-        birdc(dir.path(), "r", &["configure"]);
+        bird.reconfigure(&conf);
         let w = Wait {
             ns: node,
             proto: PROTO_TRELLIS,
@@ -574,12 +542,11 @@ fn main() {
     let mut b_big_change = Vec::new();
     for k in 0..o.runs {
         statics.push(format!("10.250.{k}.0/24"));
-        let d = pair.dir.path().to_path_buf();
-        pair.write("a", &bird_conf(PA, PB, &statics, true, true, &d.join("a.log")));
+        let conf = bird_conf(PA, PB, &statics, true, true);
         std::thread::sleep(Duration::from_millis(300));
         let now = fib_prefixes_in(&bpath);
         let t0 = Instant::now();
-        birdc(&d, "a", &["configure"]);
+        pair.birds[0].reconfigure(&conf);
         let w = Wait {
             ns: &bpath,
             proto: PROTO_BIRD,

@@ -8,13 +8,11 @@
 //!
 //! Every namespace is a guard (unique name, deleted on drop, also on panic); BIRD is killed
 //! before its namespace goes. Nothing runs outside the namespaces the test made.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+pub use trellis_tests::bird::{bird_has, Bird};
 use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{Netns, TempDir};
 use trellisd::bgp::{BgpConfig, LearnedRoute, PeerConfig, Routes, Speaker};
@@ -76,7 +74,7 @@ impl Lab {
 
     /// Starts BIRD in the underlay namespace with `conf`.
     pub fn start_bird(&mut self, conf: &BirdConf) {
-        self.bird = Some(Bird::start(&self.net.underlay, self.dir.path(), &conf.render()));
+        self.bird = Some(Bird::start(&self.net.underlay, self.dir.path(), "bird", &conf.render()));
     }
 
     pub fn bird(&self) -> &Bird {
@@ -259,154 +257,5 @@ impl BirdConf {
             c += &format!("  ipv6 {{ import all; export all; next hop address {BIRD_V6}; }};\n}}\n");
         }
         c
-    }
-}
-
-/// A BIRD process in a namespace, killed on drop.
-pub struct Bird {
-    child: Option<Child>,
-    ns: String,
-    pub conf: PathBuf,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Bird {
-    pub fn start(ns: &Netns, dir: &Path, conf: &str) -> Bird {
-        let conf_path = dir.join("bird.conf");
-        std::fs::write(&conf_path, conf).expect("write bird.conf");
-        let mut b = Bird {
-            child: None,
-            ns: ns.name.clone(),
-            conf: conf_path,
-            socket: dir.join("bird.ctl"),
-            log: dir.join("bird.log"),
-        };
-        b.spawn(false);
-        b
-    }
-
-    /// `recovery`: `bird -R`, graceful-restart recovery (the R bit).
-    pub fn spawn(&mut self, recovery: bool) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("bird log");
-        let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, "bird", "-f", "-c"])
-            .arg(&self.conf)
-            .arg("-s")
-            .arg(&self.socket)
-            .arg("-P")
-            .arg(self.socket.with_extension("pid"));
-        if recovery {
-            cmd.arg("-R");
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("run bird (Debian package bird2)");
-        self.child = Some(child);
-        let t = Instant::now();
-        while !self.birdc(&["show", "status"]).contains("Daemon is up") {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("bird exited ({status}): {}", self.log_text());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "bird did not start: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM (BIRD closes its sessions with a Cease) or SIGKILL (no goodbye); waits.
-    pub fn stop(&mut self, kill: bool) {
-        if let Some(mut c) = self.child.take() {
-            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, sig) };
-            let _ = c.wait();
-        }
-    }
-
-    pub fn birdc(&self, args: &[&str]) -> String {
-        let out = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run birdc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// BIRD's routes: prefix → the lines describing it (`unicast [n0 ...] * (100) [i]`,
-    /// `via 192.168.77.11 on ulbr0`).
-    pub fn routes(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        let mut current: Option<String> = None;
-        for line in self.birdc(&["show", "route", "all"]).lines() {
-            if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('/') {
-                let mut parts = line.split_whitespace();
-                let prefix = parts.next().unwrap().to_string();
-                out.insert(prefix.clone(), line.to_string());
-                current = Some(prefix);
-            } else if line.starts_with("Table ") || line.trim().is_empty() {
-                current = None;
-            } else if let Some(p) = &current {
-                let e = out.get_mut(p).unwrap();
-                e.push('\n');
-                e.push_str(line.trim());
-            }
-        }
-        out
-    }
-
-    /// How many routes BIRD's tables hold.
-    pub fn count(&self) -> usize {
-        self.birdc(&["show", "route", "count"])
-            .lines()
-            .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
-            .sum()
-    }
-
-    /// Waits until BIRD's routes satisfy `ok`.
-    pub async fn wait_routes(&self, within: Duration, what: &str, ok: impl Fn(&BTreeMap<String, String>) -> bool) {
-        let t = Instant::now();
-        loop {
-            let r = self.routes();
-            if ok(&r) {
-                return;
-            }
-            assert!(
-                t.elapsed() < within,
-                "BIRD: {what}: not within {within:?}; its routes: {r:#?}\nprotocols:\n{}\nlog:\n{}",
-                self.birdc(&["show", "protocols", "all"]),
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Whether BIRD has `prefix` via `gateway` (`via 192.168.77.11`).
-pub fn bird_has(routes: &BTreeMap<String, String>, prefix: &str, gateway: &str) -> bool {
-    routes
-        .get(prefix)
-        .is_some_and(|r| r.contains(&format!("via {gateway} ")) || r.contains(&format!("via {gateway}\n")))
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        self.stop(true);
     }
 }
