@@ -81,6 +81,11 @@ pub struct Args {
     /// config.
     #[arg(long, alias = "no-portmap")]
     pub no_hostport: bool,
+    /// Turn the plugin's anti-spoofing off in the CNI config (`"antiSpoofing": false`): pods
+    /// may then send with any source address and MAC. For clusters whose pods route other
+    /// networks (see docs/security.md); on by default.
+    #[arg(long)]
+    pub no_anti_spoofing: bool,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,

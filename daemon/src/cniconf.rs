@@ -29,6 +29,8 @@ pub struct CniConfOptions {
     pub ipam_data_dir: Option<PathBuf>,
     /// Ask the runtime for pods' hostPorts (the `portMappings` capability).
     pub hostport: bool,
+    /// The plugin's anti-spoofing (`antiSpoofing`).
+    pub anti_spoofing: bool,
 }
 
 /// The version written as `cniVersion`: the newest libcni 1.1 and older know.
@@ -45,6 +47,7 @@ impl Default for CniConfOptions {
             bridge: "cni0".into(),
             ipam_data_dir: None,
             hostport: true,
+            anti_spoofing: true,
         }
     }
 }
@@ -69,6 +72,7 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
         mtu: Some(mtu),
         hairpin_mode: true,
         promisc_mode: false,
+        anti_spoofing: opts.anti_spoofing,
     };
     let mut plugin = serde_json::to_value(fields).expect("plugin fields are JSON");
     plugin["type"] = json!("trellis");

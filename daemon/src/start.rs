@@ -105,6 +105,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         mode: args.cni_mode,
         ipam_data_dir: args.ipam_data_dir.clone(),
         hostport: !args.no_hostport,
+        anti_spoofing: !args.no_anti_spoofing,
         ..Default::default()
     };
     write_cni_conf(&own, dp.pod_mtu(), &opts)?;

@@ -71,11 +71,13 @@
 //! as `rustables`: five kinds of object take a few hundred lines, no new dependency, and the
 //! batch, acknowledgement and errno handling stay in our hands.
 
+mod antispoof;
 mod conn;
 mod error;
 mod hostport;
 mod interval;
 mod objects;
+mod rules;
 mod watch;
 mod wire;
 
@@ -87,6 +89,7 @@ use std::sync::{Mutex, PoisonError};
 
 use ipnetwork::IpNetwork;
 
+pub use antispoof::{AntiSpoof, PodIdentity, PortKind};
 use conn::{Batch, BatchError, Conn};
 pub use error::NftError;
 pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};

@@ -3,7 +3,7 @@
 //! ```json
 //! {"type": "trellis", "mode": "bridge", "bridge": "cni0", "isGateway": true,
 //!  "isDefaultGateway": true, "ipMasq": true, "mtu": 1450, "hairpinMode": false,
-//!  "promiscMode": false, "ipam": {"type": "trellis-ipam", ...}}
+//!  "promiscMode": false, "antiSpoofing": true, "ipam": {"type": "trellis-ipam", ...}}
 //! ```
 //! The names are the reference `bridge` plugin's, so an operator's config works after changing
 //! `type`; the defaults are its defaults too.
@@ -53,10 +53,19 @@ pub struct PluginFields {
     pub hairpin_mode: bool,
     #[serde(default)]
     pub promisc_mode: bool,
+    /// Anti-spoofing (default on): a pod may send only with its own addresses (and, in bridge
+    /// mode, its own MAC, ARP and NDP included). Off for pods that legitimately route other
+    /// addresses (a VPN gateway, a router pod): see docs/security.md.
+    #[serde(default = "yes")]
+    pub anti_spoofing: bool,
 }
 
 fn default_bridge() -> String {
     "cni0".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The validated config the verbs work from.
@@ -72,6 +81,8 @@ pub struct Config {
     pub promisc: bool,
     pub ip_masq: bool,
     pub ipam_type: String,
+    /// Whether pods may send only as themselves ([`PluginFields::anti_spoofing`]).
+    pub anti_spoofing: bool,
     /// hostPorts (`runtimeConfig.portMappings`, the `portMappings` capability), served from
     /// the node's nftables table.
     pub port_mappings: Vec<PortMapping>,
@@ -112,6 +123,7 @@ impl Config {
             promisc: p.promisc_mode,
             ip_masq: conf.ip_masq,
             ipam_type,
+            anti_spoofing: p.anti_spoofing,
             port_mappings: port_mappings(conf.runtime_config.as_ref())?,
         })
     }

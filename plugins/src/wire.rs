@@ -19,7 +19,7 @@ use ipnetwork::IpNetwork;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
-use trellis_net::nft::{HostPorts, Masquerade, MasqueradeConfig, DEFAULT_TABLE};
+use trellis_net::nft::{AntiSpoof, HostPorts, Masquerade, MasqueradeConfig, PodIdentity, PortKind, DEFAULT_TABLE};
 use trellis_net::{
     netns::NetnsRef, sysctl, AddressOptions, BridgeConfig, IpFamily, LinkChange, LinkInfo, NetError, Netlink, Route,
     RouteFilter, RouteScope, VethConfig,
@@ -140,6 +140,9 @@ pub async fn add(
         Mode::Routed => configure_routed_pod(&host, &host_end, &pod, pod_end.index, ipam).await?,
     };
     enable_forwarding(ipam, conf)?;
+    if conf.anti_spoofing {
+        protect(conf, network, env, &host_end, &pod_end, &pod, ipam).await?;
+    }
     if conf.ip_masq {
         masquerade(ipam)?;
     }
@@ -439,6 +442,71 @@ fn map_host_ports(conf: &Config, network: &str, env: &Env, ipam: &CniResult) -> 
     }
 }
 
+/// Anti-spoofing ([`AntiSpoof`]): from now on the pod may send only with its addresses (and
+/// its link-local ones) and, in bridge mode, its MAC.
+///
+/// The link-local address is the EUI-64 one the kernel derives from the MAC by default, plus
+/// any the pod already has (one made with `addr_gen_mode` stable-privacy comes up only once
+/// the veth's carrier is seen, possibly after ADD returns: such a pod should turn its own
+/// mode back to EUI-64 or run with `antiSpoofing: false`).
+async fn protect(
+    conf: &Config,
+    network: &str,
+    env: &Env,
+    host_end: &LinkInfo,
+    pod_end: &LinkInfo,
+    pod: &Netlink,
+    ipam: &CniResult,
+) -> Result<(), CniError> {
+    let guard_error = |e: trellis_net::nft::NftError| CniError::new(code::KERNEL, format!("anti-spoofing: {e}"));
+    let mac = pod_end.mac.map(|m| m.0).unwrap_or_default();
+    let mut ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
+    ips.push(IpAddr::V6(eui64_link_local(mac)));
+    for a in pod.addresses(pod_end.index).await.map_err(kernel)? {
+        if let IpAddr::V6(v6) = a.address.ip() {
+            if v6.is_unicast_link_local() && !ips.contains(&a.address.ip()) {
+                ips.push(a.address.ip());
+            }
+        }
+    }
+    let identity = PodIdentity {
+        port: host_end.name.clone(),
+        kind: match conf.mode {
+            Mode::Bridge => PortKind::Bridged,
+            Mode::Routed => PortKind::Routed,
+        },
+        mac,
+        ips,
+    };
+    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    AntiSpoof::new(DEFAULT_TABLE)
+        .and_then(|g| g.protect(&owner, &identity))
+        .map_err(guard_error)
+}
+
+/// `fe80::/64` with the modified EUI-64 interface identifier of `mac` (RFC 4291 appendix A).
+fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let m = mac;
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 0x02,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
 /// Removes the attachment's hostPorts, then its host end (and with it the pod end and every
 /// host route through it). Nothing there is success.
 pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
@@ -449,12 +517,16 @@ pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
         .map_err(kernel)
 }
 
-/// Whatever the runtime passes on DEL, the table is asked: the elements carry their owner.
+/// Whatever the runtime passes on DEL, the table is asked: the elements carry their owner
+/// (hostPorts, anti-spoofing).
 fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
     let owner = names::host_alias(network, &env.container_id, &env.ifname);
     HostPorts::new(DEFAULT_TABLE)
         .and_then(|hp| hp.remove(&owner))
-        .map_err(hostport_error)
+        .map_err(hostport_error)?;
+    AntiSpoof::new(DEFAULT_TABLE)
+        .and_then(|g| g.remove(&owner))
+        .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))
 }
 
 /// Undoes a failed ADD: the hostPorts, the host end, and the bridge if this ADD created it and
@@ -542,6 +614,23 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             }
         }
     }
+    if conf.anti_spoofing {
+        let owner = names::host_alias(network, &env.container_id, &env.ifname);
+        let protected = AntiSpoof::new(DEFAULT_TABLE)
+            .and_then(|g| g.owners())
+            .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))?;
+        if !protected.iter().any(|(o, _)| *o == owner) {
+            return Err(mismatch(format!(
+                "{host_name} is not under anti-spoofing protection (set {} of table {DEFAULT_TABLE})",
+                if conf.mode == Mode::Bridge {
+                    "bridge ports"
+                } else {
+                    "inet spoof_ports"
+                }
+            ))
+            .with_details("the node's ruleset was flushed or edited; re-create the pod to restore it"));
+        }
+    }
     let routes = pod.routes(&RouteFilter::default()).await.map_err(kernel)?;
     for r in &prev.routes {
         let found = routes
@@ -584,6 +673,12 @@ pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<
         .into_iter()
         .map(|owner| format!("hostPorts of {owner}"))
         .collect();
+    let unprotected = AntiSpoof::new(DEFAULT_TABLE)
+        .and_then(|g| {
+            g.remove_where(|owner| names::parse_alias(owner, network).is_none_or(|(cid, ifn)| is_valid(cid, ifn)))
+        })
+        .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))?;
+    removed.extend(unprotected.into_iter().map(|owner| format!("anti-spoofing of {owner}")));
     let host = Netlink::connect().map_err(kernel)?;
     for l in host.links().await.map_err(kernel)? {
         if !l.name.starts_with(names::HOST_PREFIX) {

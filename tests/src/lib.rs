@@ -7,6 +7,7 @@
 //! - [`netns`]: the network namespace guard;
 //! - [`topology`]: the one test topology: an underlay bridge and node namespaces on it (the
 //!   daemon's tests, the benches, [`cluster`] and `./lab` all build on it);
+//! - [`forge`]: forged frames from a hostile pod (`AF_PACKET`) and a counting receiver;
 //! - [`etcd`]: the one etcd launcher; [`bird`]: the one BIRD launcher;
 //! - [`cluster`]: a whole cluster on a topology: etcd or the stand-in API server, `trellisd` on
 //!   every node, pods wired by the plugin;
@@ -19,6 +20,7 @@ pub mod bird;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;
+pub mod forge;
 pub mod kube_apiserver;
 pub mod names;
 pub mod netns;

@@ -48,6 +48,7 @@ use std::sync::{Mutex, PoisonError};
 use super::conn::{Batch, Conn};
 use super::interval::Family;
 use super::objects::{expr, header};
+use super::rules::{cmp_eq, concat_type, match_family, payload, verdict, Hook, Table};
 use super::wire::*;
 use super::NftError;
 
@@ -113,9 +114,6 @@ const CHAIN_POST: &str = "hostport_postrouting";
 /// Bump when the rules change, so that an upgrade replaces them.
 const VERSION: &str = "v1";
 
-/// libnftnl's set-element user-data tag for a comment.
-const UDATA_SET_ELEM_COMMENT: u8 = 0;
-
 fn map_name(fam: Family) -> &'static str {
     match fam {
         Family::V4 => "hostport4",
@@ -168,6 +166,13 @@ impl HostPorts {
         })
     }
 
+    fn table(&self) -> Table<'_> {
+        Table {
+            family: NFPROTO_INET,
+            name: &self.table,
+        }
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -192,7 +197,7 @@ impl HostPorts {
             return Ok(());
         }
         self.ensure()?;
-        let t = &self.table;
+        let (t, table) = (&self.table, self.table());
         let mut batch = Batch::default();
         for ip in pod_ips {
             let fam = Family::of(*ip);
@@ -210,13 +215,13 @@ impl HostPorts {
                 .map(|m| format!("{}/{} -> {ip}:{}", m.host_port, m.protocol.name(), m.container_port))
                 .collect();
             batch.push(
-                elems_msg(MsgType::NewSetElem, t, map_name(fam), &elems, Some(owner)),
+                table.elems(MsgType::NewSetElem, map_name(fam), &elems, Some(owner)),
                 format!("adding hostPort {} to map {t} {}", what.join(", "), map_name(fam)),
             );
             let mut pair = addr_bytes(*ip);
             pair.extend(addr_bytes(*ip));
             batch.push(
-                elems_msg(MsgType::NewSetElem, t, hairpin_name(fam), &[(pair, None)], Some(owner)),
+                table.elems(MsgType::NewSetElem, hairpin_name(fam), &[(pair, None)], Some(owner)),
                 format!("adding {ip} . {ip} to set {t} {}", hairpin_name(fam)),
             );
         }
@@ -228,7 +233,7 @@ impl HostPorts {
         let conn = &mut self.conn();
         let mut out = Vec::new();
         for fam in Family::ALL {
-            for (key, data, owner) in self.dump_elems(conn, map_name(fam))? {
+            for (key, data, owner) in self.table().dump_elems(conn, map_name(fam))? {
                 let (Some(proto), Some(data)) = (key.first().and_then(|p| Protocol::from_number(*p)), data) else {
                     continue;
                 };
@@ -257,39 +262,12 @@ impl HostPorts {
     /// Removes every element (mappings and hairpin pairs) whose owner `keep` refuses; returns
     /// the owners removed. Nothing to do (no table, no maps) is success.
     pub fn remove_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, NftError> {
-        let conn = &mut self.conn();
-        let t = &self.table;
-        let mut batch = Batch::default();
-        let mut removed = Vec::new();
-        for fam in Family::ALL {
-            for set in [map_name(fam), hairpin_name(fam)] {
-                let gone: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
-                    .dump_elems(conn, set)?
-                    .into_iter()
-                    .filter(|(_, _, owner)| !keep(owner.as_deref().unwrap_or("")))
-                    .map(|(key, _, owner)| {
-                        removed.push(owner.unwrap_or_default());
-                        (key, None)
-                    })
-                    .collect();
-                if !gone.is_empty() {
-                    batch.push(
-                        elems_msg(MsgType::DelSetElem, t, set, &gone, None),
-                        format!("deleting {} element(s) from {t} {set}", gone.len()),
-                    );
-                }
-            }
-        }
-        removed.sort();
-        removed.dedup();
-        if batch.len() == 0 {
-            return Ok(removed);
-        }
-        match conn.commit(batch).map_err(|e| e.error) {
-            // Someone removed them first (a concurrent DEL of the same pod).
-            Err(e) if e.is_not_found() => Ok(removed),
-            r => r.map(|()| removed),
-        }
+        let table = self.table();
+        let sets: Vec<(Table, &str)> = Family::ALL
+            .into_iter()
+            .flat_map(|fam| [(table, map_name(fam)), (table, hairpin_name(fam))])
+            .collect();
+        super::rules::remove_owned(&mut self.conn(), &sets, keep)
     }
 
     /// Removes `owner`'s mappings and hairpin pairs.
@@ -299,20 +277,12 @@ impl HostPorts {
 
     /// Whether every chain holds exactly our rules (told by their comments), in order.
     fn rules_in_place(&self, conn: &mut Conn) -> Result<bool, NftError> {
-        for (chain, rules) in self.rules() {
-            let t = &self.table;
-            let context = format!("listing chain inet {t} {chain}");
-            let replies = match conn.dump(|| get_rules(t, chain), &context) {
-                Err(e) if e.is_not_found() => return Ok(false),
-                r => r?,
-            };
-            let have: Vec<Option<String>> = replies.iter().map(|r| super::objects::parse_rule_comment(r)).collect();
-            let want: Vec<Option<String>> = rules.iter().map(|(c, _)| Some(c.clone())).collect();
-            if have != want {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        let chains: Vec<(&str, Vec<String>)> = self
+            .rules()
+            .into_iter()
+            .map(|(chain, rules)| (chain, rules.into_iter().map(|(c, _)| c).collect()))
+            .collect();
+        self.table().rules_in_place(conn, &chains)
     }
 
     /// The rules of each chain: (comment, expressions builder).
@@ -349,210 +319,69 @@ impl HostPorts {
 
     /// Table, maps, sets, chains, and each chain's rules replaced by ours.
     fn push_skeleton(&self, batch: &mut Batch) {
-        let t = &self.table;
-        batch.push(super::objects::new_table(t), format!("adding table inet {t}"));
+        let (t, table) = (&self.table, self.table());
+        batch.push(table.new_table(), format!("adding table inet {t}"));
         let mut id = 100;
         for fam in Family::ALL {
             id += 1;
-            batch.push(new_map(t, fam, id), format!("adding map inet {t} {}", map_name(fam)));
+            batch.push(new_map(table, fam, id), format!("adding map inet {t} {}", map_name(fam)));
             id += 1;
             batch.push(
-                new_hairpin_set(t, fam, id),
+                new_hairpin_set(table, fam, id),
                 format!("adding set inet {t} {}", hairpin_name(fam)),
             );
         }
+        let nat = |num, priority| {
+            Some(Hook {
+                num,
+                priority,
+                kind: "nat",
+            })
+        };
         let hooks = [
-            (CHAIN_PRE, Some((NF_INET_PRE_ROUTING, NF_PRI_NAT_DST))),
-            (CHAIN_OUT, Some((NF_INET_LOCAL_OUT, NF_PRI_NAT_DST))),
+            (CHAIN_PRE, nat(NF_INET_PRE_ROUTING, NF_PRI_NAT_DST)),
+            (CHAIN_OUT, nat(NF_INET_LOCAL_OUT, NF_PRI_NAT_DST)),
             (CHAIN_DNAT, None),
-            (CHAIN_POST, Some((NF_INET_POST_ROUTING, NF_PRI_NAT_SRC))),
+            (CHAIN_POST, nat(NF_INET_POST_ROUTING, NF_PRI_NAT_SRC)),
         ];
         for (chain, hook) in hooks {
-            batch.push(new_chain(t, chain, hook), format!("adding chain inet {t} {chain}"));
+            batch.push(table.new_chain(chain, hook), format!("adding chain inet {t} {chain}"));
         }
         for (chain, rules) in self.rules() {
-            batch.push(flush_chain(t, chain), format!("flushing chain inet {t} {chain}"));
+            batch.push(table.flush_chain(chain), format!("flushing chain inet {t} {chain}"));
             for (comment, build) in rules {
                 let context = format!("adding rule to chain inet {t} {chain}: {comment}");
-                batch.push(new_rule(t, chain, &comment, build.as_ref()), context);
+                batch.push(table.new_rule(chain, &comment, build.as_ref()), context);
             }
         }
     }
-
-    /// (key, data, owner) of every element of `set`; none when it does not exist.
-    #[allow(clippy::type_complexity)]
-    fn dump_elems(
-        &self,
-        conn: &mut Conn,
-        set: &str,
-    ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>, Option<String>)>, NftError> {
-        let t = &self.table;
-        let context = format!("listing set {t} {set}");
-        let replies = match conn.dump(|| super::objects::get_set_elems(t, set), &context) {
-            Err(e) if e.is_not_found() => return Ok(Vec::new()),
-            r => r?,
-        };
-        let mut out = Vec::new();
-        for r in &replies {
-            let Some(list) = attr(r, NFTA_SET_ELEM_LIST_ELEMENTS) else {
-                continue;
-            };
-            for (_, elem) in attrs(list).filter(|(ty, _)| *ty == NFTA_LIST_ELEM) {
-                let value = |ty| {
-                    attr(elem, ty)
-                        .and_then(|k| attr(k, NFTA_DATA_VALUE))
-                        .map(<[u8]>::to_vec)
-                };
-                let Some(key) = value(NFTA_SET_ELEM_KEY) else { continue };
-                let owner = attr(elem, NFTA_SET_ELEM_USERDATA).and_then(parse_comment);
-                out.push((key, value(NFTA_SET_ELEM_DATA), owner));
-            }
-        }
-        Ok(out)
-    }
 }
-
-/// The comment in libnftnl's element user data (type, length, NUL-terminated text).
-fn parse_comment(mut udata: &[u8]) -> Option<String> {
-    while let [ty, len, rest @ ..] = udata {
-        let value = rest.get(..*len as usize)?;
-        if *ty == UDATA_SET_ELEM_COMMENT {
-            let text = value.split(|b| *b == 0).next().unwrap_or(&[]);
-            return Some(String::from_utf8_lossy(text).into_owned());
-        }
-        udata = &rest[*len as usize..];
-    }
-    None
-}
-
-fn comment_udata(text: &str) -> Vec<u8> {
-    // The length is one byte: a longer comment is cut (owners are far shorter).
-    let text = &text.as_bytes()[..text.len().min(254)];
-    let mut u = vec![UDATA_SET_ELEM_COMMENT, text.len() as u8 + 1];
-    u.extend_from_slice(text);
-    u.push(0);
-    u
-}
-
-const CREATE: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
-const DELETE: u16 = NLM_F_REQUEST | NLM_F_ACK;
 
 /// `map hostportN { type inet_proto . inet_service : ADDR . inet_service; }`
-fn new_map(table: &str, fam: Family, id: u32) -> Msg {
-    let addr_type = if fam == Family::V4 {
-        NFT_TYPE_IPADDR
-    } else {
-        NFT_TYPE_IP6ADDR
-    };
-    let mut m = Msg::new(MsgType::NewSet, CREATE);
-    m.str(NFTA_SET_TABLE, table)
-        .str(NFTA_SET_NAME, map_name(fam))
-        .u32(NFTA_SET_FLAGS, NFT_SET_MAP)
-        .u32(
-            NFTA_SET_KEY_TYPE,
-            concat_type(NFT_TYPE_INET_PROTOCOL, NFT_TYPE_INET_SERVICE),
-        )
-        .u32(NFTA_SET_KEY_LEN, 8)
-        .u32(NFTA_SET_DATA_TYPE, concat_type(addr_type, NFT_TYPE_INET_SERVICE))
-        .u32(NFTA_SET_DATA_LEN, header(fam).addr_len + 4)
-        .u32(NFTA_SET_ID, id);
-    m
+fn new_map(table: Table, fam: Family, id: u32) -> Msg {
+    let addr_type = header(fam).key_type;
+    table.new_set(
+        map_name(fam),
+        concat_type(&[NFT_TYPE_INET_PROTOCOL, NFT_TYPE_INET_SERVICE]),
+        8,
+        Some((
+            concat_type(&[addr_type, NFT_TYPE_INET_SERVICE]),
+            header(fam).addr_len + 4,
+        )),
+        id,
+    )
 }
 
 /// `set hairpinN { type ADDR . ADDR; }`
-fn new_hairpin_set(table: &str, fam: Family, id: u32) -> Msg {
-    let addr_type = if fam == Family::V4 {
-        NFT_TYPE_IPADDR
-    } else {
-        NFT_TYPE_IP6ADDR
-    };
-    let mut m = Msg::new(MsgType::NewSet, CREATE);
-    m.str(NFTA_SET_TABLE, table)
-        .str(NFTA_SET_NAME, hairpin_name(fam))
-        .u32(NFTA_SET_FLAGS, 0)
-        .u32(NFTA_SET_KEY_TYPE, concat_type(addr_type, addr_type))
-        .u32(NFTA_SET_KEY_LEN, 2 * header(fam).addr_len)
-        .u32(NFTA_SET_ID, id);
-    m
-}
-
-/// nft's type number of a concatenation (`TYPE_BITS` = 6 per field), so `nft list` prints it.
-fn concat_type(a: u32, b: u32) -> u32 {
-    (a << 6) | b
-}
-
-/// A base chain (`hook`: hook number and priority) or a regular one.
-fn new_chain(table: &str, chain: &str, hook: Option<(u32, i32)>) -> Msg {
-    let mut m = Msg::new(MsgType::NewChain, CREATE);
-    m.str(NFTA_CHAIN_TABLE, table).str(NFTA_CHAIN_NAME, chain);
-    if let Some((num, prio)) = hook {
-        m.begin(NFTA_CHAIN_HOOK)
-            .u32(NFTA_HOOK_HOOKNUM, num)
-            .u32(NFTA_HOOK_PRIORITY, prio as u32)
-            .end();
-        m.str(NFTA_CHAIN_TYPE, "nat");
-    }
-    m
-}
-
-fn flush_chain(table: &str, chain: &str) -> Msg {
-    let mut m = Msg::new(MsgType::DelRule, DELETE);
-    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
-    m
-}
-
-fn get_rules(table: &str, chain: &str) -> Msg {
-    let mut m = Msg::new(MsgType::GetRule, NLM_F_REQUEST | NLM_F_DUMP);
-    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
-    m
-}
-
-fn new_rule(table: &str, chain: &str, comment: &str, build: &dyn Fn(&mut Msg)) -> Msg {
-    let mut m = Msg::new(MsgType::NewRule, CREATE | NLM_F_APPEND);
-    m.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain);
-    m.begin(NFTA_RULE_EXPRESSIONS);
-    build(&mut m);
-    m.end();
-    let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, comment.len() as u8 + 1];
-    udata.extend_from_slice(comment.as_bytes());
-    udata.push(0);
-    m.bytes(NFTA_RULE_USERDATA, &udata);
-    m
-}
-
-fn cmp_eq(m: &mut Msg, reg: u32, value: &[u8]) {
-    expr(m, "cmp", |m| {
-        m.u32(NFTA_CMP_SREG, reg).u32(NFTA_CMP_OP, NFT_CMP_EQ);
-        m.begin(NFTA_CMP_DATA).bytes(NFTA_DATA_VALUE, value).end();
-    });
-}
-
-fn match_family(m: &mut Msg, fam: Family) {
-    expr(m, "meta", |m| {
-        m.u32(NFTA_META_KEY, NFT_META_NFPROTO).u32(NFTA_META_DREG, NFT_REG_1);
-    });
-    cmp_eq(m, NFT_REG_1, &[header(fam).nfproto]);
-}
-
-fn payload(m: &mut Msg, reg: u32, base: u32, offset: u32, len: u32) {
-    expr(m, "payload", |m| {
-        m.u32(NFTA_PAYLOAD_DREG, reg)
-            .u32(NFTA_PAYLOAD_BASE, base)
-            .u32(NFTA_PAYLOAD_OFFSET, offset)
-            .u32(NFTA_PAYLOAD_LEN, len);
-    });
-}
-
-fn verdict(m: &mut Msg, code: i32, chain: Option<&str>) {
-    expr(m, "immediate", |m| {
-        m.u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-        m.begin(NFTA_IMMEDIATE_DATA).begin(NFTA_DATA_VERDICT);
-        m.u32(NFTA_VERDICT_CODE, code as u32);
-        if let Some(c) = chain {
-            m.str(NFTA_VERDICT_CHAIN, c);
-        }
-        m.end().end();
-    });
+fn new_hairpin_set(table: Table, fam: Family, id: u32) -> Msg {
+    let addr_type = header(fam).key_type;
+    table.new_set(
+        hairpin_name(fam),
+        concat_type(&[addr_type, addr_type]),
+        2 * header(fam).addr_len,
+        None,
+        id,
+    )
 }
 
 /// `fib daddr type local jump hostports`
@@ -632,31 +461,4 @@ fn hairpin_masquerade(m: &mut Msg, fam: Family) {
     });
     expr(m, "counter", |_| {});
     expr(m, "masq", |_| {});
-}
-
-/// NEWSETELEM or DELSETELEM of (key, data) elements, each with `owner` as its comment.
-fn elems_msg(ty: MsgType, table: &str, set: &str, elems: &[(Vec<u8>, Option<Vec<u8>>)], owner: Option<&str>) -> Msg {
-    let mut m = Msg::new(
-        ty,
-        if matches!(ty, MsgType::NewSetElem) {
-            CREATE
-        } else {
-            DELETE
-        },
-    );
-    m.str(NFTA_SET_ELEM_LIST_TABLE, table).str(NFTA_SET_ELEM_LIST_SET, set);
-    m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-    for (key, data) in elems {
-        m.begin(NFTA_LIST_ELEM);
-        m.begin(NFTA_SET_ELEM_KEY).bytes(NFTA_DATA_VALUE, key).end();
-        if let Some(d) = data {
-            m.begin(NFTA_SET_ELEM_DATA).bytes(NFTA_DATA_VALUE, d).end();
-        }
-        if let Some(o) = owner {
-            m.bytes(NFTA_SET_ELEM_USERDATA, &comment_udata(o));
-        }
-        m.end();
-    }
-    m.end();
-    m
 }

@@ -597,3 +597,80 @@ fn nft_table_watch_wakes_on_what_undoes_the_table_only() {
     ns.exec(&["nft", "flush", "ruleset"]);
     waiter.join().unwrap();
 }
+
+#[test]
+fn nft_antispoof_tables_load_and_elements_follow_their_owners() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let guard = AntiSpoof::new(DEFAULT_TABLE).unwrap();
+        assert!(guard.owners().unwrap().is_empty());
+        guard.remove("nobody").unwrap();
+        let bridged = PodIdentity {
+            port: "trl000000000001".into(),
+            kind: PortKind::Bridged,
+            mac: [0x0a, 0x58, 10, 244, 1, 2],
+            ips: vec![ip("10.244.1.2"), ip("fd00:244:1::2"), ip("fe80::858:aff:fef4:102")],
+        };
+        let routed = PodIdentity {
+            port: "trl000000000002".into(),
+            kind: PortKind::Routed,
+            mac: [0; 6],
+            ips: vec![ip("10.244.1.3")],
+        };
+        guard.protect("trellis/net/a/eth0", &bridged).unwrap();
+        guard.protect("trellis/net/a/eth0", &bridged).unwrap();
+        guard.protect("trellis/net/b/eth0", &routed).unwrap();
+        let mut owners = guard.owners().unwrap();
+        owners.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            owners,
+            vec![
+                ("trellis/net/a/eth0".to_string(), PortKind::Bridged),
+                ("trellis/net/b/eth0".to_string(), PortKind::Routed)
+            ]
+        );
+        // nft(8) reads what we wrote.
+        let bridge = ns.exec(&["nft", "list", "table", "bridge", DEFAULT_TABLE]);
+        for want in [
+            "hook prerouting priority filter",
+            "iifname != @ports accept",
+            "iifname . ether saddr != @macs counter",
+            "iifname . ip saddr != @ip4 counter",
+            "iifname . ip6 saddr != @ip6 counter",
+            "\"trl000000000001\" . 0a:58:0a:f4:01:02",
+            "\"trl000000000001\" . 10.244.1.2",
+            "\"trl000000000001\" . 0.0.0.0",
+            "\"trl000000000001\" . fe80::858:aff:fef4:102",
+            "\"trl000000000001\" . ::",
+            "elements = { \"trl000000000001\" comment",
+        ] {
+            assert!(bridge.contains(want), "no {want:?} in:\n{bridge}");
+        }
+        if std::env::var_os("TRELLIS_SHOW_RULESET").is_some() {
+            eprintln!("{bridge}");
+        }
+        let inet = ns.exec(&["nft", "list", "chain", "inet", DEFAULT_TABLE, "antispoof"]);
+        for want in [
+            "hook prerouting priority raw",
+            "iifname != @spoof_ports accept",
+            "iifname . ip saddr != @spoof_ip4 counter",
+        ] {
+            assert!(inet.contains(want), "no {want:?} in:\n{inet}");
+        }
+        // A flushed chain is repaired by the next ensure; elements survive.
+        ns.exec(&["nft", "flush", "chain", "bridge", DEFAULT_TABLE, "antispoof"]);
+        guard.ensure(PortKind::Bridged).unwrap();
+        let chain = ns.exec(&["nft", "list", "chain", "bridge", DEFAULT_TABLE, "antispoof"]);
+        assert!(chain.contains("@macs"), "{chain}");
+        assert_eq!(guard.owners().unwrap().len(), 2);
+        // DEL of a: only a's elements go; GC keeps what it is told to keep.
+        guard.remove("trellis/net/a/eth0").unwrap();
+        let bridge = ns.exec(&["nft", "list", "table", "bridge", DEFAULT_TABLE]);
+        assert!(!bridge.contains("trl000000000001"), "{bridge}");
+        assert_eq!(
+            guard.remove_where(|o| o == "trellis/net/a/eth0").unwrap(),
+            vec!["trellis/net/b/eth0".to_string()]
+        );
+        assert!(guard.owners().unwrap().is_empty());
+    });
+}

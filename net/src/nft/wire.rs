@@ -29,6 +29,8 @@ pub(super) const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub(super) const NFPROTO_INET: u8 = 1;
 pub(super) const NFPROTO_IPV4: u8 = 2;
 pub(super) const NFPROTO_IPV6: u8 = 10;
+/// Table family `bridge` (frames crossing a bridge, per port).
+pub(super) const NFPROTO_BRIDGE: u8 = 7;
 
 /// nf_tables message types (`enum nf_tables_msg_types`).
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +139,7 @@ pub(super) const NFTA_SET_KEY_LEN: u16 = 5;
 pub(super) const NFTA_SET_DATA_TYPE: u16 = 6;
 pub(super) const NFTA_SET_DATA_LEN: u16 = 7;
 pub(super) const NFTA_SET_ID: u16 = 10;
+pub(super) const NFTA_SET_USERDATA: u16 = 13;
 pub(super) const NFT_SET_INTERVAL: u32 = 0x4;
 pub(super) const NFT_SET_MAP: u32 = 0x8;
 /// nft's datatype numbers, so that `nft list` prints the keys as addresses.
@@ -168,6 +171,11 @@ pub(super) struct Msg {
 impl Msg {
     pub(super) fn new(ty: MsgType, flags: u16) -> Self {
         Self::raw(ty.nlmsg_type(), flags, NFPROTO_INET)
+    }
+
+    /// A message about a table of `family` (`NFPROTO_INET`, `NFPROTO_BRIDGE`).
+    pub(super) fn new_in(ty: MsgType, flags: u16, family: u8) -> Self {
+        Self::raw(ty.nlmsg_type(), flags, family)
     }
 
     /// A batch delimiter (BEGIN/END): `res_id` names the nf_tables subsystem.
