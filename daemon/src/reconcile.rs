@@ -81,7 +81,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use trellis_net::ethtool::Ethtool;
 use trellis_net::netns::{run_in, THREAD_NETNS};
-use trellis_net::nft::{Masquerade, MasqueradeConfig};
+use trellis_net::nft::{Encapsulation, Masquerade, MasqueradeConfig, UnderlayGuard};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Nexthop, Route, RouteFilter};
 
@@ -104,6 +104,10 @@ pub struct Dataplane {
     nl: Netlink,
     backend: Backend,
     masquerade: Masquerade,
+    /// Encapsulated traffic only from and to known nodes (see `trellis_net::nft::UnderlayGuard`).
+    underlay_guard: UnderlayGuard,
+    /// The node addresses the guard was last made to hold (`None`: not yet, or unknown).
+    guarded: Option<BTreeSet<IpAddr>>,
     metrics: Metrics,
     own: Option<Lease>,
     notices: Notices,
@@ -115,6 +119,26 @@ pub struct Dataplane {
     watcher: tokio::task::JoinHandle<()>,
     /// Wakes the reconciler when someone undoes the masquerade table.
     table_watcher: tokio::task::JoinHandle<()>,
+}
+
+/// What this node's backend decapsulates, which the underlay guard keeps to known nodes.
+fn encapsulation(backend: &crate::config::Backend) -> Encapsulation {
+    use crate::config::{Backend as B, CrossSubnet};
+    match backend {
+        B::Vxlan { port, .. } => Encapsulation {
+            vxlan_port: Some(*port),
+            ipip: false,
+        },
+        B::Ipip => Encapsulation {
+            vxlan_port: None,
+            ipip: true,
+        },
+        B::Bgp { cross_subnet, .. } => Encapsulation {
+            vxlan_port: (*cross_subnet == CrossSubnet::Vxlan).then_some(crate::backend::bgp::CROSS_SUBNET_PORT),
+            ipip: *cross_subnet == CrossSubnet::Ipip,
+        },
+        B::HostGw => Encapsulation::default(),
+    }
 }
 
 /// Whether routes go by nexthop object.
@@ -151,6 +175,8 @@ impl Dataplane {
             move || Masquerade::new(cfg.clone()).and_then(|m| m.watch().map(|w| (m, w)))
         };
         let (masquerade, table_watch) = run_in(&ns, open.clone())??;
+        let encap = encapsulation(&cfg.backend);
+        let underlay_guard = run_in(&ns, move || UnderlayGuard::new(trellis_net::nft::DEFAULT_TABLE, encap))??;
         let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &nl, ethtool).await?;
         for name in backend.remove_other_devices(&nl).await? {
             tracing::info!(device = %name, backend = cfg.backend.name(), "removed a device an earlier backend configuration left");
@@ -177,6 +203,8 @@ impl Dataplane {
             nl,
             backend,
             masquerade,
+            underlay_guard,
+            guarded: None,
             metrics,
             own: None,
             notices: Notices::default(),
@@ -264,7 +292,10 @@ impl Dataplane {
         let started = Instant::now();
         self.metrics.reconcile_runs().inc();
         self.metrics.leases().set(sources.leases.len() as i64);
-        let result = match self.ensure_masquerade(read_kernel) {
+        let result = match self
+            .ensure_masquerade(read_kernel)
+            .and_then(|()| self.guard_underlay(sources.leases, read_kernel))
+        {
             Ok(()) => self.reconcile_once(sources, read_kernel).await,
             Err(e) => Err(e),
         };
@@ -303,6 +334,23 @@ impl Dataplane {
             tracing::info!(%cidr, "put this node's pod CIDR back into the masquerade table");
             self.masquerade.add_source_prefix(*cidr)?;
         }
+        Ok(())
+    }
+
+    /// The tunnel ports accept only the nodes of the leases (and this node): made to match when
+    /// the set of nodes changed, and checked on every run that reads the kernel.
+    fn guard_underlay(&mut self, leases: &BTreeMap<String, Lease>, read_kernel: bool) -> Result<(), DataplaneError> {
+        let mut nodes: BTreeSet<IpAddr> = leases.values().map(|l| l.underlay_ip).collect();
+        nodes.insert(self.cfg.underlay.ip);
+        if !read_kernel && self.guarded.as_ref() == Some(&nodes) {
+            return Ok(());
+        }
+        self.guarded = None;
+        let changed = self.underlay_guard.sync(&nodes)?;
+        if changed > 0 && read_kernel {
+            tracing::debug!(changed, "the tunnel ports' node set was brought up to date");
+        }
+        self.guarded = Some(nodes);
         Ok(())
     }
 

@@ -78,6 +78,7 @@ mod hostport;
 mod interval;
 mod objects;
 mod rules;
+mod underlay_guard;
 mod watch;
 mod wire;
 
@@ -95,6 +96,7 @@ pub use error::NftError;
 pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};
 use interval::{Bound, Family, Interval};
 use objects::SetKind;
+pub use underlay_guard::{Encapsulation, UnderlayGuard};
 pub use watch::TableWatch;
 use wire::MsgType;
 

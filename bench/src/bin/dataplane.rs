@@ -18,6 +18,9 @@
 //!   veth is a port of a bridge holding the gateway address (`cni0`). A bridge also brings
 //!   br_netfilter's IP hooks for the frames entering it (`net.bridge.bridge-nf-call-iptables`,
 //!   on by default and required by kube-proxy for bridge-based pod networks).
+//! - trellis without anti-spoofing: the same two trellis clusters with their pods' anti-spoofing
+//!   chain deleted before the measurement (and put back before the next with it): the per-packet
+//!   cost of the source checks alone (docs/security.md).
 //!
 //! `iperf3 -s -1` in the pod of node 2, `iperf3 -c <pod> -t 5 -J` in the pod of node 1; the
 //! figure is the receiver's `bits_per_second`. The setups take turns, in a rotating order, 5
@@ -34,6 +37,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use trellis_bench::{cleanup, median};
+use trellis_net::nft::{AntiSpoof, PortKind, DEFAULT_TABLE};
 use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
 use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{sh, Netns};
@@ -188,6 +192,28 @@ struct Setup<'a> {
     client: &'a Netns,
     server: &'a Netns,
     ip: String,
+    /// A trellis cluster measured with its pods' anti-spoofing chain present or not (the same
+    /// cluster both ways, switched before each measurement).
+    anti_spoofing: Option<(&'a Cluster, PortKind, bool)>,
+}
+
+/// Puts the anti-spoofing chain of `kind` on every node of `c` back (`on`) or deletes it: the
+/// pods' elements stay, so the two differ by the per-packet checks alone.
+fn switch_anti_spoofing(c: &Cluster, kind: PortKind, on: bool) {
+    let family = match kind {
+        PortKind::Bridged => "bridge",
+        PortKind::Routed => "inet",
+    };
+    for node in &c.nodes {
+        if on {
+            trellis_net::netns::run_in(node.ns.path(), || AntiSpoof::new(DEFAULT_TABLE)?.ensure(kind))
+                .expect("enter the node")
+                .expect("anti-spoofing chain");
+        } else {
+            node.ns
+                .exec(&["nft", "delete", "chain", family, DEFAULT_TABLE, "antispoof"]);
+        }
+    }
 }
 
 /// trellisd's `inet trellis` table from each trellis node, loaded into each hand-made node.
@@ -234,12 +260,13 @@ fn main() {
     ] {
         assert!(reachable(&m.pods[0], &m_ip), "{what}: pod {m_ip} unreachable");
     }
-    fn trellis<'a>(c: &'a Cluster, name: &'static str) -> Setup<'a> {
+    fn trellis<'a>(c: &'a Cluster, name: &'static str, guard: Option<(PortKind, bool)>) -> Setup<'a> {
         Setup {
             name,
             client: &c.pods[0].ns,
             server: &c.pods[1].ns,
             ip: c.pods[1].ips[0].clone(),
+            anti_spoofing: guard.map(|(kind, on)| (c, kind, on)),
         }
     }
     fn by_hand<'a>(m: &'a Manual, name: &'static str) -> Setup<'a> {
@@ -248,14 +275,25 @@ fn main() {
             client: &m.pods[0],
             server: &m.pods[1],
             ip: format!("{}.2", manual_subnet(2)),
+            anti_spoofing: None,
         }
     }
     let setups = [
-        trellis(&bridge, "trellis bridge"),
+        trellis(&bridge, "trellis bridge", Some((PortKind::Bridged, true))),
         by_hand(&flannel, "by hand + bridge + masquerade"),
-        trellis(&routed, "trellis routed"),
+        trellis(&routed, "trellis routed", Some((PortKind::Routed, true))),
         by_hand(&masq, "by hand + masquerade"),
         by_hand(&plain, "by hand"),
+        trellis(
+            &bridge,
+            "trellis bridge, no anti-spoof",
+            Some((PortKind::Bridged, false)),
+        ),
+        trellis(
+            &routed,
+            "trellis routed, no anti-spoof",
+            Some((PortKind::Routed, false)),
+        ),
     ];
     let mtu = |ns: &Netns| ns.exec_ok(&["cat", "/sys/class/net/eth0/mtu"]).trim().to_string();
     println!(
@@ -273,6 +311,9 @@ fn main() {
         for k in 0..setups.len() {
             let i = (round + k) % setups.len();
             let s = &setups[i];
+            if let Some((c, kind, on)) = s.anti_spoofing {
+                switch_anti_spoofing(c, kind, on);
+            }
             let gbit = iperf(s.client, s.server, &s.ip, o.seconds);
             results[i].push(gbit);
             line.push_str(&format!(" {} {gbit:.2};", s.name));
@@ -294,6 +335,11 @@ fn main() {
         "trellis routed: {:.0}% of by hand + masquerade (its shape), {:.0}% of bare by hand",
         pct(2, 3),
         pct(2, 4)
+    );
+    println!(
+        "anti-spoofing's cost: bridge mode {:.1}%, routed mode {:.1}% (trellis with it vs the same cluster without)",
+        100.0 - pct(0, 5),
+        100.0 - pct(2, 6)
     );
     println!(
         "what the shape costs by hand: masquerade (conntrack) {:.0}%, bridge (+ br_netfilter) {:.0}%",

@@ -324,7 +324,10 @@ impl HostPorts {
         let mut id = 100;
         for fam in Family::ALL {
             id += 1;
-            batch.push(new_map(table, fam, id), format!("adding map inet {t} {}", map_name(fam)));
+            batch.push(
+                new_map(table, fam, id),
+                format!("adding map inet {t} {}", map_name(fam)),
+            );
             id += 1;
             batch.push(
                 new_hairpin_set(table, fam, id),

@@ -674,3 +674,41 @@ fn nft_antispoof_tables_load_and_elements_follow_their_owners() {
         assert!(guard.owners().unwrap().is_empty());
     });
 }
+
+#[test]
+fn nft_underlay_guard_syncs_its_nodes_in_one_batch_and_repairs() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let encap = Encapsulation {
+            vxlan_port: Some(8472),
+            ipip: true,
+        };
+        let guard = UnderlayGuard::new(DEFAULT_TABLE, encap).unwrap();
+        let nodes: std::collections::BTreeSet<IpAddr> = [ip("192.168.0.11"), ip("192.168.0.12"), ip("fd00::12")].into();
+        assert_eq!(guard.sync(&nodes).unwrap(), 3);
+        assert_eq!(guard.sync(&nodes).unwrap(), 0, "in place: nothing committed");
+        assert_eq!(guard.nodes().unwrap(), nodes);
+        let table = ns.exec(&["nft", "list", "table", "inet", DEFAULT_TABLE]);
+        for want in [
+            "hook input priority filter",
+            "hook forward priority filter",
+            "udp dport 8472 ip saddr != @nodes4 counter",
+            "udp dport 8472 ip6 saddr != @nodes6 counter",
+            "udp dport 8472 ip daddr @nodes4 counter",
+            "ip saddr != @nodes4 counter",
+        ] {
+            assert!(table.contains(want), "no {want:?} in:\n{table}");
+        }
+        // A node goes, another comes: only the difference.
+        let next: std::collections::BTreeSet<IpAddr> = [ip("192.168.0.11"), ip("192.168.0.13")].into();
+        assert_eq!(guard.sync(&next).unwrap(), 3);
+        assert_eq!(guard.nodes().unwrap(), next);
+        // A flushed ruleset comes back whole, nodes included, in one batch.
+        ns.exec(&["nft", "flush", "ruleset"]);
+        assert_eq!(guard.sync(&next).unwrap(), 2);
+        assert_eq!(guard.nodes().unwrap(), next);
+        // host-gw guards nothing.
+        let none = UnderlayGuard::new("other", Encapsulation::default()).unwrap();
+        assert_eq!(none.sync(&next).unwrap(), 0);
+    });
+}

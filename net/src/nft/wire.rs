@@ -67,6 +67,11 @@ pub(super) const NFTA_CHAIN_TYPE: u16 = 7;
 pub(super) const NFTA_HOOK_HOOKNUM: u16 = 1;
 pub(super) const NFTA_HOOK_PRIORITY: u16 = 2;
 pub(super) const NF_INET_PRE_ROUTING: u32 = 0;
+pub(super) const NF_INET_LOCAL_IN: u32 = 1;
+pub(super) const NF_INET_FORWARD: u32 = 2;
+/// Verdicts (`NF_DROP`, `NF_ACCEPT`).
+pub(super) const NF_DROP: i32 = 0;
+pub(super) const NF_ACCEPT: i32 = 1;
 pub(super) const NF_INET_LOCAL_OUT: u32 = 3;
 pub(super) const NF_INET_POST_ROUTING: u32 = 4;
 /// `priority dstnat` (NF_IP_PRI_NAT_DST).

@@ -1,0 +1,126 @@
+//! The tunnel port against hostile senders, on a real two-node VXLAN cluster (etcd, trellisd,
+//! the plugins): an **unprivileged** pod (uid 65534, no capabilities, a plain UDP socket) and a
+//! stranger on the underlay network send VXLAN frames to node 2's underlay address whose inner
+//! packet, with a forged source, is addressed to a pod on node 2. Before the underlay guard
+//! (issue 12) every one was delivered — the pod's outer source even masqueraded to node 1's
+//! legitimate address. Now none is, while the pods' own traffic still flows.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use trellis_tests::cluster::{wait_until, Cluster};
+use trellis_tests::forge::{mac_of, Receiver};
+
+fn trellisd() -> PathBuf {
+    trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
+}
+
+const PORT: u16 = 7777;
+const TIMES: usize = 10;
+
+/// A Python one-liner that sends `TIMES` VXLAN datagrams (VNI 1) to `underlay:8472`, each an
+/// inner Ethernet frame to `vtep_mac` with an IPv4 UDP packet `forged -> pod:PORT`.
+fn vxlan_sender(underlay: &str, vtep_mac: &str, forged: &str, pod: &str) -> String {
+    format!(
+        r#"
+import socket, struct
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s > 0xffff: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+payload = b'injected'
+udp = struct.pack('!HHHH', 40000, {PORT}, 8 + len(payload), 0) + payload
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton('{forged}'), socket.inet_aton('{pod}'))
+ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+inner = bytes.fromhex('{mac}') + bytes.fromhex('0a580a000001') + b'\x08\x00' + ip + udp
+vxlan = struct.pack('!II', 0x08000000, 1 << 8) + inner
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range({TIMES}):
+    s.sendto(vxlan, ('{underlay}', 8472))
+"#,
+        mac = vtep_mac.replace(':', "")
+    )
+}
+
+/// Runs `script` with python3 in namespace `ns`, as uid/gid 65534 with no capabilities when
+/// `unprivileged`.
+fn python_in(ns: &str, script: &str, unprivileged: bool) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]);
+    if unprivileged {
+        cmd.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]);
+    }
+    // The system interpreter: a per-user one (pyenv under /root) is not readable by uid 65534.
+    let out = cmd.args(["/usr/bin/python3", "-c", script]).output().expect("python3");
+    assert!(
+        out.status.success(),
+        "python3 in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}"#,
+        &trellisd(),
+        &["--lease-ttl", "10", "--resync", "5"],
+    );
+    let (p1, p2) = (c.add_pod(0), c.add_pod(1));
+    c.all_reach_all(Duration::from_secs(15)).expect("pods reach each other");
+    let pod2 = c.pods[p2].ips[0].clone();
+    let node2_underlay = format!("{}.12", trellis_tests::cluster::UNDERLAY);
+    let vtep = mac_of(&c.nodes[1].ns, "trellis.1");
+    let vtep = vtep.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let rx = Receiver::bind(c.pods[p2].ns.path(), PORT);
+
+    // The pods' own UDP still flows (the guard drops tunnel ports only).
+    let legit = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range({TIMES}): s.sendto(b'hi', ('{pod2}', {PORT}))\n"
+    );
+    python_in(&c.pods[p1].ns.name, &legit, true);
+    let got = rx.sources(Duration::from_millis(500));
+    assert_eq!(got.len(), TIMES, "ordinary pod-to-pod UDP: {got:?}");
+
+    // An unprivileged pod on node 1, to node 2's tunnel port.
+    let from_pod = vxlan_sender(&node2_underlay, &vtep, "10.244.250.1", &pod2);
+    python_in(&c.pods[p1].ns.name, &from_pod, true);
+    // A stranger on the underlay network (the underlay namespace is no node).
+    let from_stranger = vxlan_sender(&node2_underlay, &vtep, "10.244.250.2", &pod2);
+    python_in(&c.underlay.name, &from_stranger, false);
+    let injected = rx.sources(Duration::from_millis(500));
+    eprintln!(
+        "sent {} forged VXLAN frames ({TIMES} from an unprivileged pod, {TIMES} from the underlay); delivered: {}",
+        2 * TIMES,
+        injected.len()
+    );
+    assert!(injected.is_empty(), "decapsulated into node 2's pod: {injected:?}");
+
+    // The drops are counted where an operator looks: the rules' counters.
+    let table = c.nodes[1]
+        .ns
+        .exec_ok(&["nft", "list", "chain", "inet", "trellis", "underlay_in"]);
+    assert!(table.contains(&format!("packets {TIMES}")), "{table}");
+
+    // The guard is desired state: a flushed ruleset is repaired within a second, nodes included,
+    // and the pods keep talking.
+    c.nodes[1].ns.exec_ok(&["nft", "flush", "ruleset"]);
+    wait_until("node 2's underlay guard is back", Duration::from_secs(3), || {
+        let t = c.nodes[1].ns.exec(&["nft", "list", "set", "inet", "trellis", "nodes4"]);
+        String::from_utf8_lossy(&t.stdout).contains(&format!("{}.11", trellis_tests::cluster::UNDERLAY))
+    });
+    python_in(&c.pods[p1].ns.name, &from_pod, true);
+    assert!(rx.sources(Duration::from_millis(500)).is_empty());
+    c.all_reach_all(Duration::from_secs(15))
+        .expect("pods reach each other after the repair");
+}
