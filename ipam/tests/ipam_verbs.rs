@@ -166,6 +166,14 @@ fn gc_releases_everything_not_in_valid_attachments() {
         code::INVALID_NETWORK_CONFIG as u64
     );
     assert_eq!(reserved(dir.path(), "gc").len(), 2);
+    // `null` is what Go runtimes (libcni) send once the node has no pod left: none is in use.
+    conf["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    call(&ipam_bin(), "GC", &conf, "").ok();
+    assert!(
+        reserved(dir.path(), "gc").is_empty(),
+        "{:?}",
+        reserved(dir.path(), "gc")
+    );
 }
 
 #[test]

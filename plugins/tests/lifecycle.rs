@@ -141,3 +141,27 @@ fn gc_removes_host_ends_and_reservations_of_attachments_no_longer_valid() {
     assert!(!pods[0].exec(&["ip", "link", "show", "eth0"]).status.success());
     node.del(&conf, "g1", Some(&pods[1])).ok();
 }
+
+#[test]
+fn gc_with_null_valid_attachments_as_go_runtimes_send_cleans_an_emptied_node() {
+    // libcni marshals an empty Go slice that was never allocated as `null`: a node whose last
+    // pod is gone gets `"cni.dev/valid-attachments": null`, and that means "none".
+    let node = Node::new();
+    let conf = node.conf("bridge", true, json!({}));
+    let pods: Vec<Netns> = (0..2).map(|_| Netns::new("tpg")).collect();
+    for (i, p) in pods.iter().enumerate() {
+        node.add(&conf, &format!("n{i}"), p);
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    node.call("GC", &gc, "", None).run().ok();
+    assert!(node.host_ends().is_empty(), "{:?}", node.host_ends());
+    assert_eq!(node.reservations(), 0);
+    // A config without the key at all is still refused: nobody said what is in use.
+    node.add(&conf, "n0", &pods[0]);
+    let out = node.call("GC", &conf, "", None).run();
+    assert_eq!(out.err_code(), trellis_cni::code::INVALID_NETWORK_CONFIG as u64);
+    assert!(out.stdout.contains("valid-attachments"), "{}", out.stdout);
+    assert_eq!(node.host_ends().len(), 1);
+    node.del(&conf, "n0", Some(&pods[0])).ok();
+}
