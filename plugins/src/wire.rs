@@ -477,7 +477,15 @@ pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), Cni
     Ok(())
 }
 
-/// CHECK: the host end, the pod end, and every address and route of `prev` are in place.
+/// A link CHECK found administratively down: the pod is cut off through it.
+fn down(what: String, up_with: String) -> CniError {
+    CniError::new(code::CHECK_MISMATCH, format!("{what} is down")).with_details(format!(
+        "the pod is cut off from the node while it is; bring it up ({up_with}) or recreate the pod"
+    ))
+}
+
+/// CHECK: the host end, the pod end (both up), the bridge (up) or the node's routes to the pod,
+/// and every address and route of `prev` are in place.
 pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) -> Result<(), CniError> {
     let mismatch = |msg: String| CniError::new(code::CHECK_MISMATCH, msg);
     let netns = env.netns.as_deref().expect("CHECK has CNI_NETNS");
@@ -489,10 +497,24 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             env.container_id, env.ifname
         ))
     })?;
+    if !host_end.up {
+        return Err(down(
+            format!("host end {host_name} of {} {}", env.container_id, env.ifname),
+            format!("ip link set {host_name} up"),
+        ));
+    }
     if conf.mode == Mode::Bridge {
         let br = host.link_by_name(&conf.bridge).await.map_err(kernel)?;
-        if br.is_none_or(|b| host_end.master != Some(b.index)) {
-            return Err(mismatch(format!("{host_name} is not a port of bridge {}", conf.bridge)));
+        match br {
+            Some(b) if host_end.master == Some(b.index) => {
+                if !b.up {
+                    return Err(down(
+                        format!("bridge {}", conf.bridge),
+                        format!("ip link set {} up", conf.bridge),
+                    ));
+                }
+            }
+            _ => return Err(mismatch(format!("{host_name} is not a port of bridge {}", conf.bridge))),
         }
     }
     let pod = Netlink::connect_in(netns).map_err(kernel)?;
@@ -501,6 +523,12 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
         .await
         .map_err(kernel)?
         .ok_or_else(|| mismatch(format!("interface {} is missing in {}", env.ifname, netns.display())))?;
+    if !pod_end.up {
+        return Err(down(
+            format!("interface {} in {}", env.ifname, netns.display()),
+            format!("ip -n {} link set {} up", netns.display(), env.ifname),
+        ));
+    }
     let have = pod.addresses(pod_end.index).await.map_err(kernel)?;
     let ours = |i: &IpConfig| {
         i.interface
@@ -520,6 +548,9 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
                 have.iter().map(|a| a.address.to_string()).collect::<Vec<_>>()
             )));
         }
+    }
+    if conf.mode == Mode::Routed {
+        check_host_routes(&host, &host_end, prev.ips.iter().filter(|i| ours(i))).await?;
     }
     if !conf.port_mappings.is_empty() {
         let owner = names::host_alias(network, &env.container_id, &env.ifname);
@@ -553,6 +584,34 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
                 "route {}{via} is missing in {}",
                 r.dst,
                 netns.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Routed mode: the node reaches each pod address by one host route through the host end.
+async fn check_host_routes(
+    host: &Netlink,
+    host_end: &LinkInfo,
+    ips: impl Iterator<Item = &IpConfig>,
+) -> Result<(), CniError> {
+    let filter = RouteFilter {
+        oif: Some(host_end.index),
+        ..Default::default()
+    };
+    let routes = host.routes(&filter).await.map_err(kernel)?;
+    for ip in ips {
+        let dst = single_host(ip.address.ip());
+        if !routes.iter().any(|r| r.destination == dst && r.gateway.is_none()) {
+            return Err(CniError::new(
+                code::CHECK_MISMATCH,
+                format!("host route {dst} dev {} is missing", host_end.name),
+            )
+            .with_details(format!(
+                "the node cannot reach the pod without it (routed mode); recreate the pod, or add it back: \
+                     ip route add {dst} dev {} scope link proto {HOST_ROUTE_PROTOCOL}",
+                host_end.name
             )));
         }
     }
