@@ -52,6 +52,26 @@ fn bad_configs_get_the_right_code_and_write_nothing() {
             "invalid subnet",
         ),
         (
+            ok(json!({"ranges": [[{"subnet": "0.0.0.0/0"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "every address",
+        ),
+        (
+            ok(json!({"subnet": "::/0"})),
+            code::INVALID_NETWORK_CONFIG,
+            "every address",
+        ),
+        (
+            ok(json!({"ranges": [[{"subnet": "fd00:40::/127"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "too small",
+        ),
+        (
+            ok(json!({"ranges": [[{"subnet": "10.40.0.0/24", "rangeStart": "10.40.0.1", "rangeEnd": "10.40.0.1"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "no address",
+        ),
+        (
             ok(json!({"ranges": [[{"subnet": "10.40.0.0/24"}], [{"subnet": "10.40.0.128/25"}]]})),
             code::INVALID_NETWORK_CONFIG,
             "overlap",

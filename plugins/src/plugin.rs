@@ -29,6 +29,27 @@ fn also(mut e: CniError, what: &str, r: Result<(), CniError>) -> CniError {
     e
 }
 
+/// Whether the IPAM result can be wired: at least one address, and none with a /0 prefix, which
+/// would put every destination on the pod network (the pod's "subnet" route and, on the
+/// bridge, a prefix route competing with the node's default route). trellis-ipam refuses such
+/// a subnet in its config; another IPAM plugin may not.
+fn usable(ipam_type: &str, ipam: &CniResult) -> Result<(), CniError> {
+    if ipam.ips.is_empty() {
+        return Err(CniError::new(
+            code::DELEGATE,
+            format!("{ipam_type} returned no address"),
+        ));
+    }
+    if let Some(ip) = ipam.ips.iter().find(|i| i.address.prefix() == 0) {
+        return Err(CniError::invalid_config(format!(
+            "{ipam_type} gave {}: a /0 pod subnet covers every address",
+            ip.address
+        ))
+        .with_details("give the IPAM range the node's pod CIDR (like 10.244.1.0/24 or fd00:10:244:1::/64), not a /0"));
+    }
+    Ok(())
+}
+
 impl Plugin for TrellisPlugin {
     type Config = PluginFields;
 
@@ -48,8 +69,7 @@ impl Plugin for TrellisPlugin {
         }
         let ipam = delegate::add(&conf.ipam_type, &ctx.raw, &ctx.env)?;
         let release = || delegate::call(&conf.ipam_type, Command::Del, &ctx.raw, &ctx.env);
-        if ipam.ips.is_empty() {
-            let e = CniError::new(code::DELEGATE, format!("{} returned no address", conf.ipam_type));
+        if let Err(e) = usable(&conf.ipam_type, &ipam) {
             return Err(also(e, "releasing the reservation", release()));
         }
         let rt = runtime()?;

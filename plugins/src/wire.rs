@@ -61,8 +61,29 @@ fn is_default(dst: &IpNetwork) -> bool {
 pub struct Created {
     /// The bridge, if this ADD created it.
     pub bridge: Option<u32>,
+    /// Gateway addresses this ADD gave a bridge that already existed.
+    pub gateways: Option<GivenGateways>,
     /// Whether hostPorts may have been mapped.
     pub hostports: bool,
+}
+
+/// Gateway addresses an ADD added to an existing bridge, and the bridge's ports before it did.
+pub struct GivenGateways {
+    pub bridge: u32,
+    pub addresses: Vec<IpNetwork>,
+    pub ports_before: Vec<u32>,
+}
+
+/// The indexes of the links that are ports of `bridge`.
+async fn ports_of(host: &Netlink, bridge: u32) -> Result<Vec<u32>, CniError> {
+    Ok(host
+        .links()
+        .await
+        .map_err(kernel)?
+        .into_iter()
+        .filter(|l| l.master == Some(bridge))
+        .map(|l| l.index)
+        .collect())
 }
 
 fn hostport_error(e: trellis_net::nft::NftError) -> CniError {
@@ -233,12 +254,28 @@ async fn ensure_bridge(
         host.set_link_promisc(br.index, true).await.map_err(kernel)?;
     }
     if conf.is_gateway {
+        // Addresses the bridge had are not ours to take back on failure; a bridge this ADD
+        // created goes as a whole.
+        let had = match created.bridge {
+            Some(_) => Vec::new(),
+            None => host.addresses(br.index).await.map_err(kernel)?,
+        };
         for ip in &ipam.ips {
             let gw = ip.gateway.ok_or_else(|| {
                 CniError::invalid_config(format!("isGateway is set but IPAM gave no gateway for {}", ip.address))
                     .with_details("give the IPAM range a \"gateway\", or set isGateway to false")
             })?;
             let addr = IpNetwork::new(gw, ip.address.prefix()).expect("prefix from IPAM");
+            if created.bridge.is_none() && !had.iter().any(|a| a.address == addr) {
+                if created.gateways.is_none() {
+                    created.gateways = Some(GivenGateways {
+                        bridge: br.index,
+                        addresses: Vec::new(),
+                        ports_before: ports_of(host, br.index).await?,
+                    });
+                }
+                created.gateways.as_mut().expect("set above").addresses.push(addr);
+            }
             let opts = AddressOptions {
                 nodad: gw.is_ipv6(),
                 no_prefix_route: false,
@@ -457,21 +494,26 @@ fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
         .map_err(hostport_error)
 }
 
-/// Undoes a failed ADD: the hostPorts, the host end, and the bridge if this ADD created it and
-/// no port uses it.
+/// Undoes a failed ADD: the hostPorts, the host end, the bridge if this ADD created it and no
+/// port uses it, and the gateway addresses it gave an existing bridge unless a pod joined the
+/// bridge since (a concurrent ADD of the same network, which relies on them).
 pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
     teardown(network, env).await?;
+    let host = Netlink::connect().map_err(kernel)?;
     if let Some(bridge) = created.bridge {
-        let host = Netlink::connect().map_err(kernel)?;
-        let ports = host
-            .links()
-            .await
-            .map_err(kernel)?
-            .into_iter()
-            .filter(|l| l.master == Some(bridge))
-            .count();
-        if ports == 0 {
+        if ports_of(&host, bridge).await?.is_empty() {
             host.del_link(bridge).await.map_err(kernel)?;
+        }
+    }
+    if let Some(given) = &created.gateways {
+        let joined = ports_of(&host, given.bridge)
+            .await?
+            .iter()
+            .any(|p| !given.ports_before.contains(p));
+        if !joined {
+            for &addr in &given.addresses {
+                host.del_address(given.bridge, addr).await.map_err(kernel)?;
+            }
         }
     }
     Ok(())

@@ -129,3 +129,37 @@ fn a_missing_namespace_or_ipam_plugin_or_bad_config_changes_nothing() {
     assert_same(&before, &node.snapshot(), "a refused ADD changed the node");
     assert!(!pod.exec(&["ip", "link", "show", "eth0"]).status.success());
 }
+
+/// A node whose bridge exists, up, without the network's gateway addresses (made by hand, or
+/// left by a config with another subnet).
+fn node_with_a_bare_bridge() -> Node {
+    let node = Node::new();
+    node.ns.exec_ok(&["ip", "link", "add", "tbr0", "type", "bridge"]);
+    node.ns.exec_ok(&["ip", "link", "set", "tbr0", "up"]);
+    node
+}
+
+#[test]
+fn a_failed_add_removes_the_gateway_addresses_it_gave_an_existing_bridge() {
+    let node = node_with_a_bare_bridge();
+    let conf = node.conf("bridge", true, json!({}));
+    let pod = Netns::new("tpi");
+    pod.exec_ok(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    fails_cleanly(&node, &conf, &pod, code::KERNEL, "already exists");
+}
+
+#[test]
+fn a_subnet_of_everything_is_refused_before_the_node_is_touched() {
+    let node = node_with_a_bare_bridge();
+    let data = node.data.path();
+    for ipam in [
+        json!({"type": "trellis-ipam", "ranges": [[{"subnet": "0.0.0.0/0"}]], "dataDir": data}),
+        json!({"type": "trellis-ipam", "ranges": [[{"subnet": "::/0"}]], "dataDir": data}),
+        // Another IPAM plugin may hand out such an address: the plugin refuses it too.
+        json!({"type": "static", "addresses": [{"address": "10.88.0.5/0", "gateway": "10.88.0.1"}]}),
+    ] {
+        // Debian's reference plugins speak CNI up to 1.0.0.
+        let conf = node.conf("bridge", false, json!({"cniVersion": "1.0.0", "ipam": ipam}));
+        fails_cleanly(&node, &conf, &Netns::new("tpz"), code::INVALID_NETWORK_CONFIG, "/0");
+    }
+}
