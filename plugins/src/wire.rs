@@ -203,6 +203,19 @@ fn interface(l: &LinkInfo, mtu: Option<u32>, sandbox: Option<&Path>) -> Interfac
     }
 }
 
+/// What ADD can refuse before IPAM runs: a device that holds the bridge's name and is not a
+/// bridge (checked again, for a race, when the bridge is used).
+pub async fn preflight(conf: &Config) -> Result<(), CniError> {
+    if conf.mode != Mode::Bridge {
+        return Ok(());
+    }
+    let host = Netlink::connect().map_err(kernel)?;
+    match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
+        Some(l) => check_is_bridge(&l),
+        None => Ok(()),
+    }
+}
+
 /// Creates the bridge or reuses it (refusing a non-bridge device of that name), brings it up and
 /// gives it the gateway addresses when `isGateway`.
 async fn ensure_bridge(
@@ -662,16 +675,10 @@ async fn check_host_routes(
 
 /// STATUS: can an ADD work? Not when a non-bridge device holds the bridge's name.
 pub async fn status(conf: &Config) -> Result<(), CniError> {
-    if conf.mode != Mode::Bridge {
-        return Ok(());
-    }
-    let host = Netlink::connect().map_err(kernel)?;
-    match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
-        Some(l) => {
-            check_is_bridge(&l).map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details))
-        }
-        None => Ok(()),
-    }
+    preflight(conf).await.map_err(|e| match e.code {
+        code::INVALID_NETWORK_CONFIG => CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details),
+        _ => e,
+    })
 }
 
 /// GC: deletes this network's host ends and hostPorts whose attachment is not in `valid`.
