@@ -10,7 +10,8 @@
 //! Trellis adds a folder `.trellis/` that host-local ignores (its scans read every file, but no
 //! file there holds `<id>\r\n<ifname>` once a write has finished):
 //! - `index/<container id>:<ifname>`: the addresses of one attachment, so DEL is O(1) instead of
-//!   reading every reservation as host-local does. `:` can appear in neither part. The index is a
+//!   reading every reservation as host-local does. `:` can appear in neither part. A container ID
+//!   too long for a file name is shortened to its start and a hash of the whole. The index is a
 //!   hint: a reservation file is the truth, and an address is released only when its file still
 //!   names the attachment.
 //! - `state`: the boot ID, the folder's mtime and the `last_reserved_ip` values as of Trellis's
@@ -43,6 +44,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+use trellis_cni::env::{bounded_container_id, MAX_IFNAME_LEN};
 use trellis_cni::{code, CniError};
 
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
@@ -241,8 +243,14 @@ fn parse_owner(content: &str) -> (String, String) {
     }
 }
 
+/// The longest file name (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// An index entry's file name: `<container id>:<ifname>`, the ID shortened when the whole would
+/// not fit in a file name (the spec does not limit an ID's length; an ifname has 15 bytes).
 fn index_key(container_id: &str, ifname: &str) -> String {
-    format!("{container_id}:{ifname}")
+    let id = bounded_container_id(container_id, NAME_MAX - 1 - ifname.len().min(MAX_IFNAME_LEN));
+    format!("{id}:{ifname}")
 }
 
 /// Whether a name read from disk may be used as part of an index file name.
@@ -370,7 +378,7 @@ impl Locked<'_> {
             by_owner.entry((r.container_id, r.ifname)).or_default().push(r.ip);
         }
         for ((id, ifname), ips) in by_owner {
-            if safe_key_part(&id) && (ifname.is_empty() || safe_key_part(&ifname)) {
+            if safe_key_part(&id) && (ifname.is_empty() || safe_key_part(&ifname) && ifname.len() <= MAX_IFNAME_LEN) {
                 self.write_index(&id, &ifname, &ips)?;
             }
         }

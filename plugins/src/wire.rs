@@ -16,6 +16,7 @@
 use crate::config::{Config, Mode};
 use crate::names;
 use ipnetwork::IpNetwork;
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
@@ -462,17 +463,17 @@ fn masquerade(ipam: &CniResult) -> Result<(), CniError> {
 /// Maps the pod's hostPorts to its addresses in the node's table ([`HostPorts`]); a host port
 /// another pod holds is refused, naming that pod.
 fn map_host_ports(conf: &Config, network: &str, env: &Env, ipam: &CniResult) -> Result<(), CniError> {
-    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    let owners = names::hostport_owners(network, &env.container_id, &env.ifname);
     let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
     let hp = HostPorts::new(DEFAULT_TABLE).map_err(hostport_error)?;
-    match hp.add(&owner, &conf.port_mappings, &ips) {
+    match hp.add(&owners[0], &conf.port_mappings, &ips) {
         Ok(()) => Ok(()),
         Err(e) if e.is_exists() => {
             let held: Vec<String> = hp
                 .list()
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|m| m.owner != owner)
+                .filter(|m| !owners.contains(&m.owner))
                 .filter(|m| {
                     conf.port_mappings
                         .iter()
@@ -501,10 +502,11 @@ pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
 
 /// Whatever the runtime passes on DEL, the table is asked: the elements carry their owner.
 fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
-    let owner = names::host_alias(network, &env.container_id, &env.ifname);
-    HostPorts::new(DEFAULT_TABLE)
-        .and_then(|hp| hp.remove(&owner))
-        .map_err(hostport_error)
+    let hp = HostPorts::new(DEFAULT_TABLE).map_err(hostport_error)?;
+    for owner in names::hostport_owners(network, &env.container_id, &env.ifname) {
+        hp.remove(&owner).map_err(hostport_error)?;
+    }
+    Ok(())
 }
 
 /// Undoes a failed ADD: the hostPorts, the host end, the bridge if this ADD created it and no
@@ -608,7 +610,7 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
         check_host_routes(&host, &host_end, prev.ips.iter().filter(|i| ours(i))).await?;
     }
     if !conf.port_mappings.is_empty() {
-        let owner = names::host_alias(network, &env.container_id, &env.ifname);
+        let owners = names::hostport_owners(network, &env.container_id, &env.ifname);
         let mapped = HostPorts::new(DEFAULT_TABLE)
             .and_then(|hp| hp.list())
             .map_err(hostport_error)?;
@@ -616,7 +618,7 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             for p in &conf.port_mappings {
                 if !mapped
                     .iter()
-                    .any(|m| m.owner == owner && m.mapping == *p && m.pod_ip == ip)
+                    .any(|m| owners.contains(&m.owner) && m.mapping == *p && m.pod_ip == ip)
                 {
                     return Err(mismatch(format!(
                         "hostPort {}/{} -> {ip}:{} is not mapped",
@@ -682,12 +684,20 @@ pub async fn status(conf: &Config) -> Result<(), CniError> {
 }
 
 /// GC: deletes this network's host ends and hostPorts whose attachment is not in `valid`.
+/// Labels are compared whole, as ADD wrote them, so a shortened (long) container ID is matched
+/// too.
 pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<String>, CniError> {
-    let is_valid = |cid: &str, ifname: &str| valid.iter().any(|a| a.container_id == cid && a.ifname == ifname);
+    let labels: HashSet<String> = valid
+        .iter()
+        .map(|a| names::host_alias(network, &a.container_id, &a.ifname))
+        .collect();
+    let owners: HashSet<String> = valid
+        .iter()
+        .flat_map(|a| names::hostport_owners(network, &a.container_id, &a.ifname))
+        .collect();
+    let stale = |in_use: &HashSet<String>, label: &str| names::is_of_network(label, network) && !in_use.contains(label);
     let mut removed: Vec<String> = HostPorts::new(DEFAULT_TABLE)
-        .and_then(|hp| {
-            hp.remove_where(|owner| names::parse_alias(owner, network).is_none_or(|(cid, ifn)| is_valid(cid, ifn)))
-        })
+        .and_then(|hp| hp.remove_where(|owner| !stale(&owners, owner)))
         .map_err(hostport_error)?
         .into_iter()
         .map(|owner| format!("hostPorts of {owner}"))
@@ -697,10 +707,7 @@ pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<
         if !l.name.starts_with(names::HOST_PREFIX) {
             continue;
         }
-        let Some((cid, ifname)) = l.alias.as_deref().and_then(|a| names::parse_alias(a, network)) else {
-            continue;
-        };
-        if !is_valid(cid, ifname) {
+        if l.alias.as_deref().is_some_and(|a| stale(&labels, a)) {
             host.del_link(l.index).await.map_err(kernel)?;
             removed.push(l.name);
         }
