@@ -36,14 +36,25 @@ pub struct NetConf<P> {
     pub runtime_config: Option<Value>,
     #[serde(rename = "prevResult", default, skip_serializing_if = "Option::is_none")]
     pub prev_result: Option<Value>,
+    /// GC's list of attachments in use. `None` only when the key is missing; `null` is the
+    /// empty list (see [`null_is_empty`]).
     #[serde(
         rename = "cni.dev/valid-attachments",
         default,
+        deserialize_with = "null_is_empty",
         skip_serializing_if = "Option::is_none"
     )]
     pub valid_attachments: Option<Vec<Attachment>>,
     #[serde(flatten)]
     pub plugin: P,
+}
+
+/// `"cni.dev/valid-attachments": null` is the empty list. Go runtimes (libcni) marshal a nil
+/// slice as `null`, and that is what they send for a node with no pod left: refusing it, as a
+/// missing key is refused, would keep GC from ever cleaning an emptied node. (Called only when
+/// the key is present; a missing key stays `None` through `default`.)
+fn null_is_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Attachment>>, D::Error> {
+    Option::<Vec<Attachment>>::deserialize(d).map(|list| Some(list.unwrap_or_default()))
 }
 
 impl<P: DeserializeOwned> NetConf<P> {
@@ -147,6 +158,18 @@ mod tests {
         assert_eq!(c.plugin.bridge.as_deref(), Some("cni0"));
         assert!(c.ip_masq);
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "c1");
+    }
+
+    #[test]
+    fn null_valid_attachments_are_none_in_use_and_a_missing_key_is_unknown() {
+        let parse = |extra: &str| {
+            NetConf::<Mine>::parse(format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"x"{extra}}}"#).as_bytes())
+                .unwrap()
+                .valid_attachments
+        };
+        assert_eq!(parse(r#","cni.dev/valid-attachments":null"#), Some(Vec::new()));
+        assert_eq!(parse(r#","cni.dev/valid-attachments":[]"#), Some(Vec::new()));
+        assert_eq!(parse(""), None);
     }
 
     #[test]

@@ -1,9 +1,28 @@
 //! Running another plugin found on `CNI_PATH`, as the main plugin runs its IPAM plugin.
+//!
+//! **A delegate never outlives us.** A runtime that gives up on an ADD SIGKILLs the plugin it
+//! started (Go's `exec.CommandContext` kills that one process, not its children) and runs DEL.
+//! An IPAM child left running (say, waiting for its store's lock) would then reserve an address
+//! *after* that DEL: a leak until GC or a reboot (host-local has this hole). So each delegate is
+//! started with `PR_SET_PDEATHSIG(SIGKILL)`: the kernel queues the SIGKILL while it tears the
+//! dead plugin down, before the runtime can reap it, so the child runs no instruction of its own
+//! once the runtime can know the plugin is dead (a syscall in flight finishes; a reservation it
+//! completes is made under the store's lock, which DEL then waits for, and finds). The race of
+//! the plugin dying between `fork` and `prctl` is closed by checking, after `prctl`, that the
+//! parent is still the process that forked (`getppid`); if not, the child never `exec`s.
+//!
+//! Why this and not a lock protocol between plugin and IPAM: it needs nothing from the delegate
+//! (it protects host-local as well as trellis-ipam), costs one syscall, and cannot be defeated
+//! by a delegate that is slow rather than blocked. Its one caveat, that the signal follows the
+//! *thread* that forked, does not apply: [`exec`] waits for the child on the thread that
+//! started it. trellis-ipam adds its own check for parents that do not do this (see its
+//! `plugin` module).
 
 use crate::env::{Command, Env};
 use crate::error::{code, CniError};
 use crate::result::CniResult;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -27,11 +46,34 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Makes the child die with this process (see the module notes).
+fn die_with_us(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    // SAFETY: getpid has no preconditions.
+    let us = unsafe { libc::getpid() };
+    let tie = move || {
+        // SAFETY: runs in the forked child before exec; prctl and getppid are
+        // async-signal-safe and touch no memory of ours.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != us {
+                // We died before prctl: nobody will read this error, and nothing is run.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes async-signal-safe calls (see above).
+    unsafe { cmd.pre_exec(tie) }
+}
+
 /// Runs `plugin` with `command`, the caller's environment (with `CNI_COMMAND` replaced) and `conf`
-/// on stdin. Returns what it printed on success, or the CNI error it printed.
+/// on stdin. Returns what it printed on success, or the CNI error it printed. The child is
+/// killed if this process dies first, and waited for on the calling thread.
 pub fn exec(plugin: &str, command: Command, conf: &[u8], env: &Env) -> Result<Vec<u8>, CniError> {
     let exe = find(plugin, &env.path)?;
-    let mut child = std::process::Command::new(&exe)
+    let mut child = die_with_us(&mut std::process::Command::new(&exe))
         .envs(env.to_vars(command))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -160,6 +160,34 @@ pub fn validate_container_id(id: &str) -> Result<(), CniError> {
     }
 }
 
+/// A container ID made to fit in `max` bytes, for names that the kernel or the file system limit
+/// (a link's label, a file name), since the spec does not limit the ID: the ID itself when it
+/// fits, else as much of its start as fits, `~` and 16 hex digits of a hash of the whole ID.
+/// `~` cannot occur in an ID, so a shortened ID never equals a real one; the hash is stable
+/// across processes, versions and machines. `max` below 17 still gets the 17-byte hash form.
+pub fn bounded_container_id(id: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if id.len() <= max {
+        return id.into();
+    }
+    let hash = format!("~{:016x}", fnv1a64([id]));
+    // IDs are ASCII (validate_container_id), so any byte offset is a character boundary.
+    let keep = max.saturating_sub(hash.len()).min(id.len());
+    format!("{}{hash}", &id[..keep]).into()
+}
+
+/// FNV-1a (64 bits) over `parts`, each followed by a NUL that none of them holds: a hash that
+/// never changes, for names derived from an attachment.
+pub fn fnv1a64<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// Maximum interface name length (IFNAMSIZ less the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
 
@@ -321,6 +349,21 @@ mod tests {
         assert_eq!(e.command, Command::Status);
         let e = env(&[("CNI_COMMAND", "VERSION")]).unwrap();
         assert_eq!(e.command, Command::Version);
+    }
+
+    #[test]
+    fn long_container_ids_are_bounded_uniquely_and_short_ones_kept() {
+        assert_eq!(bounded_container_id("abc", 10), "abc");
+        let a: String = "x".repeat(300) + "a";
+        let b: String = "x".repeat(300) + "b";
+        let (ba, bb) = (bounded_container_id(&a, 100), bounded_container_id(&b, 100));
+        assert_eq!(ba.len(), 100);
+        assert!(ba.starts_with("xxxx") && ba.contains('~'));
+        assert_ne!(ba, bb);
+        assert_eq!(ba, bounded_container_id(&a, 100));
+        assert_eq!(bounded_container_id(&a, 3).len(), 17);
+        // The hash never changes: names derived from it must survive an upgrade.
+        assert_eq!(fnv1a64(["net", "abc", "eth0"]), 0xf4a7_b981_54ef_e0cb);
     }
 
     #[test]

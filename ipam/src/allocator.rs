@@ -62,17 +62,7 @@ pub fn exhausted(set: &RangeSet) -> CniError {
 pub fn capacity(set: &RangeSet) -> u128 {
     set.ranges
         .iter()
-        .map(|r| {
-            let mut special: Vec<IpAddr> = vec![r.subnet.network()];
-            if r.subnet.is_ipv4() {
-                special.push(r.subnet.broadcast());
-            }
-            special.extend(r.gateway);
-            special.sort();
-            special.dedup();
-            let inside = special.iter().filter(|&&ip| r.contains(ip)).count() as u128;
-            r.len().saturating_sub(inside)
-        })
+        .map(|r| r.capacity())
         .fold(0u128, u128::saturating_add)
 }
 

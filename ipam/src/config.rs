@@ -143,6 +143,14 @@ fn build_range(raw: RawRange) -> Result<Range, CniError> {
             )),
         );
     }
+    if subnet.prefix() == 0 {
+        return Err(
+            CniError::invalid_config(format!("subnet {subnet} covers every address")).with_details(
+                "a pod subnet is the node's pod CIDR (like 10.244.1.0/24 or fd00:10:244:1::/64); a /0 would \
+                 put every destination on the pod network and take over the node's default route",
+            ),
+        );
+    }
     let bits = if subnet.is_ipv4() { 32 } else { 128 };
     if subnet.prefix() > bits - 2 {
         return Err(
@@ -177,12 +185,20 @@ fn build_range(raw: RawRange) -> Result<Range, CniError> {
             "rangeStart {start} is after rangeEnd {end}"
         )));
     }
-    Ok(Range {
+    let range = Range {
         subnet,
         start,
         end,
         gateway,
-    })
+    };
+    if range.capacity() == 0 {
+        return Err(
+            CniError::invalid_config(format!("range {} has no address for a pod", range.describe())).with_details(
+                "rangeStart..rangeEnd holds only the network, broadcast or gateway address; widen the range",
+            ),
+        );
+    }
+    Ok(range)
 }
 
 fn check_overlaps(sets: &[RangeSet]) -> Result<(), CniError> {
@@ -233,6 +249,14 @@ mod tests {
     }
 
     #[test]
+    fn the_smallest_subnets_hold_a_gateway_and_one_pod() {
+        for subnet in ["10.1.0.0/30", "fd00::/126"] {
+            let c = parse(json!({"type": "x", "subnet": subnet})).unwrap();
+            assert!(crate::allocator::capacity(&c.range_sets[0]) >= 1, "{subnet}");
+        }
+    }
+
+    #[test]
     fn bad_configs_are_code_7_with_a_reason() {
         for (v, needle) in [
             (json!({"type": "x"}), "no ranges"),
@@ -240,6 +264,21 @@ mod tests {
             (json!({"type": "x", "subnet": "banana"}), "invalid subnet"),
             (json!({"type": "x", "subnet": "10.1.0.5/24"}), "host bits"),
             (json!({"type": "x", "subnet": "10.1.0.0/31"}), "too small"),
+            (json!({"type": "x", "subnet": "10.1.0.0/32"}), "too small"),
+            (json!({"type": "x", "subnet": "fd00::/127"}), "too small"),
+            (json!({"type": "x", "subnet": "0.0.0.0/0"}), "covers every address"),
+            (
+                json!({"type": "x", "ranges": [[{"subnet": "::/0"}]]}),
+                "covers every address",
+            ),
+            (
+                json!({"type": "x", "subnet": "10.1.0.0/30", "rangeStart": "10.1.0.1", "rangeEnd": "10.1.0.1"}),
+                "no address for a pod",
+            ),
+            (
+                json!({"type": "x", "subnet": "fd00::/126", "rangeStart": "fd00::1", "rangeEnd": "fd00::1"}),
+                "no address for a pod",
+            ),
             (
                 json!({"type": "x", "subnet": "10.1.0.0/24", "rangeStart": "10.2.0.1"}),
                 "outside",

@@ -1,3 +1,3 @@
 fn main() {
-    trellis_cni::skel::run(trellis_ipam::IpamPlugin)
+    trellis_cni::skel::run(trellis_ipam::IpamPlugin::new())
 }

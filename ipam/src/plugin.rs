@@ -1,4 +1,16 @@
 //! The CNI verbs of `trellis-ipam`.
+//!
+//! **ADD reserves nothing for a plugin that is gone.** A runtime that gives up on an ADD kills
+//! the main plugin and runs DEL; if this process (the main plugin's child) went on and reserved
+//! after that DEL, the address would leak until GC or a reboot. `trellis` ties its delegates'
+//! lives to its own (`PR_SET_PDEATHSIG`, see `trellis_cni::delegate`), but other main plugins
+//! (the reference ones, in Go) do not. So ADD also checks, once it holds the store's lock and
+//! before it writes anything, that its parent is still the process that started it: a dead
+//! parent's children are re-parented (`getppid` changes) before the runtime can see it die, so
+//! either the check sees the death, or the runtime's DEL comes later and must wait for the lock
+//! held through the reservation, and then finds it. The parent is read when the process starts
+//! ([`IpamPlugin::new`]); a parent that died before even that is not seen (a window of one
+//! `exec`, which `trellis` closes on its side).
 
 use crate::allocator::{allocate, exhausted, free};
 use crate::config::IpamConfig;
@@ -8,7 +20,40 @@ use std::collections::HashSet;
 use trellis_cni::{code, CniError, CniResult, Context, Plugin};
 
 /// The IPAM plugin. It reads only the `ipam` section and the network name of the config.
-pub struct IpamPlugin;
+pub struct IpamPlugin {
+    /// The process that started this one (see the module notes).
+    parent: libc::pid_t,
+}
+
+impl IpamPlugin {
+    /// To be made first thing in `main`: remembers the parent process.
+    #[allow(clippy::new_without_default)] // reading the parent now is the point
+    pub fn new() -> IpamPlugin {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        IpamPlugin {
+            parent: unsafe { libc::getppid() },
+        }
+    }
+
+    /// Refuses to reserve once the plugin that asked has exited (see the module notes).
+    fn parent_still_waits(&self) -> Result<(), CniError> {
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } == self.parent {
+            return Ok(());
+        }
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "the plugin that ran this ADD (process {}) has exited: reserving nothing",
+                self.parent
+            ),
+        )
+        .with_details(
+            "its runtime gave up on this ADD and runs (or ran) DEL; a reservation made now would leak. \
+             A retried ADD gets an address",
+        ))
+    }
+}
 
 /// No fields of its own at the top level of the network config.
 #[derive(Deserialize)]
@@ -27,6 +72,7 @@ impl Plugin for IpamPlugin {
         let conf = ipam_config(ctx)?;
         let store = Store::open(&conf.data_dir, &ctx.conf.name)?;
         let mut locked = store.lock()?;
+        self.parent_still_waits()?;
         let ips = allocate(&mut locked, &conf, &ctx.env.container_id, &ctx.env.ifname)?;
         locked.close()?;
         Ok(CniResult {

@@ -53,6 +53,20 @@ impl Range {
         false
     }
 
+    /// How many addresses of the range a pod can get: all but the network address, the IPv4
+    /// broadcast address and the gateway, where they fall inside it.
+    pub fn capacity(&self) -> u128 {
+        let mut special: Vec<IpAddr> = vec![self.subnet.network()];
+        if self.subnet.is_ipv4() {
+            special.push(self.subnet.broadcast());
+        }
+        special.extend(self.gateway);
+        special.sort();
+        special.dedup();
+        let inside = special.iter().filter(|&&ip| self.contains(ip)).count() as u128;
+        self.len().saturating_sub(inside)
+    }
+
     pub fn overlaps(&self, other: &Range) -> bool {
         self.start.is_ipv4() == other.start.is_ipv4()
             && to_u128(self.start) <= to_u128(other.end)

@@ -10,7 +10,8 @@
 //! Trellis adds a folder `.trellis/` that host-local ignores (its scans read every file, but no
 //! file there holds `<id>\r\n<ifname>` once a write has finished):
 //! - `index/<container id>:<ifname>`: the addresses of one attachment, so DEL is O(1) instead of
-//!   reading every reservation as host-local does. `:` can appear in neither part. The index is a
+//!   reading every reservation as host-local does. `:` can appear in neither part. A container ID
+//!   too long for a file name is shortened to its start and a hash of the whole. The index is a
 //!   hint: a reservation file is the truth, and an address is released only when its file still
 //!   names the attachment.
 //! - `state`: the boot ID, the folder's mtime and the `last_reserved_ip` values as of Trellis's
@@ -28,6 +29,11 @@
 //! a plugin killed at any point leaves a whole reservation that DEL finds, or none. Nothing is
 //! fsync'ed: after a power loss the node reboots and every reservation is stale anyway.
 //!
+//! Failure safety: `tmp-reservation` is written *before* the index entry, once for all the
+//! addresses of the call (each is a hard link of it). It is the step that a planted symlink or a
+//! full disk refuses, and until the index is written nothing counts: a refused ADD leaves the
+//! store as it found it, with nothing to undo.
+//!
 //! Every file is opened with `O_NOFOLLOW` and the folders are checked not to be symlinks, so a
 //! symlink planted in the data dir cannot make the plugin read or write elsewhere.
 
@@ -38,6 +44,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+use trellis_cni::env::{bounded_container_id, MAX_IFNAME_LEN};
 use trellis_cni::{code, CniError};
 
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
@@ -236,8 +243,14 @@ fn parse_owner(content: &str) -> (String, String) {
     }
 }
 
+/// The longest file name (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// An index entry's file name: `<container id>:<ifname>`, the ID shortened when the whole would
+/// not fit in a file name (the spec does not limit an ID's length; an ifname has 15 bytes).
 fn index_key(container_id: &str, ifname: &str) -> String {
-    format!("{container_id}:{ifname}")
+    let id = bounded_container_id(container_id, NAME_MAX - 1 - ifname.len().min(MAX_IFNAME_LEN));
+    format!("{id}:{ifname}")
 }
 
 /// Whether a name read from disk may be used as part of an index file name.
@@ -365,7 +378,7 @@ impl Locked<'_> {
             by_owner.entry((r.container_id, r.ifname)).or_default().push(r.ip);
         }
         for ((id, ifname), ips) in by_owner {
-            if safe_key_part(&id) && (ifname.is_empty() || safe_key_part(&ifname)) {
+            if safe_key_part(&id) && (ifname.is_empty() || safe_key_part(&ifname) && ifname.len() <= MAX_IFNAME_LEN) {
                 self.write_index(&id, &ifname, &ips)?;
             }
         }
@@ -463,7 +476,8 @@ impl Locked<'_> {
     }
 
     /// Reserves `new` (range set index, address) for the attachment, which already holds `held`.
-    /// The index is written first, so a crash after any reservation still lets DEL find it.
+    /// The index is written first, so a crash after any reservation still lets DEL find it; the
+    /// reservation's content is written before the index, so a refusal there leaves nothing.
     pub fn reserve(
         &mut self,
         container_id: &str,
@@ -471,32 +485,55 @@ impl Locked<'_> {
         held: &[IpAddr],
         new: &[(usize, IpAddr)],
     ) -> Result<(), CniError> {
+        let tmp = self.meta("tmp-reservation");
+        let written = open_nofollow(&tmp, true)
+            .and_then(|mut f| f.write_all(format!("{container_id}\r\n{ifname}").as_bytes()))
+            .map_err(|e| {
+                store_err(format!("cannot write {}", tmp.display()), &e).with_details(format!(
+                    "{e}; if {} is a symlink, remove it: the store never writes through one",
+                    tmp.display()
+                ))
+            });
+        if let Err(e) = written {
+            // Ours to remove only if we created it: a symlink (ELOOP) is left for its owner.
+            if fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_file()) {
+                let _ = fs::remove_file(&tmp);
+            }
+            return Err(e);
+        }
         let all: Vec<IpAddr> = held.iter().copied().chain(new.iter().map(|&(_, ip)| ip)).collect();
         self.dirty = true;
-        self.write_index(container_id, ifname, &all)?;
-        let tmp = self.meta("tmp-reservation");
-        for (n, &(set, ip)) in new.iter().enumerate() {
-            let mut f =
-                open_nofollow(&tmp, true).map_err(|e| store_err(format!("cannot write {}", tmp.display()), &e))?;
-            f.write_all(format!("{container_id}\r\n{ifname}").as_bytes())
-                .map_err(|e| store_err(format!("cannot write {}", tmp.display()), &e))?;
-            drop(f);
-            let linked = fs::hard_link(&tmp, self.dir().join(ip.to_string()));
-            let _ = fs::remove_file(&tmp);
-            if let Err(e) = linked {
-                // Undo this call's earlier reservations before reporting.
-                for &(_, done) in &new[..n] {
-                    self.remove_reservation(done)?;
+        let linked = self.write_index(container_id, ifname, &all).and_then(|()| {
+            for (n, &(set, ip)) in new.iter().enumerate() {
+                if let Err(e) = fs::hard_link(&tmp, self.dir().join(ip.to_string())) {
+                    // Undo this call's earlier reservations before reporting.
+                    for &(_, done) in &new[..n] {
+                        self.remove_reservation(done)?;
+                    }
+                    self.restore_index(container_id, ifname, held)?;
+                    return Err(store_err(format!("cannot reserve {ip}"), &e));
                 }
-                self.write_index(container_id, ifname, held)?;
-                return Err(store_err(format!("cannot reserve {ip}"), &e));
+                self.write_in_place(
+                    &self.dir().join(format!("{LAST_RESERVED_PREFIX}{set}")),
+                    &ip.to_string(),
+                )?;
             }
-            self.write_in_place(
-                &self.dir().join(format!("{LAST_RESERVED_PREFIX}{set}")),
-                &ip.to_string(),
-            )?;
+            Ok(())
+        });
+        let _ = fs::remove_file(&tmp);
+        linked
+    }
+
+    /// Puts an attachment's index entry back to `held` (none when it holds nothing).
+    fn restore_index(&self, container_id: &str, ifname: &str, held: &[IpAddr]) -> Result<(), CniError> {
+        if !held.is_empty() {
+            return self.write_index(container_id, ifname, held);
         }
-        Ok(())
+        let p = self.index_path(container_id, ifname);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(store_err(format!("cannot remove {}", p.display()), &e)),
+            _ => Ok(()),
+        }
     }
 
     fn remove_reservation(&mut self, ip: IpAddr) -> Result<(), CniError> {

@@ -52,6 +52,26 @@ fn bad_configs_get_the_right_code_and_write_nothing() {
             "invalid subnet",
         ),
         (
+            ok(json!({"ranges": [[{"subnet": "0.0.0.0/0"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "every address",
+        ),
+        (
+            ok(json!({"subnet": "::/0"})),
+            code::INVALID_NETWORK_CONFIG,
+            "every address",
+        ),
+        (
+            ok(json!({"ranges": [[{"subnet": "fd00:40::/127"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "too small",
+        ),
+        (
+            ok(json!({"ranges": [[{"subnet": "10.40.0.0/24", "rangeStart": "10.40.0.1", "rangeEnd": "10.40.0.1"}]]})),
+            code::INVALID_NETWORK_CONFIG,
+            "no address",
+        ),
+        (
             ok(json!({"ranges": [[{"subnet": "10.40.0.0/24"}], [{"subnet": "10.40.0.128/25"}]]})),
             code::INVALID_NETWORK_CONFIG,
             "overlap",
@@ -226,4 +246,31 @@ fn a_symlink_planted_in_the_data_dir_is_refused() {
     std::os::unix::fs::symlink(&victim, dir.path().join("real/last_reserved_ip.0")).unwrap();
     assert_eq!(call(&ipam_bin(), "ADD", &conf, "c1").ips(), ["10.43.0.3"]);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+}
+
+#[test]
+fn a_symlink_planted_at_the_temporary_reservation_leaves_nothing_behind() {
+    require_root();
+    let dir = TempDir::new("bad");
+    let target = TempDir::new("target");
+    let conf = config(
+        "1.0.0",
+        "tmp",
+        dir.path(),
+        "trellis-ipam",
+        json!({"ranges": [[{"subnet": "10.44.0.0/24"}], [{"subnet": "fd00:44::/64"}]]}),
+    );
+    call(&ipam_bin(), "ADD", &conf, "c0").ok();
+    let victim = target.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("tmp/.trellis/tmp-reservation")).unwrap();
+    let before = tree(dir.path());
+    let out = call(&ipam_bin(), "ADD", &conf, "c1");
+    assert_eq!(out.err_code(), code::STORE as u64, "{}", out.stdout);
+    assert!(out.stdout.contains("tmp-reservation"), "{}", out.stdout);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert_eq!(tree(dir.path()), before, "the refused ADD left something behind");
+    // The store still works for everyone else once the symlink is gone.
+    std::fs::remove_file(dir.path().join("tmp/.trellis/tmp-reservation")).unwrap();
+    assert_eq!(call(&ipam_bin(), "ADD", &conf, "c1").ips().len(), 2);
 }

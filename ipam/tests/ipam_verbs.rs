@@ -166,6 +166,14 @@ fn gc_releases_everything_not_in_valid_attachments() {
         code::INVALID_NETWORK_CONFIG as u64
     );
     assert_eq!(reserved(dir.path(), "gc").len(), 2);
+    // `null` is what Go runtimes (libcni) send once the node has no pod left: none is in use.
+    conf["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    call(&ipam_bin(), "GC", &conf, "").ok();
+    assert!(
+        reserved(dir.path(), "gc").is_empty(),
+        "{:?}",
+        reserved(dir.path(), "gc")
+    );
 }
 
 #[test]
@@ -211,4 +219,42 @@ fn del_of_something_never_added_succeeds_and_creates_nothing() {
     );
     call(&ipam_bin(), "DEL", &conf, "ghost").ok();
     assert!(tree(dir.path()).is_empty());
+}
+
+#[test]
+fn container_ids_of_hundreds_of_characters_are_reserved_found_and_released() {
+    // The spec does not limit a container ID's length; a file name holds 255 bytes.
+    require_root();
+    let dir = TempDir::new("ipam");
+    let conf = config(
+        "1.1.0",
+        "long",
+        dir.path(),
+        "trellis-ipam",
+        json!({"subnet": "10.25.0.0/24"}),
+    );
+    let long = |last: char| "0123456789abcdef".repeat(25) + &last.to_string();
+    let (a, b) = (long('a'), long('b'));
+    let ip_a = call(&ipam_bin(), "ADD", &conf, &a).ips();
+    let ip_b = call(&ipam_bin(), "ADD", &conf, &b).ips();
+    assert_ne!(ip_a, ip_b);
+    assert_eq!(
+        call(&ipam_bin(), "ADD", &conf, &a).ips(),
+        ip_a,
+        "a retried ADD got another address"
+    );
+    // A reservation host-local made for a long ID: the index is rebuilt from it.
+    std::fs::write(dir.path().join("long/10.25.0.200"), format!("{}\r\neth0", long('c'))).unwrap();
+    call(&ipam_bin(), "ADD", &conf, "short").ok();
+    call(&ipam_bin(), "DEL", &conf, &a).ok();
+    assert!(!reserved(dir.path(), "long").contains(&ip_a[0]));
+    assert!(reserved(dir.path(), "long").contains(&ip_b[0]));
+    for id in [b.as_str(), &long('c'), "short"] {
+        call(&ipam_bin(), "DEL", &conf, id).ok();
+    }
+    assert!(
+        reserved(dir.path(), "long").is_empty(),
+        "{:?}",
+        reserved(dir.path(), "long")
+    );
 }

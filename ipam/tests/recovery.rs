@@ -152,3 +152,49 @@ fn plugins_killed_at_random_moments_leave_whole_reservations_that_del_removes() 
         reserved(dir.path(), "kill")
     );
 }
+
+#[test]
+fn an_add_whose_calling_plugin_was_killed_reserves_nothing() {
+    // The calling plugin here is a shell, which (like a Go plugin) does nothing to take its
+    // children down with it: trellis-ipam itself must notice, under the store's lock, that the
+    // plugin it answers to is gone, and reserve nothing (its runtime has moved on to DEL).
+    require_root();
+    let dir = TempDir::new("rec");
+    let conf = config(
+        "1.0.0",
+        "orphan",
+        dir.path(),
+        "trellis-ipam",
+        json!({"ranges": [[{"subnet": "10.54.0.0/24"}], [{"subnet": "fd00:54::/64"}]]}),
+    );
+    call(&ipam_bin(), "ADD", &conf, "c0").ok();
+    let before = tree(dir.path());
+    let conf_file = dir.path().join("conf.json");
+    std::fs::write(&conf_file, conf.to_string()).unwrap();
+    let lock = dir.path().join("orphan/lock");
+    for i in 0..10 {
+        let held = trellis_tests::process::HeldLock::take(&lock);
+        let mut plugin = std::process::Command::new("sh")
+            .args(["-c", "\"$0\" < \"$1\" > /dev/null; exit $?"])
+            .arg(ipam_bin())
+            .arg(&conf_file)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("orphan{i}"))
+            .env("CNI_NETNS", "/x")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/x")
+            .spawn()
+            .unwrap();
+        let ipam = held.stall_child(plugin.id(), "trellis-ipam");
+        plugin.kill().unwrap();
+        plugin.wait().unwrap();
+        call(&ipam_bin(), "DEL", &conf, &format!("orphan{i}")).ok();
+        ipam.resume();
+    }
+    std::fs::remove_file(&conf_file).unwrap();
+    assert_eq!(
+        tree(dir.path()),
+        before,
+        "an ADD whose plugin was killed reserved after its DEL"
+    );
+}

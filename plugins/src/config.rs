@@ -8,6 +8,7 @@
 //! The names are the reference `bridge` plugin's, so an operator's config works after changing
 //! `type`; the defaults are its defaults too.
 
+use crate::names::MAX_NETWORK_LEN;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use trellis_cni::env::validate_ifname;
@@ -91,6 +92,13 @@ pub struct Config {
 impl Config {
     pub fn from_netconf(conf: &NetConf<PluginFields>) -> Result<Config, CniError> {
         let p = &conf.plugin;
+        if conf.name.len() > MAX_NETWORK_LEN {
+            return Err(CniError::invalid_config(format!(
+                "the network name is {} characters long; trellis allows at most {MAX_NETWORK_LEN}",
+                conf.name.len()
+            ))
+            .with_details("every host end and hostPort is labelled with it, and the kernel limits those labels; use a shorter name"));
+        }
         if p.mode == Mode::Bridge {
             validate_ifname(&p.bridge).map_err(|e| {
                 CniError::invalid_config(format!("invalid bridge name {:?}", p.bridge)).with_details(e.details)

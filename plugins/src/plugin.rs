@@ -3,7 +3,7 @@
 //! printed. DEL always releases the reservation, whatever else happened.
 
 use crate::config::{Config, PluginFields};
-use crate::wire;
+use crate::{sandbox, wire};
 use trellis_cni::delegate;
 use trellis_cni::{code, CniError, CniResult, Command, Context, Plugin};
 
@@ -20,6 +20,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
         .map_err(|e| CniError::new(code::IO, "cannot start the netlink runtime").with_details(e.to_string()))
 }
 
+/// `CNI_NETNS`, which the skeleton requires for ADD and CHECK.
+fn pod_netns(ctx: &Ctx) -> &std::path::Path {
+    ctx.env
+        .netns
+        .as_deref()
+        .expect("the skeleton requires CNI_NETNS for ADD and CHECK")
+}
+
 /// Appends a follow-up failure (from an undo) to the error being reported.
 fn also(mut e: CniError, what: &str, r: Result<(), CniError>) -> CniError {
     if let Err(f) = r {
@@ -29,30 +37,41 @@ fn also(mut e: CniError, what: &str, r: Result<(), CniError>) -> CniError {
     e
 }
 
+/// Whether the IPAM result can be wired: at least one address, and none with a /0 prefix, which
+/// would put every destination on the pod network (the pod's "subnet" route and, on the
+/// bridge, a prefix route competing with the node's default route). trellis-ipam refuses such
+/// a subnet in its config; another IPAM plugin may not.
+fn usable(ipam_type: &str, ipam: &CniResult) -> Result<(), CniError> {
+    if ipam.ips.is_empty() {
+        return Err(CniError::new(
+            code::DELEGATE,
+            format!("{ipam_type} returned no address"),
+        ));
+    }
+    if let Some(ip) = ipam.ips.iter().find(|i| i.address.prefix() == 0) {
+        return Err(CniError::invalid_config(format!(
+            "{ipam_type} gave {}: a /0 pod subnet covers every address",
+            ip.address
+        ))
+        .with_details("give the IPAM range the node's pod CIDR (like 10.244.1.0/24 or fd00:10:244:1::/64), not a /0"));
+    }
+    Ok(())
+}
+
 impl Plugin for TrellisPlugin {
     type Config = PluginFields;
 
     fn add(&self, ctx: &Ctx) -> Result<CniResult, CniError> {
+        // Everything that can be refused is refused before IPAM: nothing to release then.
         let conf = Config::from_netconf(&ctx.conf)?;
-        let netns = ctx
-            .env
-            .netns
-            .as_deref()
-            .expect("the skeleton requires CNI_NETNS for ADD");
-        if !netns.exists() {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("CNI_NETNS {} does not exist", netns.display()),
-            )
-            .with_details("the runtime must create the pod's network namespace before ADD"));
-        }
+        sandbox::check(pod_netns(ctx))?;
+        let rt = runtime()?;
+        rt.block_on(wire::preflight(&conf))?;
         let ipam = delegate::add(&conf.ipam_type, &ctx.raw, &ctx.env)?;
         let release = || delegate::call(&conf.ipam_type, Command::Del, &ctx.raw, &ctx.env);
-        if ipam.ips.is_empty() {
-            let e = CniError::new(code::DELEGATE, format!("{} returned no address", conf.ipam_type));
+        if let Err(e) = usable(&conf.ipam_type, &ipam) {
             return Err(also(e, "releasing the reservation", release()));
         }
-        let rt = runtime()?;
         let mut created = wire::Created::default();
         let wired = rt.block_on(wire::add(
             &conf,
@@ -92,6 +111,7 @@ impl Plugin for TrellisPlugin {
             CniError::invalid_config("CHECK needs prevResult")
                 .with_details("the runtime passes the ADD result as prevResult")
         })?;
+        sandbox::check(pod_netns(ctx))?;
         delegate::call(&conf.ipam_type, Command::Check, &ctx.raw, &ctx.env)?;
         runtime()?.block_on(wire::check(&conf, &ctx.conf.name, &ctx.env, &prev))
     }

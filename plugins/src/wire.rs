@@ -16,6 +16,7 @@
 use crate::config::{Config, Mode};
 use crate::names;
 use ipnetwork::IpNetwork;
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
@@ -61,8 +62,33 @@ fn is_default(dst: &IpNetwork) -> bool {
 pub struct Created {
     /// The bridge, if this ADD created it.
     pub bridge: Option<u32>,
+    /// Gateway addresses this ADD gave a bridge that already existed.
+    pub gateways: Option<GivenGateways>,
     /// Whether hostPorts may have been mapped.
     pub hostports: bool,
+}
+
+/// Gateway addresses an ADD added to an existing bridge, and the bridge's ports before it did.
+pub struct GivenGateways {
+    pub bridge: u32,
+    pub addresses: Vec<IpNetwork>,
+    pub ports_before: Vec<u32>,
+}
+
+/// The indexes of the links that are ports of `bridge`.
+async fn ports_of(host: &Netlink, bridge: u32) -> Result<Vec<u32>, CniError> {
+    Ok(host
+        .links()
+        .await
+        .map_err(kernel)?
+        .into_iter()
+        .filter(|l| l.master == Some(bridge))
+        .map(|l| l.index)
+        .collect())
+}
+
+fn anti_spoofing_error(e: trellis_net::nft::NftError) -> CniError {
+    CniError::new(code::KERNEL, format!("anti-spoofing: {e}"))
 }
 
 fn hostport_error(e: trellis_net::nft::NftError) -> CniError {
@@ -185,6 +211,19 @@ fn interface(l: &LinkInfo, mtu: Option<u32>, sandbox: Option<&Path>) -> Interfac
     }
 }
 
+/// What ADD can refuse before IPAM runs: a device that holds the bridge's name and is not a
+/// bridge (checked again, for a race, when the bridge is used).
+pub async fn preflight(conf: &Config) -> Result<(), CniError> {
+    if conf.mode != Mode::Bridge {
+        return Ok(());
+    }
+    let host = Netlink::connect().map_err(kernel)?;
+    match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
+        Some(l) => check_is_bridge(&l),
+        None => Ok(()),
+    }
+}
+
 /// Creates the bridge or reuses it (refusing a non-bridge device of that name), brings it up and
 /// gives it the gateway addresses when `isGateway`.
 async fn ensure_bridge(
@@ -236,12 +275,28 @@ async fn ensure_bridge(
         host.set_link_promisc(br.index, true).await.map_err(kernel)?;
     }
     if conf.is_gateway {
+        // Addresses the bridge had are not ours to take back on failure; a bridge this ADD
+        // created goes as a whole.
+        let had = match created.bridge {
+            Some(_) => Vec::new(),
+            None => host.addresses(br.index).await.map_err(kernel)?,
+        };
         for ip in &ipam.ips {
             let gw = ip.gateway.ok_or_else(|| {
                 CniError::invalid_config(format!("isGateway is set but IPAM gave no gateway for {}", ip.address))
                     .with_details("give the IPAM range a \"gateway\", or set isGateway to false")
             })?;
             let addr = IpNetwork::new(gw, ip.address.prefix()).expect("prefix from IPAM");
+            if created.bridge.is_none() && !had.iter().any(|a| a.address == addr) {
+                if created.gateways.is_none() {
+                    created.gateways = Some(GivenGateways {
+                        bridge: br.index,
+                        addresses: Vec::new(),
+                        ports_before: ports_of(host, br.index).await?,
+                    });
+                }
+                created.gateways.as_mut().expect("set above").addresses.push(addr);
+            }
             let opts = AddressOptions {
                 nodad: gw.is_ipv6(),
                 no_prefix_route: false,
@@ -415,17 +470,17 @@ fn masquerade(ipam: &CniResult) -> Result<(), CniError> {
 /// Maps the pod's hostPorts to its addresses in the node's table ([`HostPorts`]); a host port
 /// another pod holds is refused, naming that pod.
 fn map_host_ports(conf: &Config, network: &str, env: &Env, ipam: &CniResult) -> Result<(), CniError> {
-    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    let owners = names::hostport_owners(network, &env.container_id, &env.ifname);
     let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
     let hp = HostPorts::new(DEFAULT_TABLE).map_err(hostport_error)?;
-    match hp.add(&owner, &conf.port_mappings, &ips) {
+    match hp.add(&owners[0], &conf.port_mappings, &ips) {
         Ok(()) => Ok(()),
         Err(e) if e.is_exists() => {
             let held: Vec<String> = hp
                 .list()
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|m| m.owner != owner)
+                .filter(|m| !owners.contains(&m.owner))
                 .filter(|m| {
                     conf.port_mappings
                         .iter()
@@ -458,7 +513,6 @@ async fn protect(
     pod: &Netlink,
     ipam: &CniResult,
 ) -> Result<(), CniError> {
-    let guard_error = |e: trellis_net::nft::NftError| CniError::new(code::KERNEL, format!("anti-spoofing: {e}"));
     let mac = pod_end.mac.map(|m| m.0).unwrap_or_default();
     let mut ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
     ips.push(IpAddr::V6(eui64_link_local(mac)));
@@ -478,10 +532,10 @@ async fn protect(
         mac,
         ips,
     };
-    let owner = names::host_alias(network, &env.container_id, &env.ifname);
+    let owner = names::element_owner(network, &env.container_id, &env.ifname);
     AntiSpoof::new(DEFAULT_TABLE)
         .and_then(|g| g.protect(&owner, &identity))
-        .map_err(guard_error)
+        .map_err(anti_spoofing_error)
 }
 
 /// `fe80::/64` with the modified EUI-64 interface identifier of `mac` (RFC 4291 appendix A).
@@ -520,36 +574,49 @@ pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
 /// Whatever the runtime passes on DEL, the table is asked: the elements carry their owner
 /// (hostPorts, anti-spoofing).
 fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
-    let owner = names::host_alias(network, &env.container_id, &env.ifname);
-    HostPorts::new(DEFAULT_TABLE)
-        .and_then(|hp| hp.remove(&owner))
-        .map_err(hostport_error)?;
+    let hp = HostPorts::new(DEFAULT_TABLE).map_err(hostport_error)?;
+    for owner in names::hostport_owners(network, &env.container_id, &env.ifname) {
+        hp.remove(&owner).map_err(hostport_error)?;
+    }
     AntiSpoof::new(DEFAULT_TABLE)
-        .and_then(|g| g.remove(&owner))
-        .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))
+        .and_then(|g| g.remove(&names::element_owner(network, &env.container_id, &env.ifname)))
+        .map_err(anti_spoofing_error)
 }
 
-/// Undoes a failed ADD: the hostPorts, the host end, and the bridge if this ADD created it and
-/// no port uses it.
+/// Undoes a failed ADD: the hostPorts, the host end, the bridge if this ADD created it and no
+/// port uses it, and the gateway addresses it gave an existing bridge unless a pod joined the
+/// bridge since (a concurrent ADD of the same network, which relies on them).
 pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
     teardown(network, env).await?;
+    let host = Netlink::connect().map_err(kernel)?;
     if let Some(bridge) = created.bridge {
-        let host = Netlink::connect().map_err(kernel)?;
-        let ports = host
-            .links()
-            .await
-            .map_err(kernel)?
-            .into_iter()
-            .filter(|l| l.master == Some(bridge))
-            .count();
-        if ports == 0 {
+        if ports_of(&host, bridge).await?.is_empty() {
             host.del_link(bridge).await.map_err(kernel)?;
+        }
+    }
+    if let Some(given) = &created.gateways {
+        let joined = ports_of(&host, given.bridge)
+            .await?
+            .iter()
+            .any(|p| !given.ports_before.contains(p));
+        if !joined {
+            for &addr in &given.addresses {
+                host.del_address(given.bridge, addr).await.map_err(kernel)?;
+            }
         }
     }
     Ok(())
 }
 
-/// CHECK: the host end, the pod end, and every address and route of `prev` are in place.
+/// A link CHECK found administratively down: the pod is cut off through it.
+fn down(what: String, up_with: String) -> CniError {
+    CniError::new(code::CHECK_MISMATCH, format!("{what} is down")).with_details(format!(
+        "the pod is cut off from the node while it is; bring it up ({up_with}) or recreate the pod"
+    ))
+}
+
+/// CHECK: the host end, the pod end (both up), the bridge (up) or the node's routes to the pod,
+/// and every address and route of `prev` are in place.
 pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) -> Result<(), CniError> {
     let mismatch = |msg: String| CniError::new(code::CHECK_MISMATCH, msg);
     let netns = env.netns.as_deref().expect("CHECK has CNI_NETNS");
@@ -561,10 +628,24 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             env.container_id, env.ifname
         ))
     })?;
+    if !host_end.up {
+        return Err(down(
+            format!("host end {host_name} of {} {}", env.container_id, env.ifname),
+            format!("ip link set {host_name} up"),
+        ));
+    }
     if conf.mode == Mode::Bridge {
         let br = host.link_by_name(&conf.bridge).await.map_err(kernel)?;
-        if br.is_none_or(|b| host_end.master != Some(b.index)) {
-            return Err(mismatch(format!("{host_name} is not a port of bridge {}", conf.bridge)));
+        match br {
+            Some(b) if host_end.master == Some(b.index) => {
+                if !b.up {
+                    return Err(down(
+                        format!("bridge {}", conf.bridge),
+                        format!("ip link set {} up", conf.bridge),
+                    ));
+                }
+            }
+            _ => return Err(mismatch(format!("{host_name} is not a port of bridge {}", conf.bridge))),
         }
     }
     let pod = Netlink::connect_in(netns).map_err(kernel)?;
@@ -573,6 +654,12 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
         .await
         .map_err(kernel)?
         .ok_or_else(|| mismatch(format!("interface {} is missing in {}", env.ifname, netns.display())))?;
+    if !pod_end.up {
+        return Err(down(
+            format!("interface {} in {}", env.ifname, netns.display()),
+            format!("ip -n {} link set {} up", netns.display(), env.ifname),
+        ));
+    }
     let have = pod.addresses(pod_end.index).await.map_err(kernel)?;
     let ours = |i: &IpConfig| {
         i.interface
@@ -593,8 +680,11 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             )));
         }
     }
+    if conf.mode == Mode::Routed {
+        check_host_routes(&host, &host_end, prev.ips.iter().filter(|i| ours(i))).await?;
+    }
     if !conf.port_mappings.is_empty() {
-        let owner = names::host_alias(network, &env.container_id, &env.ifname);
+        let owners = names::hostport_owners(network, &env.container_id, &env.ifname);
         let mapped = HostPorts::new(DEFAULT_TABLE)
             .and_then(|hp| hp.list())
             .map_err(hostport_error)?;
@@ -602,7 +692,7 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
             for p in &conf.port_mappings {
                 if !mapped
                     .iter()
-                    .any(|m| m.owner == owner && m.mapping == *p && m.pod_ip == ip)
+                    .any(|m| owners.contains(&m.owner) && m.mapping == *p && m.pod_ip == ip)
                 {
                     return Err(mismatch(format!(
                         "hostPort {}/{} -> {ip}:{} is not mapped",
@@ -615,10 +705,10 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
         }
     }
     if conf.anti_spoofing {
-        let owner = names::host_alias(network, &env.container_id, &env.ifname);
+        let owner = names::element_owner(network, &env.container_id, &env.ifname);
         let protected = AntiSpoof::new(DEFAULT_TABLE)
             .and_then(|g| g.owners())
-            .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))?;
+            .map_err(anti_spoofing_error)?;
         if !protected.iter().any(|(o, _)| *o == owner) {
             return Err(mismatch(format!(
                 "{host_name} is not under anti-spoofing protection (set {} of table {DEFAULT_TABLE})",
@@ -648,46 +738,72 @@ pub async fn check(conf: &Config, network: &str, env: &Env, prev: &CniResult) ->
     Ok(())
 }
 
-/// STATUS: can an ADD work? Not when a non-bridge device holds the bridge's name.
-pub async fn status(conf: &Config) -> Result<(), CniError> {
-    if conf.mode != Mode::Bridge {
-        return Ok(());
-    }
-    let host = Netlink::connect().map_err(kernel)?;
-    match host.link_by_name(&conf.bridge).await.map_err(kernel)? {
-        Some(l) => {
-            check_is_bridge(&l).map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details))
+/// Routed mode: the node reaches each pod address by one host route through the host end.
+async fn check_host_routes(
+    host: &Netlink,
+    host_end: &LinkInfo,
+    ips: impl Iterator<Item = &IpConfig>,
+) -> Result<(), CniError> {
+    let filter = RouteFilter {
+        oif: Some(host_end.index),
+        ..Default::default()
+    };
+    let routes = host.routes(&filter).await.map_err(kernel)?;
+    for ip in ips {
+        let dst = single_host(ip.address.ip());
+        if !routes.iter().any(|r| r.destination == dst && r.gateway.is_none()) {
+            return Err(CniError::new(
+                code::CHECK_MISMATCH,
+                format!("host route {dst} dev {} is missing", host_end.name),
+            )
+            .with_details(format!(
+                "the node cannot reach the pod without it (routed mode); recreate the pod, or add it back: \
+                     ip route add {dst} dev {} scope link proto {HOST_ROUTE_PROTOCOL}",
+                host_end.name
+            )));
         }
-        None => Ok(()),
     }
+    Ok(())
 }
 
-/// GC: deletes this network's host ends and hostPorts whose attachment is not in `valid`.
+/// STATUS: can an ADD work? Not when a non-bridge device holds the bridge's name.
+pub async fn status(conf: &Config) -> Result<(), CniError> {
+    preflight(conf).await.map_err(|e| match e.code {
+        code::INVALID_NETWORK_CONFIG => CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details),
+        _ => e,
+    })
+}
+
+/// GC: deletes this network's host ends, hostPorts and anti-spoofing elements whose attachment
+/// is not in `valid`.
+/// Labels are compared whole, as ADD wrote them, so a shortened (long) container ID is matched
+/// too.
 pub async fn gc(network: &str, valid: &[trellis_cni::Attachment]) -> Result<Vec<String>, CniError> {
-    let is_valid = |cid: &str, ifname: &str| valid.iter().any(|a| a.container_id == cid && a.ifname == ifname);
+    let labels: HashSet<String> = valid
+        .iter()
+        .map(|a| names::host_alias(network, &a.container_id, &a.ifname))
+        .collect();
+    let owners: HashSet<String> = valid
+        .iter()
+        .flat_map(|a| names::hostport_owners(network, &a.container_id, &a.ifname))
+        .collect();
+    let stale = |in_use: &HashSet<String>, label: &str| names::is_of_network(label, network) && !in_use.contains(label);
     let mut removed: Vec<String> = HostPorts::new(DEFAULT_TABLE)
-        .and_then(|hp| {
-            hp.remove_where(|owner| names::parse_alias(owner, network).is_none_or(|(cid, ifn)| is_valid(cid, ifn)))
-        })
+        .and_then(|hp| hp.remove_where(|owner| !stale(&owners, owner)))
         .map_err(hostport_error)?
         .into_iter()
         .map(|owner| format!("hostPorts of {owner}"))
         .collect();
     let unprotected = AntiSpoof::new(DEFAULT_TABLE)
-        .and_then(|g| {
-            g.remove_where(|owner| names::parse_alias(owner, network).is_none_or(|(cid, ifn)| is_valid(cid, ifn)))
-        })
-        .map_err(|e| CniError::new(code::KERNEL, format!("anti-spoofing: {e}")))?;
+        .and_then(|g| g.remove_where(|owner| !stale(&owners, owner)))
+        .map_err(anti_spoofing_error)?;
     removed.extend(unprotected.into_iter().map(|owner| format!("anti-spoofing of {owner}")));
     let host = Netlink::connect().map_err(kernel)?;
     for l in host.links().await.map_err(kernel)? {
         if !l.name.starts_with(names::HOST_PREFIX) {
             continue;
         }
-        let Some((cid, ifname)) = l.alias.as_deref().and_then(|a| names::parse_alias(a, network)) else {
-            continue;
-        };
-        if !is_valid(cid, ifname) {
+        if l.alias.as_deref().is_some_and(|a| stale(&labels, a)) {
             host.del_link(l.index).await.map_err(kernel)?;
             removed.push(l.name);
         }

@@ -129,3 +129,106 @@ fn a_missing_namespace_or_ipam_plugin_or_bad_config_changes_nothing() {
     assert_same(&before, &node.snapshot(), "a refused ADD changed the node");
     assert!(!pod.exec(&["ip", "link", "show", "eth0"]).status.success());
 }
+
+#[test]
+fn add_into_the_nodes_own_namespace_is_refused_and_changes_nothing() {
+    // A runtime bug (or a hostNetwork pod sent through CNI) passes the node's own namespace as
+    // the pod's: wiring it would replace the node's default route, and DEL would then leave the
+    // node with none.
+    let (node, conf) = warm_node("bridge");
+    node.ns
+        .exec_ok(&["ip", "link", "add", "tup0", "type", "veth", "peer", "name", "tup0p"]);
+    node.ns.exec_ok(&["ip", "link", "set", "tup0p", "up"]);
+    node.ns.exec_ok(&["ip", "link", "set", "tup0", "up"]);
+    node.ns.exec_ok(&["ip", "addr", "add", "192.0.2.10/24", "dev", "tup0"]);
+    node.ns.exec_ok(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
+    let before = node.snapshot();
+    let own = node.ns.path().to_string_lossy().into_owned();
+    for mode in ["bridge", "routed"] {
+        let mut conf = conf.clone();
+        conf["mode"] = json!(mode);
+        for netns in [own.as_str(), "/proc/self/ns/net"] {
+            let out = node.call("ADD", &conf, "self", None).netns(netns).run();
+            assert_eq!(
+                out.err_code(),
+                code::INVALID_ENV as u64,
+                "{mode} {netns}: {}",
+                out.stdout
+            );
+            let v = out.json();
+            assert!(v["msg"].as_str().unwrap().contains(netns), "{mode}: {v}");
+            assert!(
+                v["msg"].as_str().unwrap().contains("own network namespace"),
+                "{mode}: {v}"
+            );
+            assert!(v["details"].as_str().is_some_and(|d| d.contains("pod")), "{mode}: {v}");
+            // What a runtime does after a failed ADD.
+            node.call("DEL", &conf, "self", None).netns(netns).run().ok();
+        }
+    }
+    assert_same(
+        &before,
+        &node.snapshot(),
+        "an ADD into the node's namespace changed the node",
+    );
+}
+
+#[test]
+fn a_cni_netns_that_is_not_a_network_namespace_is_code_4_and_changes_nothing() {
+    let (node, conf) = warm_node("bridge");
+    let dir = trellis_tests::TempDir::new("netns");
+    let file = dir.path().join("not-a-netns");
+    std::fs::write(&file, "x").unwrap();
+    let before = node.snapshot();
+    for netns in [file.as_path(), dir.path(), std::path::Path::new("/proc/self/ns/mnt")] {
+        let out = node.call("ADD", &conf, "notns", None).netns(netns).run();
+        assert_eq!(
+            out.err_code(),
+            code::INVALID_ENV as u64,
+            "{}: {}",
+            netns.display(),
+            out.stdout
+        );
+        let v = out.json();
+        assert!(v["msg"].as_str().unwrap().contains(&*netns.to_string_lossy()), "{v}");
+        assert!(
+            v["details"].as_str().is_some_and(|d| d.contains("network namespace")),
+            "{v}"
+        );
+    }
+    assert_same(&before, &node.snapshot(), "a refused ADD changed the node");
+}
+
+/// A node whose bridge exists, up, without the network's gateway addresses (made by hand, or
+/// left by a config with another subnet).
+fn node_with_a_bare_bridge() -> Node {
+    let node = Node::new();
+    node.ns.exec_ok(&["ip", "link", "add", "tbr0", "type", "bridge"]);
+    node.ns.exec_ok(&["ip", "link", "set", "tbr0", "up"]);
+    node
+}
+
+#[test]
+fn a_failed_add_removes_the_gateway_addresses_it_gave_an_existing_bridge() {
+    let node = node_with_a_bare_bridge();
+    let conf = node.conf("bridge", true, json!({}));
+    let pod = Netns::new("tpi");
+    pod.exec_ok(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    fails_cleanly(&node, &conf, &pod, code::KERNEL, "already exists");
+}
+
+#[test]
+fn a_subnet_of_everything_is_refused_before_the_node_is_touched() {
+    let node = node_with_a_bare_bridge();
+    let data = node.data.path();
+    for ipam in [
+        json!({"type": "trellis-ipam", "ranges": [[{"subnet": "0.0.0.0/0"}]], "dataDir": data}),
+        json!({"type": "trellis-ipam", "ranges": [[{"subnet": "::/0"}]], "dataDir": data}),
+        // Another IPAM plugin may hand out such an address: the plugin refuses it too.
+        json!({"type": "static", "addresses": [{"address": "10.88.0.5/0", "gateway": "10.88.0.1"}]}),
+    ] {
+        // Debian's reference plugins speak CNI up to 1.0.0.
+        let conf = node.conf("bridge", false, json!({"cniVersion": "1.0.0", "ipam": ipam}));
+        fails_cleanly(&node, &conf, &Netns::new("tpz"), code::INVALID_NETWORK_CONFIG, "/0");
+    }
+}

@@ -141,3 +141,77 @@ fn gc_removes_host_ends_and_reservations_of_attachments_no_longer_valid() {
     assert!(!pods[0].exec(&["ip", "link", "show", "eth0"]).status.success());
     node.del(&conf, "g1", Some(&pods[1])).ok();
 }
+
+/// A spec-valid container ID of `len` characters, ending in `last`.
+fn long_id(len: usize, last: char) -> String {
+    let mut id: String = "0123456789abcdef".chars().cycle().take(len - 1).collect();
+    id.push(last);
+    id
+}
+
+#[test]
+fn container_ids_of_hundreds_of_characters_work_and_leave_nothing() {
+    // The spec does not limit a container ID's length; the kernel limits a link's label and
+    // the file system a file name, so names derived from the ID must not grow with it.
+    let node = Node::new();
+    for mode in ["bridge", "routed"] {
+        let conf = node.conf(
+            mode,
+            true,
+            json!({"runtimeConfig": {"portMappings": [{"hostPort": 18081, "containerPort": 80}]}}),
+        );
+        let warm = Netns::new("tpw");
+        node.add(&conf, "warm", &warm);
+        node.del(&conf, "warm", Some(&warm)).ok();
+        let before = node.snapshot();
+        for len in [250, 1000] {
+            // Two IDs alike but for their last character are two attachments.
+            let (a, b) = (long_id(len, 'a'), long_id(len, 'b'));
+            let (pa, pb) = (Netns::new("tpl"), Netns::new("tpl"));
+            let mut with_prev = conf.clone();
+            with_prev["prevResult"] = node.add(&conf, &a, &pa);
+            let mut other = conf.clone();
+            other["runtimeConfig"] = json!({});
+            node.add(&other, &b, &pb);
+            assert_eq!(node.host_ends().len(), 2, "{mode} {len}");
+            node.call("CHECK", &with_prev, &a, Some(&pa)).run().ok();
+            let mut gc = conf.clone();
+            gc["cni.dev/valid-attachments"] = json!([{"containerID": a, "ifname": "eth0"}]);
+            node.call("GC", &gc, "", None).run().ok();
+            assert_eq!(node.host_ends().len(), 1, "{mode} {len}: GC kept the wrong ones");
+            assert_eq!(node.reservations(), 2, "{mode} {len}");
+            node.call("CHECK", &with_prev, &a, Some(&pa)).run().ok();
+            node.del(&conf, &a, Some(&pa)).ok();
+            node.del(&other, &b, Some(&pb)).ok();
+            assert_same(
+                &before,
+                &node.snapshot(),
+                &format!("{mode}: a {len}-character ID left something"),
+            );
+        }
+    }
+}
+
+#[test]
+fn gc_with_null_valid_attachments_as_go_runtimes_send_cleans_an_emptied_node() {
+    // libcni marshals an empty Go slice that was never allocated as `null`: a node whose last
+    // pod is gone gets `"cni.dev/valid-attachments": null`, and that means "none".
+    let node = Node::new();
+    let conf = node.conf("bridge", true, json!({}));
+    let pods: Vec<Netns> = (0..2).map(|_| Netns::new("tpg")).collect();
+    for (i, p) in pods.iter().enumerate() {
+        node.add(&conf, &format!("n{i}"), p);
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    node.call("GC", &gc, "", None).run().ok();
+    assert!(node.host_ends().is_empty(), "{:?}", node.host_ends());
+    assert_eq!(node.reservations(), 0);
+    // A config without the key at all is still refused: nobody said what is in use.
+    node.add(&conf, "n0", &pods[0]);
+    let out = node.call("GC", &conf, "", None).run();
+    assert_eq!(out.err_code(), trellis_cni::code::INVALID_NETWORK_CONFIG as u64);
+    assert!(out.stdout.contains("valid-attachments"), "{}", out.stdout);
+    assert_eq!(node.host_ends().len(), 1);
+    node.del(&conf, "n0", Some(&pods[0])).ok();
+}

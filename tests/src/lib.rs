@@ -12,6 +12,8 @@
 //! - [`cluster`]: a whole cluster on a topology: etcd or the stand-in API server, `trellisd` on
 //!   every node, pods wired by the plugin;
 //! - [`tempdir`]: a temporary folder guard;
+//! - [`process`]: a plugin's child caught and stopped at a lock, to play a runtime killing the
+//!   plugin mid-ADD;
 //! - [`cni`]: running a CNI plugin with `CNI_*` env and a config on stdin, and reading its output;
 //! - [`kube_apiserver`]: a stand-in Kubernetes API server (HTTPS, Nodes, watches, faults) for
 //!   the daemon's Kubernetes datastore, where no real one can run.
@@ -24,6 +26,7 @@ pub mod forge;
 pub mod kube_apiserver;
 pub mod names;
 pub mod netns;
+pub mod process;
 pub mod tempdir;
 pub mod topology;
 
