@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -37,6 +38,8 @@ struct Inner {
     pub kernel_objects_removed: Counter,
     /// Datastore operations that failed (connection lost, request refused).
     pub datastore_errors: Counter,
+    /// Leases not believed, by why (`datastore::trust::Refusal::label`).
+    leases_refused: Family<[(&'static str, &'static str); 1], Counter>,
     ready: AtomicBool,
     /// What is wrong now, by what it concerns ([`Problem`]): `/healthz` fails while any is set.
     problems: Mutex<std::collections::BTreeMap<Problem, String>>,
@@ -79,6 +82,16 @@ impl Metrics {
             "Datastore operations that failed",
             datastore_errors.clone(),
         );
+        let leases_refused = Family::default();
+        // Every reason shows from the start (at 0), so that an alert can be written on any.
+        for r in crate::datastore::trust::Refusal::ALL {
+            let _ = leases_refused.get_or_create(&[("reason", r.label())]);
+        }
+        registry.register(
+            "leases_refused",
+            "Leases from the datastore not believed (outside the cluster network, not owned, overlapping, bad endpoint)",
+            leases_refused.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -88,6 +101,7 @@ impl Metrics {
                 kernel_objects_programmed,
                 kernel_objects_removed,
                 datastore_errors,
+                leases_refused,
                 ready: AtomicBool::new(false),
                 problems: Mutex::new(Default::default()),
             }),
@@ -111,6 +125,12 @@ impl Metrics {
     }
     pub fn datastore_errors(&self) -> &Counter {
         &self.inner.datastore_errors
+    }
+    pub fn leases_refused(&self, reason: crate::datastore::trust::Refusal) -> Counter {
+        self.inner
+            .leases_refused
+            .get_or_create(&[("reason", reason.label())])
+            .clone()
     }
 
     /// Healthy once the node holds its lease and the first reconcile ran.

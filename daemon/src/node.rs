@@ -22,10 +22,18 @@
 //! - **Shutdown leaves the dataplane** as it is: pods keep talking through a restart.
 //! - This node's own lease always stays as this process holds it; a datastore that says it is
 //!   lost ([`Event::Lost`]) ends the loop with that reason.
+//! - **No lease is believed unchecked**: what the datastore says passes
+//!   [`crate::datastore::trust::admit`] before it becomes desired state; a refused lease is
+//!   counted (`trellisd_leases_refused_total{reason}`) and logged once per node and reason
+//!   (again at most once a minute while it lasts).
 
 use crate::backend::bgp::BgpRoute;
+use crate::bgp::policy::Throttle;
+use crate::datastore::trust::{admit, Bounds, Refusal, Refused};
 use crate::datastore::Event;
 use crate::lease::Lease;
+use crate::metrics::Metrics;
+use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
@@ -80,7 +88,12 @@ const REPEAT_LOG: Duration = Duration::from_secs(60);
 pub struct Node<P: Plane> {
     plane: P,
     own: Lease,
+    /// The leases admitted ([`Trust`]): what the dataplane is given.
     leases: BTreeMap<String, Lease>,
+    /// What the datastore says: every lease, and its ownership records if it keeps any.
+    said: BTreeMap<String, Lease>,
+    owners: Option<BTreeMap<IpNetwork, String>>,
+    trust: Trust,
     have_snapshot: bool,
     /// BGP mode: the latest routes and whether the speaker synced; `None` for other backends.
     bgp: Option<(Vec<BgpRoute>, bool)>,
@@ -95,14 +108,23 @@ struct Pending {
 }
 
 impl<P: Plane> Node<P> {
-    /// A node holding `own`; `bgp`: whether routes come from a BGP speaker.
-    pub fn new(plane: P, own: Lease, bgp: bool) -> Node<P> {
+    /// A node holding `own`; `bgp`: whether routes come from a BGP speaker; leases are checked
+    /// against `bounds`, and refusals counted in `metrics`.
+    pub fn new(plane: P, own: Lease, bgp: bool, bounds: Bounds, metrics: Metrics) -> Node<P> {
         let mut leases = BTreeMap::new();
         leases.insert(own.node.clone(), own.clone());
         Node {
             plane,
             own,
             leases,
+            said: BTreeMap::new(),
+            owners: None,
+            trust: Trust {
+                bounds,
+                metrics,
+                refused: BTreeMap::new(),
+                throttles: BTreeMap::new(),
+            },
             have_snapshot: false,
             bgp: bgp.then(|| (Vec::new(), false)),
         }
@@ -157,6 +179,15 @@ impl<P: Plane> Node<P> {
                 continue;
             }
             if pending.leases_changed {
+                let verdict = admit(
+                    &self.said,
+                    self.owners.as_ref(),
+                    &self.own,
+                    &self.leases,
+                    &self.trust.bounds,
+                );
+                self.leases = verdict.admitted;
+                self.trust.report(verdict.refused, &self.said);
                 self.plane.leases_changed(&self.leases);
             }
             let routes = match &self.bgp {
@@ -220,25 +251,79 @@ impl<P: Plane> Node<P> {
         Ok(false)
     }
 
-    /// A datastore event; this node's own lease always stays as this process holds it.
+    /// A datastore event, into what the datastore says (admitted before the next run).
     fn apply(&mut self, ev: Event) -> Result<(), String> {
         match ev {
             Event::Snapshot(all) => {
-                self.leases.clear();
-                self.leases.extend(all.into_iter().map(|l| (l.node.clone(), l)));
+                self.said.clear();
+                self.said.extend(all.into_iter().map(|l| (l.node.clone(), l)));
             }
             Event::Upsert(l) => {
-                self.leases.insert(l.node.clone(), l);
+                self.said.insert(l.node.clone(), l);
             }
             Event::Remove(node) => {
-                if self.leases.remove(&node).is_some() {
+                if self.said.remove(&node).is_some() {
                     info!(node, "node left");
                 }
             }
+            Event::Owners(all) => self.owners = Some(all),
+            Event::Owner { cidr, node } => {
+                let owners = self.owners.get_or_insert_with(BTreeMap::new);
+                match node {
+                    Some(n) => owners.insert(cidr, n),
+                    None => owners.remove(&cidr),
+                };
+            }
             Event::Lost(why) => return Err(why),
         }
-        self.leases.insert(self.own.node.clone(), self.own.clone());
         Ok(())
+    }
+}
+
+/// How long one node's refusal for one reason stays quiet in the log after it was logged.
+const REFUSAL_LOG: Duration = Duration::from_secs(60);
+
+/// Lease admission's bounds, and the report of what it refused.
+struct Trust {
+    bounds: Bounds,
+    metrics: Metrics,
+    /// The last run's refusals: a refusal counts once, when it is new.
+    refused: BTreeMap<String, Refused>,
+    throttles: BTreeMap<(String, Refusal), Throttle>,
+}
+
+impl Trust {
+    /// Counts and logs the refusals that are new since the last run (the same lease refused for
+    /// the same reason again is neither); one log line per node and reason a minute at most,
+    /// however often the lease is rewritten.
+    fn report(&mut self, refused: BTreeMap<String, Refused>, said: &BTreeMap<String, Lease>) {
+        let now = Instant::now();
+        for (node, r) in &refused {
+            if self.refused.get(node) == Some(r) {
+                continue;
+            }
+            self.metrics.leases_refused(r.reason).inc();
+            let throttle = self
+                .throttles
+                .entry((node.clone(), r.reason))
+                .or_insert_with(|| Throttle::new(REFUSAL_LOG));
+            if let Some(held_back) = throttle.allow(now) {
+                let also = if held_back > 0 {
+                    format!(" ({held_back} more such leases refused since the last line)")
+                } else {
+                    String::new()
+                };
+                warn!(
+                    node,
+                    reason = r.reason.label(),
+                    "refusing node {node}'s lease: {}{also}",
+                    r.detail
+                );
+            }
+        }
+        // Nodes gone from the datastore take their log state with them.
+        self.throttles.retain(|(node, _), _| said.contains_key(node));
+        self.refused = refused;
     }
 }
 
@@ -440,6 +525,13 @@ mod tests {
         }
     }
 
+    fn bounds() -> Bounds {
+        Bounds {
+            cluster: vec!["10.244.0.0/16".parse().unwrap()],
+            underlay: "192.168.1.1/24".parse().unwrap(),
+        }
+    }
+
     fn route(i: u8) -> BgpRoute {
         BgpRoute {
             prefix: format!("10.244.{i}.0/24").parse().unwrap(),
@@ -447,8 +539,14 @@ mod tests {
         }
     }
 
+    type Running = (mpsc::Sender<Input>, tokio::task::JoinHandle<Result<Recording, String>>);
+
     /// Starts a node (bgp or not) with a recording plane whose first `failures` runs fail.
-    fn start(bgp: bool, failures: usize) -> (mpsc::Sender<Input>, tokio::task::JoinHandle<Result<Recording, String>>) {
+    fn start(bgp: bool, failures: usize) -> Running {
+        start_with(bgp, failures, Metrics::new())
+    }
+
+    fn start_with(bgp: bool, failures: usize, metrics: Metrics) -> Running {
         let plane = Recording {
             start: Instant::now(),
             calls: Vec::new(),
@@ -457,7 +555,7 @@ mod tests {
             problems: Vec::new(),
         };
         let (tx, rx) = mpsc::channel(64);
-        let node = Node::new(plane, lease("me", 1), bgp);
+        let node = Node::new(plane, lease("me", 1), bgp, bounds(), metrics);
         (tx, tokio::spawn(node.run(rx)))
     }
 
@@ -561,5 +659,44 @@ mod tests {
             .unwrap();
         assert_eq!(h.await.unwrap().err().as_deref(), Some("another pod CIDR"));
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lying_leases_never_reach_the_plane_and_each_counts_once() {
+        let metrics = Metrics::new();
+        let (tx, h) = start_with(false, 0, metrics.clone());
+        let mut wide = lease("wide", 3);
+        wide.pod_cidrs = vec!["8.0.0.0/5".parse().unwrap()];
+        let mut half = lease("half", 4);
+        half.pod_cidrs = vec!["10.244.1.128/25".parse().unwrap()];
+        let thief = lease("thief", 2);
+        // The records say half owns what it claims: it is refused for the overlap alone.
+        let owners: BTreeMap<IpNetwork, String> = [("10.244.2.0/24", "a"), ("10.244.1.128/25", "half")]
+            .into_iter()
+            .map(|(c, n)| (c.parse().unwrap(), n.to_string()))
+            .collect();
+        tx.send(Input::Lease(Event::Snapshot(vec![lease("a", 2), wide, half.clone()])))
+            .await
+            .unwrap();
+        tx.send(Input::Lease(Event::Owners(owners))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The same lie, again and again: counted once.
+        for _ in 0..5 {
+            tx.send(Input::Lease(Event::Upsert(thief.clone()))).await.unwrap();
+            tx.send(Input::Lease(Event::Upsert(half.clone()))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let rec = stop(tx, h).await;
+        assert!(rec.calls.len() >= 2, "{:?}", rec.calls);
+        for c in &rec.calls {
+            assert_eq!(c.nodes, ["a", "me"], "a lie reached the plane: {:?}", rec.calls);
+        }
+        let count = |r| metrics.leases_refused(r).get();
+        assert_eq!(count(Refusal::OutsideCluster), 1);
+        assert_eq!(count(Refusal::OverlapsOwn), 1);
+        assert_eq!(count(Refusal::NotOwner), 1, "the thief's CIDR is a's");
+        assert!(metrics
+            .render()
+            .contains("trellisd_leases_refused_total{reason=\"not_owner\"} 1"));
     }
 }

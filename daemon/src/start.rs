@@ -6,7 +6,7 @@ use crate::bgp::{BgpConfig, Speaker};
 use crate::cli::{Args, DatastoreKind};
 use crate::cniconf::{self, CniConfOptions};
 use crate::config::NetConf;
-use crate::datastore::{etcd::EtcdStore, none::NoneStore, Datastore, NodeInfo};
+use crate::datastore::{etcd::EtcdStore, none::NoneStore, trust::Bounds, Datastore, NodeInfo};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::node::{self, BgpPeers, KernelPlane, Node};
@@ -63,6 +63,10 @@ pub async fn run(args: Args) -> Result<(), String> {
                     Some(crate::state::read_cidrs(&args.state_dir))
                         .filter(|c| !c.is_empty())
                         .unwrap_or_else(|| cniconf::read_cidrs(&args.cni_conf)),
+                )
+                .with_identity(
+                    crate::datastore::identity::load_or_create(&args.state_dir)
+                        .map_err(|e| format!("keeping this node's ID in {}: {e}", args.state_dir.display()))?,
                 ),
         ),
         DatastoreKind::Kube => Datastore::Kube(crate::datastore::kube::KubeStore {
@@ -140,7 +144,11 @@ pub async fn run(args: Args) -> Result<(), String> {
     let resync = Duration::from_secs(args.resync.max(1));
     tokio::spawn(node::forward_kernel_ticks_and_signals(kernel, resync, tx));
     let is_bgp = plane.bgp.is_some();
-    Node::new(plane, own, is_bgp).run(rx).await.map(|_| ())
+    let bounds = Bounds {
+        cluster: conf.cluster_cidrs(),
+        underlay: underlay.prefix,
+    };
+    Node::new(plane, own, is_bgp, bounds, metrics).run(rx).await.map(|_| ())
 }
 
 /// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:

@@ -153,7 +153,9 @@ fn etcd_down_for_30_seconds_loses_no_ping_and_the_daemons_catch_up() {
     let fake = r#"{"node":"node9","underlayIp":"192.168.200.99","podCidrs":["10.244.99.0/24"],"backend":{"type":"vxlan","vtepMAC":"02:00:00:00:00:09","vni":1}}"#;
     let t = Instant::now();
     loop {
-        if c.etcdctl(&["put", "/trellis/leases/node9", fake]).status.success() {
+        // Its ownership record first, as a node's claim writes it: a lease without one is refused.
+        let owned = c.etcdctl(&["put", "/trellis/leases/cidrs/10.244.99.0_24", "node9"]);
+        if owned.status.success() && c.etcdctl(&["put", "/trellis/leases/node9", fake]).status.success() {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(20), "etcd did not come back");

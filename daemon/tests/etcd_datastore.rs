@@ -67,10 +67,15 @@ async fn client(server: &Etcd) -> Client {
     Client::connect([server.endpoint()], None).await.expect("etcd client")
 }
 
+/// The etcd datastore of the test's server, for a daemon with node ID `id`.
+fn store(server: &Etcd, id: &str) -> EtcdStore {
+    EtcdStore::new(vec![server.endpoint()]).with_ttl(TTL).with_identity(id)
+}
+
 async fn start_node(server: &Etcd, name: &str, n: u8, pools: Vec<Pool>) -> Node {
     log_to_test_output();
     let metrics = Metrics::new();
-    let store = EtcdStore::new(vec![server.endpoint()]).with_ttl(TTL);
+    let store = store(server, &format!("id-of-{name}"));
     let (lease, rx) = timeout(
         Duration::from_secs(10),
         store.start(node(name, n), pools, metrics.clone()),
@@ -100,6 +105,7 @@ impl Node {
             Event::Remove(n) => {
                 self.view.remove(&n);
             }
+            Event::Owners(_) | Event::Owner { .. } => {}
             Event::Lost(why) => panic!("the etcd datastore gave up this node's lease: {why}"),
         }
     }
@@ -315,8 +321,215 @@ async fn malformed_values_are_ignored() {
     c.put(format!("{PREFIX}peer"), serde_json::to_string(&peer).unwrap(), None)
         .await
         .unwrap();
-    let ev = timeout(Duration::from_secs(5), a.rx.recv()).await.unwrap().unwrap();
+    // The next lease event (ownership records, which the node checks leases against, aside).
+    let ev = loop {
+        match timeout(Duration::from_secs(5), a.rx.recv()).await.unwrap().unwrap() {
+            Event::Owners(_) | Event::Owner { .. } => {}
+            ev => break ev,
+        }
+    };
     assert_eq!(ev, Event::Upsert(peer));
     let all = c.get(PREFIX, Some(GetOptions::new().with_prefix())).await.unwrap();
     assert!(all.kvs().len() >= 5, "the bad keys were left alone");
+}
+
+/// A dataplane that records the nodes of every run.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+
+impl trellisd::node::Plane for Recorder {
+    async fn run(
+        &mut self,
+        leases: &BTreeMap<String, Lease>,
+        _: Option<&[trellisd::backend::bgp::BgpRoute]>,
+        _: bool,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push(leases.keys().cloned().collect());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn last(&self) -> Vec<String> {
+        self.0.lock().unwrap().last().cloned().unwrap_or_default()
+    }
+
+    /// Every node any run was given.
+    fn ever(&self) -> std::collections::BTreeSet<String> {
+        self.0.lock().unwrap().iter().flatten().cloned().collect()
+    }
+}
+
+/// Runs `n`'s lease events through the node loop into a [`Recorder`], as the daemon does.
+fn run_node(n: Node) -> (Recorder, Metrics, Lease) {
+    let rec = Recorder::default();
+    let bounds = trellisd::datastore::trust::Bounds {
+        cluster: vec!["10.244.0.0/16".parse().unwrap()],
+        underlay: "192.168.0.1/24".parse().unwrap(),
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let node = trellisd::node::Node::new(rec.clone(), n.lease.clone(), false, bounds, n.metrics.clone());
+    tokio::spawn(trellisd::node::forward_leases(n.rx, tx));
+    tokio::spawn(node.run(rx));
+    (rec, n.metrics, n.lease)
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "no {what} within 15 s");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The datastore lies: leases written straight into etcd by someone holding its credentials.
+/// None reaches the dataplane, and each is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_leases_never_reach_the_dataplane() {
+    use trellisd::datastore::trust::Refusal;
+    let server = Etcd::start();
+    let a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
+    let b = start_node(&server, "node-b", 2, vec![v4_pool()]).await;
+    let b_cidr = b.cidr();
+    let a_cidr = a.cidr();
+    let (rec, metrics, _) = run_node(a);
+    wait_for("run with both nodes", || rec.last() == ["node-a", "node-b"]).await;
+    let mut c = client(&server).await;
+    let put = |c: &mut Client, node: &str, ip: &str, cidr: String| {
+        let l = Lease {
+            node: node.into(),
+            underlay_ip: ip.parse().unwrap(),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            backend: BackendData::HostGw,
+        };
+        let mut c = c.clone();
+        async move {
+            c.put(format!("{PREFIX}{}", l.node), serde_json::to_string(&l).unwrap(), None)
+                .await
+                .unwrap()
+        }
+    };
+    let half = format!("{}/25", a_cidr.network());
+    // Hijack node-b's CIDR; route 8.0.0.0/5; shadow half of node-a's own CIDR (with an
+    // ownership record to match); the underlay subnet; a tunnel endpoint on loopback.
+    put(&mut c, "thief", "192.168.0.66", b_cidr.to_string()).await;
+    put(&mut c, "wide", "192.168.0.67", "8.0.0.0/5".into()).await;
+    c.put(format!("{PREFIX}cidrs/{}_25", a_cidr.network()), "half", None)
+        .await
+        .unwrap();
+    put(&mut c, "half", "192.168.0.68", half).await;
+    put(&mut c, "under", "192.168.0.69", "192.168.0.0/24".into()).await;
+    c.put(format!("{PREFIX}cidrs/10.244.250.0_24"), "lo", None)
+        .await
+        .unwrap();
+    put(&mut c, "lo", "127.0.0.1", "10.244.250.0/24".into()).await;
+    // node-b's ownership record overwritten to name another thief, who claims the CIDR.
+    put(&mut c, "evictor", "192.168.0.70", b_cidr.to_string()).await;
+    c.put(
+        format!("{PREFIX}cidrs/{}_{}", b_cidr.network(), b_cidr.prefix()),
+        "evictor",
+        None,
+    )
+    .await
+    .unwrap();
+    let refused = || {
+        Refusal::ALL
+            .iter()
+            .map(|r| metrics.leases_refused(*r).get())
+            .sum::<u64>()
+    };
+    wait_for("six refusals", || refused() >= 6).await;
+    sleep(Duration::from_secs(1)).await;
+    let ever = rec.ever();
+    for liar in ["thief", "wide", "half", "under", "lo", "evictor"] {
+        assert!(!ever.contains(liar), "{liar}'s lease reached the dataplane: {ever:?}");
+    }
+    let count = |r: Refusal| metrics.leases_refused(r).get();
+    assert!(count(Refusal::NotOwner) >= 1, "thief");
+    assert_eq!(count(Refusal::OutsideCluster), 2, "wide, under");
+    assert_eq!(count(Refusal::OverlapsOwn), 1, "half");
+    assert_eq!(count(Refusal::BadEndpoint), 1, "lo");
+    assert!(count(Refusal::OverlapsPeer) + count(Refusal::NotOwner) >= 2, "evictor");
+    // node-b restores its ownership record: it is back in node-a's dataplane.
+    wait_for("node-b back", || rec.last().contains(&"node-b".to_string())).await;
+    drop(b);
+}
+
+/// A second daemon under a live node's name (a cloned VM, a wrong NODE_NAME) is refused,
+/// naming the node and the holder; the first keeps its record and CIDR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_with_a_live_nodes_name_is_refused() {
+    let server = Etcd::start();
+    let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
+    a.wait_for_nodes(&["node-a"]).await;
+    let mut c = client(&server).await;
+    let created = record_created(&mut c, "node-a").await;
+    let clone = store(&server, "id-of-the-clone");
+    let t = tokio::time::Instant::now();
+    let r = timeout(TTL * 3, clone.start(node("node-a", 9), vec![v4_pool()], Metrics::new()))
+        .await
+        .expect("the clone gives up within a TTL or so");
+    let e = r.expect_err("the clone was refused").to_string();
+    assert!(e.contains("node-a") && e.contains("id-of-node-a"), "{e}");
+    assert!(
+        t.elapsed() >= TTL,
+        "refused after {:?}, before a dead holder's record could expire",
+        t.elapsed()
+    );
+    // The first keeps its record (never rewritten) and its CIDR, and the attempt is on record.
+    assert_eq!(record_created(&mut c, "node-a").await, created);
+    assert_eq!(cidr_owner(&mut c, &a.cidr()).await.unwrap().0, "node-a");
+    let rec = c.get(format!("{PREFIX}node-a"), None).await.unwrap();
+    let lease: Lease = serde_json::from_slice(rec.kvs()[0].value()).unwrap();
+    assert_eq!(lease, a.lease, "the clone rewrote the record");
+    let claim = c.get(format!("{PREFIX}claims/node-a"), None).await.unwrap();
+    assert!(claim.kvs()[0].value_str().unwrap().contains("id-of-the-clone"));
+}
+
+/// A reboot empties /run: the node comes back with a new ID and takes its name back once its
+/// old record (no longer renewed) expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_new_id_takes_its_name_back_once_the_old_record_expires() {
+    let server = Etcd::start();
+    let old = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
+    let cidr = old.cidr();
+    drop(old);
+    let rebooted = store(&server, "a-new-id").with_hint(vec![cidr]);
+    let (lease, _rx) = timeout(
+        TTL * 3,
+        rebooted.start(node("node-a", 1), vec![v4_pool()], Metrics::new()),
+    )
+    .await
+    .expect("the name is taken back within a TTL or so")
+    .expect("the rebooted node gets its lease");
+    assert_eq!(lease.pod_cidrs, vec![cidr]);
+}
+
+/// Someone rewrites a live node's record: it notices, fails /healthz, and puts its record back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restores_its_rewritten_record_and_says_so() {
+    let server = Etcd::start();
+    let mut a = start_node(&server, "node-a", 1, vec![v4_pool()]).await;
+    a.wait_for_nodes(&["node-a"]).await;
+    let mut c = client(&server).await;
+    let mut forged = a.lease.clone();
+    forged.underlay_ip = "192.168.0.66".parse().unwrap();
+    c.put(format!("{PREFIX}node-a"), serde_json::to_string(&forged).unwrap(), None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rec = c.get(format!("{PREFIX}node-a"), None).await.unwrap();
+        let now: Lease = serde_json::from_slice(rec.kvs()[0].value()).unwrap();
+        if now == a.lease {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "record not restored: {now:?}");
+        sleep(Duration::from_millis(100)).await;
+    }
+    let health = a.metrics.health().unwrap_err();
+    assert!(
+        health.contains("rewritten") && health.contains("192.168.0.66"),
+        "{health}"
+    );
 }

@@ -9,12 +9,16 @@
 //! [`Event`]s about every node's lease (this node's included).
 
 pub mod etcd;
+pub mod identity;
 pub mod kube;
 pub mod none;
 pub mod retry;
+pub mod trust;
 
 use crate::config::Pool;
 use crate::lease::{BackendData, Lease};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use tokio::sync::mpsc;
 
@@ -36,6 +40,12 @@ pub enum Event {
     Upsert(Lease),
     /// A node's lease was deleted or expired.
     Remove(String),
+    /// Who owns each pod CIDR, as the datastore's own ownership records say (etcd's `cidrs/`
+    /// keys), all of them: sent with every snapshot by a datastore that keeps such records, and
+    /// from then on every lease is checked against them ([`trust`]).
+    Owners(BTreeMap<IpNetwork, String>),
+    /// One ownership record written (`Some(node)`) or deleted.
+    Owner { cidr: IpNetwork, node: Option<String> },
     /// This node's own lease is no longer what the datastore says (its Node came back with
     /// another pod CIDR): the daemon must start over, so it exits non-zero and the DaemonSet
     /// restarts it onto a clean state. The text says why, for the operator.
@@ -50,6 +60,9 @@ pub enum DatastoreError {
     Exhausted(String),
     #[error("{0}")]
     Invalid(String),
+    /// Another live daemon holds this node's name (see [`identity`]).
+    #[error("{0}")]
+    NameHeld(String),
 }
 
 pub enum Datastore {

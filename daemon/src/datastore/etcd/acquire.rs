@@ -1,7 +1,7 @@
 //! Claiming pod CIDRs: choose one per pool from a [`Listing`], then write the node record and
 //! the CIDR keys in one transaction that succeeds only if none of them changed since the read.
 
-use super::keys::Keys;
+use super::keys::{encode_record, Keys};
 use super::listing::{Listing, Meta};
 use super::{Conn, Error, NodeInfo};
 use crate::cidr::{nth_subnet, subnet_index};
@@ -17,14 +17,19 @@ pub(super) enum Want<'a> {
     Fresh { pools: &'a [Pool], hint: &'a [IpNetwork] },
     /// Exactly these CIDRs: the daemon already uses them (re-creating lost records).
     Exact(&'a [IpNetwork]),
+    /// Exactly these CIDRs, whoever their records name now: someone rewrote this node's records
+    /// while its etcd lease was alive (see `session`), so they are this node's still.
+    Restore(&'a [IpNetwork]),
 }
 
-/// Claims the CIDRs, attached to a new etcd lease; returns the node record written and the
-/// etcd lease's ID. [`Error::Raced`] means another node wrote first: read again and retry.
+/// Claims the CIDRs, attached to a new etcd lease, writing the node ID `id` into the record;
+/// returns the node record written and the etcd lease's ID. [`Error::Raced`] means another
+/// node wrote first: read again and retry.
 pub(super) async fn acquire(
     conn: &mut Conn,
     keys: &Keys,
     me: &NodeInfo,
+    id: Option<&str>,
     want: Want<'_>,
 ) -> Result<(Lease, i64), Error> {
     let listing = Listing::read(conn, keys).await?;
@@ -57,6 +62,7 @@ pub(super) async fn acquire(
             }
             cidrs.to_vec()
         }
+        Want::Restore(cidrs) => cidrs.to_vec(),
     };
     let lease = Lease {
         node: me.name.clone(),
@@ -64,7 +70,7 @@ pub(super) async fn acquire(
         pod_cidrs: cidrs,
         backend: me.backend.clone(),
     };
-    let json = serde_json::to_string(&lease).expect("a lease serializes");
+    let json = encode_record(&lease, id);
 
     let mut client = conn.client().await?;
     let lease_id = conn

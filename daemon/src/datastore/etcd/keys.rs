@@ -1,7 +1,9 @@
 //! The key layout under the prefix (default `/trellis/leases/`):
 //!
 //! - `<prefix><node>`: the node's [`Lease`] as JSON (what the other nodes read);
-//! - `<prefix>cidrs/<ip>_<len>`: the name of the node that owns that pod CIDR.
+//! - `<prefix>cidrs/<ip>_<len>`: the name of the node that owns that pod CIDR;
+//! - `<prefix>claims/<node>`: the last attempt of a second daemon to start under a live node's
+//!   name (its node ID and underlay address), for the holder to log (see `identity`).
 //!
 //! Why a second key per CIDR: etcd can only compare-and-swap on whole keys, and the node records
 //! are keyed by node name, so "is 10.244.3.0/24 free?" cannot be asked of them atomically. One
@@ -19,6 +21,8 @@ use ipnetwork::IpNetwork;
 pub(super) enum Key<'a> {
     Node(&'a str),
     Cidr(IpNetwork),
+    /// A second daemon's attempt to take a node's name.
+    Claim(&'a str),
     /// Anything else under the prefix (someone else's data, or a malformed CIDR key).
     Other,
 }
@@ -50,6 +54,10 @@ impl Keys {
         format!("{}cidrs/{}_{}", self.prefix, cidr.network(), cidr.prefix())
     }
 
+    pub fn claim(&self, name: &str) -> String {
+        format!("{}claims/{name}", self.prefix)
+    }
+
     pub fn parse<'a>(&self, key: &'a [u8]) -> Key<'a> {
         let Some(rest) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(&self.prefix)) else {
             return Key::Other;
@@ -61,11 +69,36 @@ impl Keys {
                 .filter(|n| n.ip() == n.network())
                 .map_or(Key::Other, Key::Cidr);
         }
+        if let Some(n) = rest
+            .strip_prefix("claims/")
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return Key::Claim(n);
+        }
         if rest.is_empty() || rest.contains('/') {
             return Key::Other;
         }
         Key::Node(rest)
     }
+}
+
+/// The node ID in a node record (`nodeId`, beside the lease's fields), if it has one.
+pub(super) fn node_id(value: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        #[serde(rename = "nodeId")]
+        node_id: Option<String>,
+    }
+    serde_json::from_slice::<Id>(value).ok()?.node_id
+}
+
+/// A node record: the lease, and the node ID of the daemon that wrote it.
+pub(super) fn encode_record(lease: &Lease, id: Option<&str>) -> String {
+    let mut v = serde_json::to_value(lease).expect("a lease serializes");
+    if let (Some(id), Some(o)) = (id, v.as_object_mut()) {
+        o.insert("nodeId".into(), id.into());
+    }
+    v.to_string()
 }
 
 /// A node record's value, or `None` (logged) when it is not a lease for `node`: a bad value
@@ -104,6 +137,7 @@ mod tests {
         assert_eq!(k.parse(b"/trellis/leases/cidrs/junk"), Key::Other);
         assert_eq!(k.parse(b"/trellis/leases/cidrs/10.244.3.1_24"), Key::Other);
         assert_eq!(k.parse(b"/trellis/leases/a/b"), Key::Other);
+        assert_eq!(k.parse(k.claim("node-1").as_bytes()), Key::Claim("node-1"));
         assert_eq!(k.parse(b"/elsewhere/node-1"), Key::Other);
     }
 
@@ -113,5 +147,14 @@ mod tests {
         let l = r#"{"node":"n2","underlayIp":"192.168.0.2","podCidrs":["10.244.2.0/24"],"backend":{"type":"host-gw"}}"#;
         assert_eq!(decode_lease("n1", l.as_bytes()), None);
         assert!(decode_lease("n2", l.as_bytes()).is_some());
+        let lease = decode_lease("n2", l.as_bytes()).unwrap();
+        let rec = encode_record(&lease, Some("abc"));
+        assert_eq!(
+            decode_lease("n2", rec.as_bytes()),
+            Some(lease),
+            "the ID is beside the lease"
+        );
+        assert_eq!(node_id(rec.as_bytes()).as_deref(), Some("abc"));
+        assert_eq!(node_id(l.as_bytes()), None);
     }
 }

@@ -1,7 +1,7 @@
 //! One consistent read of everything under the prefix: the snapshot sent to the receiver, and
 //! the revisions that the claiming transaction compares against.
 
-use super::keys::{decode_lease, Key, Keys};
+use super::keys::{decode_lease, node_id, Key, Keys};
 use super::{Conn, Error};
 use crate::lease::Lease;
 use etcd_client::GetOptions;
@@ -46,6 +46,8 @@ pub(super) struct Listing {
     pub nodes: HashMap<String, Meta>,
     /// Every CIDR ownership key.
     pub cidrs: HashMap<IpNetwork, Owner>,
+    /// The node ID in each node record that has one.
+    pub ids: HashMap<String, String>,
 }
 
 impl Listing {
@@ -74,13 +76,14 @@ impl Listing {
                 match keys.parse(kv.key()) {
                     Key::Node(name) => {
                         l.nodes.insert(name.to_string(), meta);
+                        l.ids.extend(node_id(kv.value()).map(|id| (name.to_string(), id)));
                         l.leases.extend(decode_lease(name, kv.value()));
                     }
                     Key::Cidr(cidr) => {
                         let node = String::from_utf8_lossy(kv.value()).into_owned();
                         l.cidrs.insert(cidr, Owner { node, meta });
                     }
-                    Key::Other => {}
+                    Key::Claim(_) | Key::Other => {}
                 }
             }
             match (resp.more(), resp.kvs().last()) {

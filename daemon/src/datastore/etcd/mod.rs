@@ -16,6 +16,7 @@
 //!    after the TTL, so a daemon that restarts within it finds its records and keeps its CIDRs.
 
 mod acquire;
+mod claim;
 mod keys;
 mod listing;
 mod session;
@@ -41,6 +42,8 @@ pub struct EtcdStore {
     pub ttl: Duration,
     /// Pod CIDRs this node used before (e.g. read from its CNI config), tried first.
     pub hint: Vec<IpNetwork>,
+    /// This daemon's node ID (`datastore::identity`); `None`: take the name whoever holds it.
+    pub identity: Option<String>,
 }
 
 impl EtcdStore {
@@ -53,7 +56,13 @@ impl EtcdStore {
             prefix: Self::DEFAULT_PREFIX.into(),
             ttl: Self::DEFAULT_TTL,
             hint: Vec::new(),
+            identity: None,
         }
+    }
+
+    pub fn with_identity(mut self, id: impl Into<String>) -> EtcdStore {
+        self.identity = Some(id.into());
+        self
     }
 
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> EtcdStore {
@@ -97,12 +106,21 @@ impl EtcdStore {
             .map_err(|e| DatastoreError::Invalid(e.to_string()))?;
         let keys = keys::Keys::new(&self.prefix);
         let mut backoff = Backoff::new();
+        if let Some(id) = &self.identity {
+            loop {
+                match claim::check(&mut conn, &keys, &me, id).await {
+                    Ok(claim::Name::Ours) => break,
+                    Ok(claim::Name::Held(why)) => return Err(DatastoreError::NameHeld(why)),
+                    Err(e) => failed(&mut conn, &mut backoff, &metrics, "checking this node's name", e).await,
+                }
+            }
+        }
         let (lease, lease_id) = loop {
             let want = Want::Fresh {
                 pools: &pools,
                 hint: &self.hint,
             };
-            match acquire::acquire(&mut conn, &keys, &me, want).await {
+            match acquire::acquire(&mut conn, &keys, &me, self.identity.as_deref(), want).await {
                 Ok(got) => break got,
                 // Another node claimed a CIDR between our read and our write: read again, the
                 // winner's key now shows and we pick another.
@@ -112,13 +130,7 @@ impl EtcdStore {
                     tracing::warn!("no free pod CIDR in {what}; retrying in {}s", wait.as_secs());
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => {
-                    metrics.datastore_errors().inc();
-                    let wait = backoff.next();
-                    tracing::warn!("etcd: claiming a pod CIDR: {e}; retrying in {}s", wait.as_secs());
-                    conn.reset();
-                    tokio::time::sleep(wait).await;
-                }
+                Err(e) => failed(&mut conn, &mut backoff, &metrics, "claiming a pod CIDR", e).await,
             }
         };
         tracing::info!(
@@ -128,10 +140,20 @@ impl EtcdStore {
             self.ttl
         );
         let (tx, rx) = mpsc::channel(64);
-        let session = session::Session::new(conn, keys, me, lease.clone(), lease_id, tx, metrics);
+        let mut session = session::Session::new(conn, keys, me, lease.clone(), lease_id, tx, metrics);
+        session.identity = self.identity;
         tokio::spawn(session.run());
         Ok((lease, rx))
     }
+}
+
+/// A failed step of the start (`what`): counted, logged, then a new connection after a backoff.
+async fn failed(conn: &mut Conn, backoff: &mut Backoff, metrics: &crate::metrics::Metrics, what: &str, e: Error) {
+    metrics.datastore_errors().inc();
+    let wait = backoff.next();
+    tracing::warn!("etcd: {what}: {e}; retrying in {}s", wait.as_secs());
+    conn.reset();
+    tokio::time::sleep(wait).await;
 }
 
 /// "10.244.3.0/24, fd00:244:0:3::/64", for logs.
@@ -153,6 +175,10 @@ enum Error {
     Taken { cidr: IpNetwork, owner: String },
     #[error("this node's etcd lease expired or its records were deleted")]
     LeaseLost,
+    /// Someone else wrote this node's record or one of its CIDR's ownership records (what
+    /// changed, for the log).
+    #[error("{0}")]
+    Rewritten(String),
 }
 
 impl From<etcd_client::Error> for Error {

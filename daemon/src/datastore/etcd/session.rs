@@ -5,6 +5,7 @@ use super::acquire::{acquire, Want};
 use super::keys::{decode_lease, Key, Keys};
 use super::listing::Listing;
 use super::{Backoff, Conn, Error, Event, NodeInfo};
+use crate::bgp::policy::Throttle;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use etcd_client::{EventType, WatchOptions};
@@ -26,6 +27,16 @@ pub(super) struct Session {
     /// receiver never delays a lease renewal.
     queue: VecDeque<Event>,
     metrics: Metrics,
+    /// Someone rewrote this node's records: restore them whoever they name now. Set until the
+    /// restore succeeds.
+    restore: bool,
+    /// When they were last rewritten (`/healthz` fails until a TTL passes without another), and
+    /// the log's rate limit for it.
+    rewritten: Option<Instant>,
+    rewrites_logged: Throttle,
+    /// This daemon's node ID, written into its record.
+    pub identity: Option<String>,
+    claims_logged: Throttle,
 }
 
 /// How a connection ended.
@@ -66,6 +77,11 @@ impl Session {
             tx,
             queue: VecDeque::new(),
             metrics,
+            restore: false,
+            rewritten: None,
+            rewrites_logged: Throttle::new(Duration::from_secs(60)),
+            identity: None,
+            claims_logged: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -82,6 +98,17 @@ impl Session {
                 // etcd answers: re-create the records at once, the other nodes already see
                 // this node gone.
                 tracing::warn!("etcd: {e}");
+                Duration::ZERO
+            } else if let Error::Rewritten(what) = &e {
+                // A second daemon with this node's name, or anyone holding etcd's credentials:
+                // the records are put back at once, and /healthz says so for a TTL.
+                let now = Instant::now();
+                if let Some(held_back) = self.rewrites_logged.allow(now) {
+                    tracing::warn!("etcd: {what}; restoring it ({held_back} more rewrites since the last line)");
+                }
+                let problem = format!("this node's etcd records were rewritten by someone else: {what}");
+                self.metrics.set_lease_problem(Some(problem));
+                (self.restore, self.rewritten) = (true, Some(now));
                 Duration::ZERO
             } else {
                 self.conn.reset();
@@ -116,10 +143,18 @@ impl Session {
         if !listing.holds(&self.lease, self.lease_id) {
             // The etcd lease expired (etcd unreachable for longer than the TTL) or someone
             // deleted our keys. Claim the very same CIDRs again: pods already use them.
-            let cidrs = super::show(&self.lease.pod_cidrs);
-            tracing::warn!("etcd: this node's records are gone; re-creating them with {cidrs}");
-            match acquire(&mut self.conn, &self.keys, &self.me, Want::Exact(&self.lease.pod_cidrs)).await {
-                Ok((_, id)) => self.lease_id = id,
+            let cidrs = &self.lease.pod_cidrs;
+            let want = if self.restore {
+                Want::Restore(cidrs)
+            } else {
+                tracing::warn!(
+                    "etcd: this node's records are gone; re-creating them with {}",
+                    super::show(cidrs)
+                );
+                Want::Exact(cidrs)
+            };
+            match acquire(&mut self.conn, &self.keys, &self.me, self.identity.as_deref(), want).await {
+                Ok((_, id)) => (self.lease_id, self.restore) = (id, false),
                 Err(e @ Error::Taken { .. }) => {
                     tracing::error!("etcd: {e}; this node keeps using it, restart trellisd to get a new one");
                     return Err(e.into());
@@ -130,7 +165,9 @@ impl Session {
         }
         // The receiver replaces its state with the snapshot, so anything still queued is moot.
         self.queue.clear();
+        let owners = listing.cidrs.into_iter().map(|(c, o)| (c, o.node)).collect();
         self.queue.push_back(Event::Snapshot(listing.leases));
+        self.queue.push_back(Event::Owners(owners));
         backoff.reset();
         self.renew_and_watch(listing.revision).await
     }
@@ -152,6 +189,10 @@ impl Session {
                     // Two renewals unanswered: the connection is dead even if no error says so.
                     if renewed.elapsed() > self.conn.ttl / 2 {
                         return Err(Error::Etcd("lease renewals unanswered".into()).into());
+                    }
+                    if self.rewritten.is_some_and(|t| t.elapsed() > self.conn.ttl) {
+                        self.rewritten = None;
+                        self.metrics.set_lease_problem(None);
                     }
                     keeper.keep_alive().await?;
                 }
@@ -184,16 +225,40 @@ impl Session {
         let Some(kv) = ev.kv() else { return Ok(()) };
         let me = self.me.name.as_str();
         match (self.keys.parse(kv.key()), ev.event_type()) {
-            (Key::Node(n), EventType::Put) => self.queue.extend(decode_lease(n, kv.value()).map(Event::Upsert)),
             // Our own record deleted means our etcd lease expired (or a person deleted it):
             // re-create it rather than tell the daemon it has no lease.
             (Key::Node(n), EventType::Delete) if n == me => return Err(Error::LeaseLost),
             (Key::Node(n), EventType::Delete) => self.queue.push_back(Event::Remove(n.to_string())),
-            // One of our CIDR keys deleted or overwritten: same.
-            (Key::Cidr(c), t)
-                if self.lease.pod_cidrs.contains(&c) && (t == EventType::Delete || kv.value() != me.as_bytes()) =>
+            // Our own record written by someone else.
+            (Key::Node(n), EventType::Put)
+                if n == me
+                    && (kv.lease() != self.lease_id || decode_lease(n, kv.value()).as_ref() != Some(&self.lease)) =>
             {
-                return Err(Error::LeaseLost)
+                let now = String::from_utf8_lossy(kv.value());
+                return Err(Error::Rewritten(format!("this node's record now reads {now}")));
+            }
+            (Key::Node(n), EventType::Put) => self.queue.extend(decode_lease(n, kv.value()).map(Event::Upsert)),
+            // One of our CIDR keys deleted: as our own record.
+            (Key::Cidr(c), EventType::Delete) if self.lease.pod_cidrs.contains(&c) => return Err(Error::LeaseLost),
+            (Key::Cidr(c), EventType::Put) if self.lease.pod_cidrs.contains(&c) && kv.value() != me.as_bytes() => {
+                let owner = String::from_utf8_lossy(kv.value());
+                return Err(Error::Rewritten(format!(
+                    "the ownership record of pod CIDR {c} now names {owner}"
+                )));
+            }
+            // A second daemon tried to start under our name, and gave up.
+            (Key::Claim(n), EventType::Put) if n == me => {
+                if let Some(held_back) = self.claims_logged.allow(Instant::now()) {
+                    tracing::warn!(
+                        "etcd: another trellisd tried to start as node {me} and was refused: {} ({held_back} more attempts since the last line)",
+                        String::from_utf8_lossy(kv.value())
+                    );
+                }
+            }
+            // Every other ownership record: the receiver checks leases against them.
+            (Key::Cidr(cidr), t) => {
+                let node = (t == EventType::Put).then(|| String::from_utf8_lossy(kv.value()).into_owned());
+                self.queue.push_back(Event::Owner { cidr, node });
             }
             _ => {}
         }
