@@ -9,6 +9,7 @@
 //! [`Event`]s about every node's lease (this node's included).
 
 pub mod etcd;
+pub mod holdback;
 pub mod identity;
 pub mod kube;
 pub mod none;

@@ -21,6 +21,7 @@ mod keys;
 mod listing;
 mod session;
 
+use super::retry::{Backoff, FailureLog};
 use super::{DatastoreError, Event, NodeInfo};
 use crate::config::Pool;
 use crate::lease::Lease;
@@ -105,13 +106,14 @@ impl EtcdStore {
             .await
             .map_err(|e| DatastoreError::Invalid(e.to_string()))?;
         let keys = keys::Keys::new(&self.prefix);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
+        let mut failures = FailureLog::new("etcd: claiming this node's name and pod CIDRs", metrics.clone());
         if let Some(id) = &self.identity {
             loop {
                 match claim::check(&mut conn, &keys, &me, id).await {
                     Ok(claim::Name::Ours) => break,
                     Ok(claim::Name::Held(why)) => return Err(DatastoreError::NameHeld(why)),
-                    Err(e) => failed(&mut conn, &mut backoff, &metrics, "checking this node's name", e).await,
+                    Err(e) => failed(&mut conn, &mut backoff, &mut failures, e).await,
                 }
             }
         }
@@ -126,13 +128,14 @@ impl EtcdStore {
                 // winner's key now shows and we pick another.
                 Err(Error::Raced) => tracing::debug!("etcd: lost a race for a pod CIDR; trying another"),
                 Err(Error::Exhausted(what)) => {
-                    let wait = backoff.next();
-                    tracing::warn!("no free pod CIDR in {what}; retrying in {}s", wait.as_secs());
+                    let wait = backoff.next_delay();
+                    tracing::warn!("no free pod CIDR in {what}; retrying in {:.1}s", wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => failed(&mut conn, &mut backoff, &metrics, "claiming a pod CIDR", e).await,
+                Err(e) => failed(&mut conn, &mut backoff, &mut failures, e).await,
             }
         };
+        failures.succeeded();
         tracing::info!(
             node = %me.name,
             "etcd: holding pod CIDRs {} (etcd lease {lease_id:x}, TTL {:?})",
@@ -147,11 +150,11 @@ impl EtcdStore {
     }
 }
 
-/// A failed step of the start (`what`): counted, logged, then a new connection after a backoff.
-async fn failed(conn: &mut Conn, backoff: &mut Backoff, metrics: &crate::metrics::Metrics, what: &str, e: Error) {
-    metrics.datastore_errors().inc();
-    let wait = backoff.next();
-    tracing::warn!("etcd: {what}: {e}; retrying in {}s", wait.as_secs());
+/// A failed step of the start: counted and logged (once per cause), then a new connection
+/// after a backoff.
+async fn failed(conn: &mut Conn, backoff: &mut Backoff, failures: &mut FailureLog, e: Error) {
+    let wait = backoff.next_delay();
+    failures.failed(e.to_string(), wait);
     conn.reset();
     tokio::time::sleep(wait).await;
 }
@@ -226,35 +229,18 @@ impl Conn {
         self.client = None;
     }
 
+    /// How long removals are held back after a gap (`session`): long enough for a live node to
+    /// get through again, even one still waiting out the longest backoff (5 s) before a call
+    /// that may take the whole deadline.
+    fn grace(&self) -> Duration {
+        Duration::from_secs(5) + self.timeout
+    }
+
     /// `f` with this connection's deadline.
     async fn call<T>(&self, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Etcd(format!("no answer within {:?}", self.timeout))),
         }
-    }
-}
-
-/// Waits between retries: 1 s, doubling up to 5 s; back to 1 s after a success.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(Self::MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
     }
 }
