@@ -53,6 +53,21 @@ pub struct Args {
     pub etcd_endpoints: Vec<String>,
     #[arg(long, default_value = "/trellis/leases/")]
     pub etcd_prefix: String,
+    /// PEM CA certificate that signed etcd's serving certificate (endpoints must be https://).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate for an etcd that requires one (with --etcd-keyfile).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// The client certificate's PEM key.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user (with --etcd-password-file), for an etcd with authentication on.
+    #[arg(long)]
+    pub etcd_username: Option<String>,
+    /// A file holding the etcd user's password (a mounted Secret's key; trailing newline ignored).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_password_file: Option<PathBuf>,
     /// Seconds a lease outlives its node when the node stops renewing it.
     #[arg(long, default_value_t = 30)]
     pub lease_ttl: u64,
@@ -96,6 +111,19 @@ pub struct Args {
     pub no_nexthop_objects: bool,
 }
 
+impl Args {
+    /// The etcd TLS and authentication options.
+    pub fn etcd_security(&self) -> crate::datastore::etcd::Security {
+        crate::datastore::etcd::Security {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password_file: self.etcd_password_file.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +133,19 @@ mod tests {
         let a = Args::try_parse_from(["trellisd", "--datastore=kube", "--cni-mode", "routed", "--no-portmap"]).unwrap();
         assert_eq!(a.cni_mode, trellis_plugin::config::Mode::Routed);
         assert!(a.no_hostport, "--no-portmap is the older name of --no-hostport");
+        let a = Args::try_parse_from([
+            "trellisd",
+            "--etcd-cafile=/s/ca.pem",
+            "--etcd-certfile=/s/cert.pem",
+            "--etcd-keyfile=/s/key.pem",
+            "--etcd-username=trellis",
+            "--etcd-password-file=/s/password",
+        ])
+        .unwrap();
+        let sec = a.etcd_security();
+        assert_eq!(sec.ca_file.as_deref(), Some(std::path::Path::new("/s/ca.pem")));
+        assert_eq!(sec.key_file.as_deref(), Some(std::path::Path::new("/s/key.pem")));
+        assert_eq!(sec.username.as_deref(), Some("trellis"));
         let e = Args::try_parse_from(["trellisd", "--cni-mode", "bogus"]).unwrap_err();
         assert!(e.to_string().contains("bridge or routed"), "{e}");
     }

@@ -38,6 +38,12 @@ struct Inner {
     pub kernel_objects_removed: Counter,
     /// Datastore operations that failed (connection lost, request refused).
     pub datastore_errors: Counter,
+    /// Lease removals held back after a datastore stall (`datastore::holdback`), in all, and
+    /// those held now.
+    lease_removals_held: Counter,
+    /// Datastore failures that are this node's credentials' (`tls`, `auth`).
+    datastore_credential_errors: Family<[(&'static str, &'static str); 1], Counter>,
+    lease_removals_pending: Gauge,
     /// Leases not believed, by why (`datastore::trust::Refusal::label`).
     leases_refused: Family<[(&'static str, &'static str); 1], Counter>,
     ready: AtomicBool,
@@ -82,6 +88,27 @@ impl Metrics {
             "Datastore operations that failed",
             datastore_errors.clone(),
         );
+        let lease_removals_held = Counter::default();
+        let lease_removals_pending = Gauge::default();
+        registry.register(
+            "lease_removals_held",
+            "Lease removals held back after a datastore stall, until a fresh listing confirms them",
+            lease_removals_held.clone(),
+        );
+        registry.register(
+            "lease_removals_pending",
+            "Lease removals held back now (after a datastore stall)",
+            lease_removals_pending.clone(),
+        );
+        let datastore_credential_errors = Family::default();
+        for r in crate::datastore::retry::CREDENTIAL_PROBLEMS {
+            let _ = datastore_credential_errors.get_or_create(&[("reason", r)]);
+        }
+        registry.register(
+            "datastore_credential_errors",
+            "Datastore calls refused over this node's credentials: TLS (CA, client certificate) or authentication",
+            datastore_credential_errors.clone(),
+        );
         let leases_refused = Family::default();
         // Every reason shows from the start (at 0), so that an alert can be written on any.
         for r in crate::datastore::trust::Refusal::ALL {
@@ -101,6 +128,9 @@ impl Metrics {
                 kernel_objects_programmed,
                 kernel_objects_removed,
                 datastore_errors,
+                lease_removals_held,
+                lease_removals_pending,
+                datastore_credential_errors,
                 leases_refused,
                 ready: AtomicBool::new(false),
                 problems: Mutex::new(Default::default()),
@@ -125,6 +155,18 @@ impl Metrics {
     }
     pub fn datastore_errors(&self) -> &Counter {
         &self.inner.datastore_errors
+    }
+    pub fn lease_removals_held(&self) -> &Counter {
+        &self.inner.lease_removals_held
+    }
+    pub fn lease_removals_pending(&self) -> &Gauge {
+        &self.inner.lease_removals_pending
+    }
+    pub fn datastore_credential_errors(&self, reason: &'static str) -> Counter {
+        self.inner
+            .datastore_credential_errors
+            .get_or_create(&[("reason", reason)])
+            .clone()
     }
     pub fn leases_refused(&self, reason: crate::datastore::trust::Refusal) -> Counter {
         self.inner

@@ -52,10 +52,11 @@ pub async fn run(args: Args) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     let store = match args.datastore {
-        DatastoreKind::Etcd => Datastore::Etcd(
+        DatastoreKind::Etcd => Datastore::Etcd(Box::new(
             EtcdStore::new(args.etcd_endpoints.clone())
                 .with_prefix(args.etcd_prefix.clone())
                 .with_ttl(Duration::from_secs(args.lease_ttl))
+                .with_security(args.etcd_security())
                 // The CIDRs held before: the same ones back after a restart, even one longer
                 // than the lease's TTL (from the CNI config an earlier version wrote when the
                 // state folder has none).
@@ -68,7 +69,7 @@ pub async fn run(args: Args) -> Result<(), String> {
                     crate::datastore::identity::load_or_create(&args.state_dir)
                         .map_err(|e| format!("keeping this node's ID in {}: {e}", args.state_dir.display()))?,
                 ),
-        ),
+        )),
         DatastoreKind::Kube => Datastore::Kube(crate::datastore::kube::KubeStore {
             kubeconfig: args.kubeconfig.clone(),
         }),

@@ -250,3 +250,68 @@ fn a_flushed_masquerade_table_is_repaired_within_a_second() {
     }
     assert_eq!(c.http_get(0, "/healthz").0, 200);
 }
+
+/// A hung etcd (SIGSTOP: a disk stall, a paused VM) that resumes after more than the lease TTL
+/// expires every lease at once. That is no evidence that the nodes died: they keep each other's
+/// routes and re-register as soon as etcd answers, and no ping is lost.
+#[test]
+fn a_hung_etcd_for_30_seconds_loses_no_ping() {
+    let mut c = Cluster::new(3, &net_conf(VXLAN), &trellisd(), &["--lease-ttl", "5", "--resync", "5"]);
+    for node in 0..3 {
+        c.add_pod(node);
+    }
+    c.all_reach_all(Duration::from_secs(15)).unwrap();
+    // Nodes of a real cluster did not start together. These did, and would notice the stall
+    // and reconnect in step (each renews every TTL/3 from its start): node3's daemon restarts
+    // until its renewals fall half a period after node1's.
+    let period = 5.0 / 3.0;
+    let t1 = session_starts(&c.log(0))[0];
+    for attempt in 1.. {
+        c.stop_daemon(2);
+        std::thread::sleep(Duration::from_millis(500));
+        c.start_daemon(2);
+        wait_until("node3's session", Duration::from_secs(10), || {
+            session_starts(&c.log(2)).len() > attempt
+        });
+        let t3 = *session_starts(&c.log(2)).last().unwrap();
+        let phase = (t3 - t1).rem_euclid(period);
+        eprintln!("node3 renews {phase:.2} s after node1 (in a period of {period:.2} s)");
+        if (period / 4.0..period * 3.0 / 4.0).contains(&phase) {
+            break;
+        }
+        assert!(attempt < 10, "node3 never got out of step with node1");
+    }
+    c.all_reach_all(Duration::from_secs(15)).unwrap();
+    let target = c.pods[2].ips[0].clone();
+    let signal = |c: &Cluster, sig: i32| {
+        let pid = c.etcd.as_ref().and_then(|e| e.pid()).expect("etcd runs");
+        // SAFETY: kill(2) on the test's own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "signal {sig} to etcd");
+    };
+    // 40 s of pings: 30 s of stall (six TTLs), then 9.5 s of nodes coming back.
+    let (sent, got) = c.ping_during(0, &target, 40, |c| {
+        signal(c, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(30));
+        signal(c, libc::SIGCONT);
+    });
+    eprintln!("hung etcd: {} of {sent} pings lost", sent - got);
+    let held: f64 = (0..3).map(|i| c.metric(i, "trellisd_lease_removals_held_total")).sum();
+    eprintln!("lease removals held back: {held}");
+    assert_eq!(sent, got, "pings lost around a hung etcd; node1's log:\n{}", c.log(0));
+    // Everyone is back in etcd, and every route stayed.
+    c.all_reach_all(Duration::from_secs(5)).unwrap();
+}
+
+/// When each etcd session of a daemon's log began (its "holding pod CIDRs" lines), in seconds
+/// of the day.
+fn session_starts(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("etcd: holding pod CIDRs"))
+        .filter_map(|l| {
+            // 2026-12-02T16:12:37.629490Z
+            let time = l.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+            let mut hms = time.split(':').map(|x| x.parse::<f64>());
+            Some(hms.next()?.ok()? * 3600.0 + hms.next()?.ok()? * 60.0 + hms.next()?.ok()?)
+        })
+        .collect()
+}

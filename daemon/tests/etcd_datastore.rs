@@ -533,3 +533,117 @@ async fn a_node_restores_its_rewritten_record_and_says_so() {
         "{health}"
     );
 }
+
+/// The etcd datastore of `server` with TLS files and a user as `security` says.
+fn secured(server: &Etcd, security: trellisd::datastore::etcd::Security) -> EtcdStore {
+    // As main() does: the one crypto provider for the etcd client's TLS.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    EtcdStore::new(vec![server.endpoint()])
+        .with_ttl(TTL)
+        .with_security(security)
+}
+
+/// A node that `store` must keep from its lease: still trying after 3 s, each failure counted
+/// as a credentials problem of `reason`, with backoff (a handful of tries, not a spin).
+async fn refused(store: EtcdStore, what: &str, reason: &'static str) {
+    log_to_test_output();
+    let metrics = Metrics::new();
+    let task = tokio::spawn(store.start(node("node-x", 9), vec![v4_pool()], metrics.clone()));
+    sleep(Duration::from_secs(3)).await;
+    assert!(!task.is_finished(), "{what}: the node stopped trying, or got through");
+    task.abort();
+    let (errors, refused) = (
+        metrics.datastore_errors().get(),
+        metrics.datastore_credential_errors(reason).get(),
+    );
+    assert!(
+        refused >= 2,
+        "{what}: {refused} failures counted as {reason} ({errors} errors)"
+    );
+    assert!(errors <= 8, "{what}: {errors} tries in 3 s is no backoff");
+    assert_eq!(refused, errors, "{what}: every failure was the credentials'");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_needs_the_right_ca_and_a_client_certificate() {
+    use trellis_tests::etcd::{Pki, Security as Protect};
+    use trellisd::datastore::etcd::Security;
+    let server = Etcd::start_secured(Protect { tls: true, auth: false });
+    let pki = server.pki().expect("TLS etcd").clone();
+    let right = Security {
+        ca_file: Some(pki.ca.clone()),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+        ..Default::default()
+    };
+    let metrics = Metrics::new();
+    let (lease, mut rx) = timeout(
+        Duration::from_secs(10),
+        secured(&server, right.clone()).start(node("node-a", 1), vec![v4_pool()], metrics),
+    )
+    .await
+    .expect("a lease over TLS in time")
+    .expect("a lease over TLS");
+    match timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+        Event::Snapshot(all) => assert_eq!(all, vec![lease]),
+        ev => panic!("first event {ev:?} is not a snapshot"),
+    }
+    let elsewhere = trellis_tests::TempDir::new("pki");
+    let other = Pki::generate(elsewhere.path());
+    let wrong_ca = Security {
+        ca_file: Some(other.ca.clone()),
+        ..right.clone()
+    };
+    refused(secured(&server, wrong_ca), "wrong CA", "tls").await;
+    let no_cert = Security {
+        ca_file: Some(pki.ca.clone()),
+        ..Default::default()
+    };
+    refused(secured(&server, no_cert), "no client certificate", "tls").await;
+    let foreign_cert = Security {
+        cert_file: Some(other.client_cert.clone()),
+        key_file: Some(other.client_key.clone()),
+        ..right
+    };
+    refused(
+        secured(&server, foreign_cert),
+        "client certificate of another CA",
+        "tls",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_authentication_needs_the_right_password() {
+    use trellis_tests::etcd::{Security as Protect, ROOT_PASSWORD};
+    use trellisd::datastore::etcd::Security;
+    let server = Etcd::start_secured(Protect { tls: false, auth: true });
+    let dir = trellis_tests::TempDir::new("etcd-password");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let user = |password_file| Security {
+        username: Some("root".into()),
+        password_file: Some(password_file),
+        ..Default::default()
+    };
+    refused(
+        secured(&server, user(file("wrong", "not-it\n"))),
+        "wrong password",
+        "auth",
+    )
+    .await;
+    refused(secured(&server, Security::default()), "no user", "auth").await;
+    // A Secret's key, with the newline `kubectl create secret --from-file` often keeps.
+    let right = user(file("right", &format!("{ROOT_PASSWORD}\n")));
+    let (lease, _rx) = timeout(
+        Duration::from_secs(10),
+        secured(&server, right).start(node("node-a", 1), vec![v4_pool()], Metrics::new()),
+    )
+    .await
+    .expect("a lease with the right password in time")
+    .expect("a lease with the right password");
+    assert_eq!(lease.node, "node-a");
+}

@@ -6,6 +6,10 @@
 //!
 //! Both wait until etcd answers `GET /health` with `"health":"true"` (a leader elected), so
 //! the first request of a test never races etcd's start.
+//!
+//! [`Etcd::start_secured`]: on loopback with TLS (a CA, serving and client certificates made
+//! per server with rcgen, client certificates required) and/or authentication (a `root` user
+//! with [`ROOT_PASSWORD`], `auth enable`), as a production etcd runs.
 
 use crate::{unique_name, Netns, TempDir};
 use std::io::{Read, Write};
@@ -26,6 +30,63 @@ pub struct Etcd {
     child: Option<Child>,
     /// The temporary folder [`Etcd::start`] made (removed after etcd is killed).
     _tmp: Option<TempDir>,
+    /// TLS: the certificates, and the plain-HTTP port etcd answers `/health` on.
+    tls: Option<(Pki, u16)>,
+}
+
+/// How [`Etcd::start_secured`] protects etcd.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Security {
+    /// Clients speak TLS and must present a certificate signed by the server's CA.
+    pub tls: bool,
+    /// Authentication on, with a `root` user whose password is [`ROOT_PASSWORD`].
+    pub auth: bool,
+}
+
+pub const ROOT_PASSWORD: &str = "trellis-test-root-password";
+
+/// A CA and what it signed, as PEM files in one folder: etcd's serving certificate (for
+/// 127.0.0.1) and a client certificate.
+#[derive(Clone, Debug)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    /// A fresh CA (its name unique, so that another `Pki`'s CA is an unknown issuer) and the
+    /// certificates, written under `dir`.
+    pub fn generate(dir: &Path) -> Pki {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let ca = crate::kube_apiserver::tls::new_ca(&unique_name("trellis test etcd CA "));
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write a PEM file");
+            path
+        };
+        let issue = |cn: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(names).expect("certificate parameters");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &ca).expect("sign");
+            (cert.pem(), key.serialize_pem())
+        };
+        let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let (server_cert, server_key) = issue("etcd", names, ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = issue("trellisd", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+        Pki {
+            ca: write("ca.pem", &ca.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+        }
+    }
 }
 
 /// A port free on 127.0.0.1 now (the kernel's choice; etcd binds it a moment later).
@@ -39,7 +100,13 @@ fn free_port() -> u16 {
 impl Etcd {
     /// etcd on free loopback ports, its data in a temporary folder; returns once it answers.
     pub fn start() -> Etcd {
+        Etcd::start_secured(Security::default())
+    }
+
+    /// etcd on free loopback ports protected as `security` says; returns once it answers.
+    pub fn start_secured(security: Security) -> Etcd {
         let tmp = TempDir::new("etcd");
+        let tls = security.tls.then(|| (Pki::generate(tmp.path()), free_port()));
         let mut etcd = Etcd {
             name: unique_name("etcd-"),
             netns: None,
@@ -49,9 +116,42 @@ impl Etcd {
             dir: tmp.path().to_path_buf(),
             child: None,
             _tmp: Some(tmp),
+            tls,
         };
         etcd.spawn();
+        if security.auth {
+            etcd.enable_auth();
+        }
         etcd
+    }
+
+    /// The certificates of a TLS etcd.
+    pub fn pki(&self) -> Option<&Pki> {
+        self.tls.as_ref().map(|(pki, _)| pki)
+    }
+
+    /// `etcdctl` as root (with the client certificate if TLS): its output, or a panic naming
+    /// the command.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").args(["--endpoints", &self.endpoint()]);
+        if let Some(pki) = self.pki() {
+            cmd.arg("--cacert").arg(&pki.ca);
+            cmd.arg("--cert").arg(&pki.client_cert);
+            cmd.arg("--key").arg(&pki.client_key);
+        }
+        let out = cmd.args(args).output().expect("run etcdctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "etcdctl {args:?}: {text}");
+        text
+    }
+
+    /// A `root` user with [`ROOT_PASSWORD`] and the root role, then `auth enable`.
+    fn enable_auth(&self) {
+        self.etcdctl(&["role", "add", "root"]);
+        self.etcdctl(&["user", "add", &format!("root:{ROOT_PASSWORD}")]);
+        self.etcdctl(&["user", "grant-role", "root", "root"]);
+        self.etcdctl(&["auth", "enable"]);
     }
 
     /// etcd inside `ns` on `ip` (ports 2379 and 2380), its data in `dir/etcd` and its log in
@@ -66,14 +166,16 @@ impl Etcd {
             dir: dir.to_path_buf(),
             child: None,
             _tmp: None,
+            tls: None,
         };
         etcd.spawn();
         etcd
     }
 
-    /// `http://IP:PORT`, for `--etcd-endpoints`.
+    /// `http://IP:PORT` (`https://` with TLS), for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients), keeping its data.
@@ -114,6 +216,14 @@ impl Etcd {
             }
             None => Command::new("etcd"),
         };
+        if let Some((pki, health_port)) = &self.tls {
+            cmd.arg("--cert-file").arg(&pki.server_cert);
+            cmd.arg("--key-file").arg(&pki.server_key);
+            cmd.arg("--trusted-ca-file").arg(&pki.ca);
+            cmd.arg("--client-cert-auth");
+            // /health in plain HTTP, for wait_ready.
+            cmd.args(["--listen-metrics-urls", &format!("http://{}:{health_port}", self.ip)]);
+        }
         let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
@@ -135,7 +245,8 @@ impl Etcd {
 
     /// Polls `GET /health` (from inside etcd's namespace) until it says healthy.
     fn wait_ready(&mut self) {
-        let addr: SocketAddr = format!("{}:{}", self.ip, self.client_port).parse().expect("address");
+        let port = self.tls.as_ref().map_or(self.client_port, |(_, health)| *health);
+        let addr: SocketAddr = format!("{}:{port}", self.ip).parse().expect("address");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let healthy = match &self.netns {

@@ -9,6 +9,7 @@
 //! [`Event`]s about every node's lease (this node's included).
 
 pub mod etcd;
+pub mod holdback;
 pub mod identity;
 pub mod kube;
 pub mod none;
@@ -66,7 +67,7 @@ pub enum DatastoreError {
 }
 
 pub enum Datastore {
-    Etcd(etcd::EtcdStore),
+    Etcd(Box<etcd::EtcdStore>),
     Kube(kube::KubeStore),
     None(none::NoneStore),
 }
@@ -82,7 +83,7 @@ impl Datastore {
         metrics: crate::metrics::Metrics,
     ) -> Result<(Lease, mpsc::Receiver<Event>), DatastoreError> {
         match self {
-            Datastore::Etcd(s) => s.start(me, pools, metrics).await,
+            Datastore::Etcd(s) => (*s).start(me, pools, metrics).await,
             Datastore::Kube(s) => s.start(me, metrics).await,
             Datastore::None(s) => s.start(me).await,
         }

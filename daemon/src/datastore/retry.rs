@@ -77,6 +77,33 @@ pub fn chain(e: &(dyn StdError + 'static)) -> String {
     out
 }
 
+/// The `reason`s of `trellisd_datastore_credential_errors_total`.
+pub const CREDENTIAL_PROBLEMS: [&str; 2] = ["tls", "auth"];
+
+/// Whether a failure's cause (its [`chain`]) is this node's credentials: a TLS handshake that
+/// failed over a certificate (`tls`), or a user, password or token refused (`auth`).
+pub fn credential_problem(cause: &str) -> Option<&'static str> {
+    let c = cause.to_ascii_lowercase();
+    let tls = ["certificate", "handshake", "unknownissuer", "tls", "alert"];
+    let auth = [
+        "authentication failed",
+        "invalid user id or password",
+        "user name is empty",
+        "user name not found",
+        "invalid auth token",
+        "permission denied",
+        "unauthenticated",
+        "unauthorized",
+    ];
+    if auth.iter().any(|w| c.contains(w)) {
+        Some("auth")
+    } else if tls.iter().any(|w| c.contains(w)) {
+        Some("tls")
+    } else {
+        None
+    }
+}
+
 /// Logs a failing operation without flooding: the first failure and every change of cause at
 /// once (with the delay before the next try), the same cause again at most once a minute (with
 /// a count), and one line when it works again. Every failure counts in the datastore error
@@ -109,6 +136,9 @@ impl FailureLog {
     /// A failure with `cause` (use [`chain`]); the caller waits `retry_in` before trying again.
     pub fn failed(&mut self, cause: String, retry_in: Duration) {
         self.metrics.datastore_errors().inc();
+        if let Some(reason) = credential_problem(&cause) {
+            self.metrics.datastore_credential_errors(reason).inc();
+        }
         self.failures += 1;
         let since = *self.since.get_or_insert_with(Instant::now);
         let changed = cause != self.cause;
@@ -172,6 +202,19 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn credential_failures_are_told_apart() {
+        let tls = "transport error: error trying to connect: invalid peer certificate: UnknownIssuer";
+        assert_eq!(credential_problem(tls), Some("tls"));
+        let auth = "Unknown: etcdserver: authentication failed, invalid user ID or password";
+        assert_eq!(credential_problem(auth), Some("auth"));
+        assert_eq!(credential_problem("no answer within 1s"), None);
+        assert_eq!(
+            credential_problem("transport error: Connection refused (os error 111)"),
+            None
+        );
     }
 
     #[test]

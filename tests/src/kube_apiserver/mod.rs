@@ -40,7 +40,7 @@ mod log;
 mod server;
 mod status;
 mod store;
-mod tls;
+pub(crate) mod tls;
 
 pub use log::{ListKind, RecordedRequest};
 pub use status::SERVICE_ACCOUNT_USER;

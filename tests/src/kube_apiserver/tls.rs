@@ -15,7 +15,7 @@ pub struct Pki {
     pub server_config: Arc<rustls::ServerConfig>,
 }
 
-fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+pub(crate) fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

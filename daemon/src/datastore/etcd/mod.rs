@@ -19,8 +19,12 @@ mod acquire;
 mod claim;
 mod keys;
 mod listing;
+mod security;
 mod session;
 
+pub use security::Security;
+
+use super::retry::{Backoff, FailureLog};
 use super::{DatastoreError, Event, NodeInfo};
 use crate::config::Pool;
 use crate::lease::Lease;
@@ -44,6 +48,8 @@ pub struct EtcdStore {
     pub hint: Vec<IpNetwork>,
     /// This daemon's node ID (`datastore::identity`); `None`: take the name whoever holds it.
     pub identity: Option<String>,
+    /// TLS and authentication ([`Security`]).
+    pub security: Security,
 }
 
 impl EtcdStore {
@@ -57,7 +63,13 @@ impl EtcdStore {
             ttl: Self::DEFAULT_TTL,
             hint: Vec::new(),
             identity: None,
+            security: Security::default(),
         }
+    }
+
+    pub fn with_security(mut self, security: Security) -> EtcdStore {
+        self.security = security;
+        self
     }
 
     pub fn with_identity(mut self, id: impl Into<String>) -> EtcdStore {
@@ -99,19 +111,25 @@ impl EtcdStore {
                 "the etcd datastore needs endpoints, at least one pool and a TTL of 1 s or more".into(),
             ));
         }
-        let mut conn = Conn::new(self.endpoints, self.ttl);
-        // Connecting is lazy: this fails only on malformed endpoints, which no retry will fix.
-        conn.client()
-            .await
-            .map_err(|e| DatastoreError::Invalid(e.to_string()))?;
+        let credentials = self.security.load(&self.endpoints).map_err(DatastoreError::Invalid)?;
+        let authenticates = credentials.authenticates();
+        let mut conn = Conn::new(self.endpoints, self.ttl, credentials);
+        // Connecting is lazy unless it authenticates: then it fails only on malformed endpoints,
+        // which no retry will fix (an authenticating connect is a call, retried below).
+        if !authenticates {
+            conn.client()
+                .await
+                .map_err(|e| DatastoreError::Invalid(e.to_string()))?;
+        }
         let keys = keys::Keys::new(&self.prefix);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
+        let mut failures = FailureLog::new("etcd: claiming this node's name and pod CIDRs", metrics.clone());
         if let Some(id) = &self.identity {
             loop {
                 match claim::check(&mut conn, &keys, &me, id).await {
                     Ok(claim::Name::Ours) => break,
                     Ok(claim::Name::Held(why)) => return Err(DatastoreError::NameHeld(why)),
-                    Err(e) => failed(&mut conn, &mut backoff, &metrics, "checking this node's name", e).await,
+                    Err(e) => failed(&mut conn, &mut backoff, &mut failures, e).await,
                 }
             }
         }
@@ -126,13 +144,14 @@ impl EtcdStore {
                 // winner's key now shows and we pick another.
                 Err(Error::Raced) => tracing::debug!("etcd: lost a race for a pod CIDR; trying another"),
                 Err(Error::Exhausted(what)) => {
-                    let wait = backoff.next();
-                    tracing::warn!("no free pod CIDR in {what}; retrying in {}s", wait.as_secs());
+                    let wait = backoff.next_delay();
+                    tracing::warn!("no free pod CIDR in {what}; retrying in {:.1}s", wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => failed(&mut conn, &mut backoff, &metrics, "claiming a pod CIDR", e).await,
+                Err(e) => failed(&mut conn, &mut backoff, &mut failures, e).await,
             }
         };
+        failures.succeeded();
         tracing::info!(
             node = %me.name,
             "etcd: holding pod CIDRs {} (etcd lease {lease_id:x}, TTL {:?})",
@@ -147,11 +166,11 @@ impl EtcdStore {
     }
 }
 
-/// A failed step of the start (`what`): counted, logged, then a new connection after a backoff.
-async fn failed(conn: &mut Conn, backoff: &mut Backoff, metrics: &crate::metrics::Metrics, what: &str, e: Error) {
-    metrics.datastore_errors().inc();
-    let wait = backoff.next();
-    tracing::warn!("etcd: {what}: {e}; retrying in {}s", wait.as_secs());
+/// A failed step of the start: counted and logged (once per cause), then a new connection
+/// after a backoff.
+async fn failed(conn: &mut Conn, backoff: &mut Backoff, failures: &mut FailureLog, e: Error) {
+    let wait = backoff.next_delay();
+    failures.failed(e.to_string(), wait);
     conn.reset();
     tokio::time::sleep(wait).await;
 }
@@ -183,7 +202,24 @@ enum Error {
 
 impl From<etcd_client::Error> for Error {
     fn from(e: etcd_client::Error) -> Error {
-        Error::Etcd(e.to_string())
+        // etcd_client's error has no `source()`: its transport error's chain (where a TLS
+        // failure says which certificate it refused) is walked here.
+        use super::retry::chain;
+        Error::Etcd(match &e {
+            etcd_client::Error::TransportError(t) => format!("transport error: {}", chain(t)),
+            etcd_client::Error::GRpcStatus(s) => {
+                let mut text = format!("{:?}: {}", s.code(), s.message());
+                if let Some(cause) = std::error::Error::source(s).map(chain) {
+                    if cause.contains(s.message()) {
+                        text = format!("{:?}: {cause}", s.code());
+                    } else if !text.contains(&cause) {
+                        text = format!("{text}: {cause}");
+                    }
+                }
+                text
+            }
+            _ => e.to_string(),
+        })
     }
 }
 
@@ -194,18 +230,23 @@ struct Conn {
     endpoints: Vec<String>,
     ttl: Duration,
     timeout: Duration,
+    credentials: security::Credentials,
     client: Option<Client>,
+    /// Whether etcd ever answered a call on any connection (see [`Conn::explain`]).
+    answered: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
-    fn new(endpoints: Vec<String>, ttl: Duration) -> Conn {
+    fn new(endpoints: Vec<String>, ttl: Duration, credentials: security::Credentials) -> Conn {
         // A third of the TTL, so that a slow call still leaves time to renew the lease.
         let timeout = (ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(5));
         Conn {
             endpoints,
             ttl,
             timeout,
+            credentials,
             client: None,
+            answered: Default::default(),
         }
     }
 
@@ -217,7 +258,13 @@ impl Conn {
             .with_connect_timeout(self.timeout)
             .with_keep_alive(self.timeout, self.timeout)
             .with_keep_alive_while_idle(true);
-        let c = Client::connect(&self.endpoints, Some(options)).await?;
+        let options = self.credentials.apply(options);
+        // Authenticating is a call: it gets the same deadline as any other (but a lazy connect
+        // is no answer from etcd).
+        let c = match tokio::time::timeout(self.timeout, Client::connect(&self.endpoints, Some(options))).await {
+            Ok(r) => r.map_err(|e| self.explain(e.into()))?,
+            Err(_) => return Err(Error::Etcd(format!("no answer within {:?}", self.timeout))),
+        };
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -226,35 +273,46 @@ impl Conn {
         self.client = None;
     }
 
+    /// How long removals are held back after a gap (`session`): long enough for a live node to
+    /// get through again, even one still waiting out the longest backoff (5 s) before a call
+    /// that may take the whole deadline.
+    fn grace(&self) -> Duration {
+        Duration::from_secs(5) + self.timeout
+    }
+
     /// `f` with this connection's deadline.
     async fn call<T>(&self, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(Error::from),
+            Ok(Ok(v)) => {
+                self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(self.explain(Error::from(e))),
             Err(_) => Err(Error::Etcd(format!("no answer within {:?}", self.timeout))),
         }
     }
-}
 
-/// Waits between retries: 1 s, doubling up to 5 s; back to 1 s after a success.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(Self::MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
+    /// A TLS etcd that refuses a client certificate (or the lack of one) closes the connection
+    /// right after the handshake, and the client reports whatever it was doing then ("broken
+    /// pipe", "connection closed", now and then the alert itself). Before etcd ever answered,
+    /// that is said as what it is, in one text, so that it is logged once.
+    fn explain(&self, e: Error) -> Error {
+        let Error::Etcd(cause) = &e else { return e };
+        let closed = ["connection closed", "broken pipe", "connection reset", "fatal alert"];
+        if self.answered.load(std::sync::atomic::Ordering::Relaxed)
+            || !self.credentials.tls()
+            || !closed.iter().any(|w| cause.contains(w))
+        {
+            return e;
+        }
+        Error::Etcd(match self.credentials.client_certificate() {
+            Some(file) => format!(
+                "etcd closed the TLS connection at the handshake: it does not accept this node's client certificate {}",
+                file.display()
+            ),
+            None => "etcd closed the TLS connection at the handshake: it requires a client certificate \
+                     (--etcd-certfile, --etcd-keyfile)"
+                .into(),
+        })
     }
 }

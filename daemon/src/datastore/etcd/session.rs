@@ -1,11 +1,19 @@
 //! After the claim: renew the etcd lease, watch the prefix, and start over (new connection,
 //! records checked, fresh snapshot) whenever anything goes wrong.
+//!
+//! After such a gap, removals are held back for a grace period ([`Holdback`]): a hung etcd
+//! that resumes expires every lease at once, the live nodes' included, and they are back within
+//! a second. And the reconnection itself does not wait out a backoff that a hung call already
+//! spent: attempts are spaced by the backoff from their *start*, so a node whose call timed out
+//! against a hung etcd tries again at once, and always has a call waiting for etcd's answer.
 
 use super::acquire::{acquire, Want};
 use super::keys::{decode_lease, Key, Keys};
 use super::listing::Listing;
-use super::{Backoff, Conn, Error, Event, NodeInfo};
+use super::{Conn, Error, Event, NodeInfo};
 use crate::bgp::policy::Throttle;
+use crate::datastore::holdback::Holdback;
+use crate::datastore::retry::{Backoff, FailureLog};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use etcd_client::{EventType, WatchOptions};
@@ -37,6 +45,14 @@ pub(super) struct Session {
     /// This daemon's node ID, written into its record.
     pub identity: Option<String>,
     claims_logged: Throttle,
+    /// Removals held back after a gap, and what the receiver was told ([`Holdback`]).
+    holdback: Holdback,
+    /// A connection failed since the last snapshot: the next one opens a grace period.
+    gap: bool,
+    /// The revision of the last snapshot: watch events at or before it are already in it.
+    snapshot_rev: i64,
+    held_logged: Throttle,
+    failures: FailureLog,
 }
 
 /// How a connection ended.
@@ -76,27 +92,37 @@ impl Session {
             lease_id,
             tx,
             queue: VecDeque::new(),
-            metrics,
             restore: false,
             rewritten: None,
             rewrites_logged: Throttle::new(Duration::from_secs(60)),
             identity: None,
             claims_logged: Throttle::new(Duration::from_secs(60)),
+            holdback: Holdback::default(),
+            gap: false,
+            snapshot_rev: 0,
+            held_logged: Throttle::new(Duration::from_secs(60)),
+            failures: FailureLog::new(
+                "etcd: renewing this node's lease and watching the others",
+                metrics.clone(),
+            ),
+            metrics,
         }
     }
 
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
+            let attempt = Instant::now();
             let e = match self.connected(&mut backoff).await {
                 Ok(never) => match never {},
                 Err(End::Stopped) => return,
                 Err(End::Failed(e)) => e,
             };
-            self.metrics.datastore_errors().inc();
+            self.gap = true;
             let wait = if let Error::LeaseLost = e {
                 // etcd answers: re-create the records at once, the other nodes already see
                 // this node gone.
+                self.metrics.datastore_errors().inc();
                 tracing::warn!("etcd: {e}");
                 Duration::ZERO
             } else if let Error::Rewritten(what) = &e {
@@ -106,14 +132,17 @@ impl Session {
                 if let Some(held_back) = self.rewrites_logged.allow(now) {
                     tracing::warn!("etcd: {what}; restoring it ({held_back} more rewrites since the last line)");
                 }
+                self.metrics.datastore_errors().inc();
                 let problem = format!("this node's etcd records were rewritten by someone else: {what}");
                 self.metrics.set_lease_problem(Some(problem));
                 (self.restore, self.rewritten) = (true, Some(now));
                 Duration::ZERO
             } else {
                 self.conn.reset();
-                let wait = backoff.next();
-                tracing::warn!("etcd: {e}; reconnecting in {}s", wait.as_secs());
+                // Spaced from the attempt's start: a call that waited out its deadline on a
+                // hung etcd has waited already, and the next one should be there when it wakes.
+                let wait = backoff.next_delay().saturating_sub(attempt.elapsed());
+                self.failures.failed(e.to_string(), wait);
                 wait
             };
             // Meanwhile, hand over what was received before the failure, and stop if the
@@ -163,13 +192,63 @@ impl Session {
             }
             listing = Listing::read(&mut self.conn, &self.keys).await?;
         }
+        if std::mem::take(&mut self.gap) {
+            self.holdback.open(Instant::now() + self.conn.grace());
+        }
+        self.snapshot(listing);
+        backoff.reset();
+        self.failures.succeeded();
+        self.renew_and_watch(self.snapshot_rev).await
+    }
+
+    /// Queues `listing` as a snapshot and the ownership records (through the hold-back).
+    fn snapshot(&mut self, listing: Listing) {
         // The receiver replaces its state with the snapshot, so anything still queued is moot.
         self.queue.clear();
+        self.snapshot_rev = listing.revision;
         let owners = listing.cidrs.into_iter().map(|(c, o)| (c, o.node)).collect();
-        self.queue.push_back(Event::Snapshot(listing.leases));
-        self.queue.push_back(Event::Owners(owners));
-        backoff.reset();
-        self.renew_and_watch(listing.revision).await
+        self.send(Event::Snapshot(listing.leases));
+        self.send(Event::Owners(owners));
+    }
+
+    /// Queues `ev` unless the hold-back keeps it; counts and logs removals it starts holding.
+    fn send(&mut self, ev: Event) {
+        let before = self.holdback.held();
+        self.queue.extend(self.holdback.pass(ev));
+        let held = self.holdback.held();
+        self.metrics.lease_removals_pending().set(held as i64);
+        if held <= before {
+            return;
+        }
+        self.metrics.lease_removals_held().inc_by((held - before) as u64);
+        if let Some(more) = self.held_logged.allow(Instant::now()) {
+            let left = self.holdback.due().map_or(0.0, |t| (t - Instant::now()).as_secs_f64());
+            tracing::warn!(
+                "etcd: holding back {held} lease removals after a datastore stall (a bulk expiry is no proof that nodes died); \
+                 checking them against a fresh listing in {left:.1} s ({more} more such lines held back)"
+            );
+        }
+    }
+
+    /// The grace period ended: a fresh listing says who is gone.
+    async fn recheck(&mut self) -> Result<(), Error> {
+        let held = self.holdback.close();
+        self.metrics.lease_removals_pending().set(0);
+        if held.is_empty() {
+            return Ok(());
+        }
+        let listing = Listing::read(&mut self.conn, &self.keys).await?;
+        let gone: Vec<&String> = held
+            .iter()
+            .filter(|n| !listing.leases.iter().any(|l| &l.node == *n))
+            .collect();
+        tracing::info!(
+            "etcd: after the datastore stall, {} of {} held-back nodes re-registered; removing the others: {gone:?}",
+            held.len() - gone.len(),
+            held.len()
+        );
+        self.snapshot(listing);
+        Ok(())
     }
 
     async fn renew_and_watch(&mut self, revision: i64) -> Result<Infallible, End> {
@@ -184,7 +263,11 @@ impl Session {
         // A handle of its own: the branches below borrow it while their handlers change `self`.
         let tx = self.tx.clone();
         loop {
+            let due = self.holdback.due();
             tokio::select! {
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    self.recheck().await?;
+                }
                 _ = tick.tick() => {
                     // Two renewals unanswered: the connection is dead even if no error says so.
                     if renewed.elapsed() > self.conn.ttl / 2 {
@@ -223,12 +306,17 @@ impl Session {
     /// Queues the event for a node record; fails when it shows our own records gone.
     fn on_event(&mut self, ev: &etcd_client::Event) -> Result<(), Error> {
         let Some(kv) = ev.kv() else { return Ok(()) };
-        let me = self.me.name.as_str();
+        if kv.mod_revision() <= self.snapshot_rev {
+            // Already in the snapshot taken at a recheck while the watch ran.
+            return Ok(());
+        }
+        let me = self.me.name.clone();
+        let me = me.as_str();
         match (self.keys.parse(kv.key()), ev.event_type()) {
             // Our own record deleted means our etcd lease expired (or a person deleted it):
             // re-create it rather than tell the daemon it has no lease.
             (Key::Node(n), EventType::Delete) if n == me => return Err(Error::LeaseLost),
-            (Key::Node(n), EventType::Delete) => self.queue.push_back(Event::Remove(n.to_string())),
+            (Key::Node(n), EventType::Delete) => self.send(Event::Remove(n.to_string())),
             // Our own record written by someone else.
             (Key::Node(n), EventType::Put)
                 if n == me
@@ -237,7 +325,11 @@ impl Session {
                 let now = String::from_utf8_lossy(kv.value());
                 return Err(Error::Rewritten(format!("this node's record now reads {now}")));
             }
-            (Key::Node(n), EventType::Put) => self.queue.extend(decode_lease(n, kv.value()).map(Event::Upsert)),
+            (Key::Node(n), EventType::Put) => {
+                if let Some(l) = decode_lease(n, kv.value()) {
+                    self.send(Event::Upsert(l));
+                }
+            }
             // One of our CIDR keys deleted: as our own record.
             (Key::Cidr(c), EventType::Delete) if self.lease.pod_cidrs.contains(&c) => return Err(Error::LeaseLost),
             (Key::Cidr(c), EventType::Put) if self.lease.pod_cidrs.contains(&c) && kv.value() != me.as_bytes() => {
@@ -258,7 +350,7 @@ impl Session {
             // Every other ownership record: the receiver checks leases against them.
             (Key::Cidr(cidr), t) => {
                 let node = (t == EventType::Put).then(|| String::from_utf8_lossy(kv.value()).into_owned());
-                self.queue.push_back(Event::Owner { cidr, node });
+                self.send(Event::Owner { cidr, node });
             }
             _ => {}
         }
