@@ -29,9 +29,11 @@
 //!
 //! We send the capability (restart time `graceful_restart_secs`, both families; the R and F bits
 //! when [`BgpConfig::restarted`]: the daemon restarted and the kernel kept the routes it had
-//! installed) and End-of-RIB after the initial UPDATEs. Dropping the [`Speaker`] closes the
-//! sessions without a NOTIFICATION, as a crash or `SIGTERM` of the daemon would, so that the
-//! peers keep our routes while we restart. As receiving speaker: when a session that
+//! installed) and End-of-RIB after the initial UPDATEs. Dropping
+//! the [`Speaker`] closes the sessions without a NOTIFICATION, as a crash or `SIGTERM` of the
+//! daemon would, so that the peers keep our routes while we restart: a peer task reads its
+//! closed command channel as the speaker gone, never as a de-configuration (only an explicit
+//! stop sends Cease). As receiving speaker: when a session that
 //! negotiated graceful restart ends without a NOTIFICATION, the peer's routes stay (marked
 //! `stale` in [`LearnedRoute`]) for its restart time; once it is back, those of the families it
 //! kept forwarding for stay until its End-of-RIB (or for the larger of `graceful_restart_secs`
@@ -179,6 +181,27 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(cfg: BgpConfig) -> std::io::Result<Shared> {
+        let netns = cfg.netns.as_ref().map(File::open).transpose()?;
+        let graceful_restart = (cfg.graceful_restart_secs > 0).then(|| GracefulRestart {
+            restarted: cfg.restarted,
+            restart_time: cfg.graceful_restart_secs,
+            families: Family::ALL.iter().map(|f| (*f, cfg.restarted)).collect(),
+        });
+        let local = Arc::new(Local {
+            asn: cfg.asn,
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            graceful_restart,
+        });
+        Ok(Shared {
+            cfg,
+            local,
+            netns,
+            established: Mutex::new(HashMap::new()),
+        })
+    }
+
     fn set_established(&self, addr: IpAddr, generation: u64, up: bool) {
         let mut m = self.established.lock().unwrap_or_else(|e| e.into_inner());
         if up {
@@ -241,26 +264,9 @@ impl Speaker {
                 cfg.graceful_restart_secs
             )));
         }
-        let netns = cfg.netns.as_ref().map(File::open).transpose()?;
-        let listener = io::listen(netns.as_ref(), cfg.listen)?;
+        let shared = Arc::new(Shared::new(cfg)?);
+        let listener = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
         let local_addr = listener.local_addr()?;
-        let graceful_restart = (cfg.graceful_restart_secs > 0).then(|| GracefulRestart {
-            restarted: cfg.restarted,
-            restart_time: cfg.graceful_restart_secs,
-            families: Family::ALL.iter().map(|f| (*f, cfg.restarted)).collect(),
-        });
-        let local = Arc::new(Local {
-            asn: cfg.asn,
-            router_id: cfg.router_id,
-            hold_time: cfg.hold_time,
-            graceful_restart,
-        });
-        let shared = Arc::new(Shared {
-            cfg,
-            local,
-            netns,
-            established: Mutex::new(HashMap::new()),
-        });
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports::default()));
         let (routes_tx, routes_rx) = watch::channel(Routes::new());

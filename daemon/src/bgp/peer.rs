@@ -118,10 +118,15 @@ impl PeerTask {
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     Some(PeerCmd::Incoming(stream)) => self.accept(stream),
-                    Some(PeerCmd::Stop) | None => {
+                    Some(PeerCmd::Stop) => {
                         self.stop(Notification::cease(err::CEASE_PEER_DECONFIGURED));
                         return;
                     }
+                    // The core is gone: the speaker was dropped (the daemon stops or restarts).
+                    // Only an explicit `Stop` de-configures a peer; this ends like a crash, the
+                    // connections closed without a NOTIFICATION, so that graceful-restart peers
+                    // keep our routes. (Which of the closed channels is seen first is a race.)
+                    None => return,
                 },
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 r = self.exports.changed() => {
@@ -598,5 +603,68 @@ impl PeerTask {
 impl Drop for PeerTask {
     fn drop(&mut self) {
         self.shared.set_established(self.cfg.addr, self.generation, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BgpConfig, Speaker};
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// The speaker is dropped: its core goes, and with it every sender of the peer tasks'
+    /// commands, while a peer task may not have seen the end of the exports channel yet (it is
+    /// polled on another thread, or the other branch of its `select!` wins). A closed command
+    /// channel is the speaker going away, not the peer being de-configured: the session closes
+    /// without a NOTIFICATION, and the graceful-restart peer keeps our routes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_command_channel_ends_the_session_without_notification() {
+        // The peer: a whole speaker on 127.0.0.2 (graceful restart on by default).
+        let a_addr: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut cfg = BgpConfig::new(64512, "127.0.0.2".parse().unwrap());
+        cfg.listen = "127.0.0.2:0".parse().unwrap();
+        cfg.peer_port = 9; // it never reaches us; we connect to it
+        cfg.import_within = vec!["10.244.0.0/16".parse().unwrap()];
+        let (b, mut routes) = Speaker::start(cfg, Metrics::new()).await.unwrap();
+        b.set_peers(vec![PeerConfig {
+            addr: a_addr,
+            asn: 64512,
+        }]);
+
+        // Us: one peer task, driven directly.
+        let mut cfg = BgpConfig::new(64512, "127.0.0.1".parse().unwrap());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.peer_port = b.local_addr().port();
+        let shared = Arc::new(Shared::new(cfg).unwrap());
+        let prefix: IpNetwork = "10.244.1.0/24".parse().unwrap();
+        let (_exports_tx, exports) = watch::channel(Arc::new(Exports::new(vec![prefix], Some(a_addr), None)));
+        let (core_tx, _core_rx) = mpsc::unbounded_channel();
+        let (cmds_tx, cmds) = mpsc::unbounded_channel();
+        let peer = PeerConfig {
+            addr: "127.0.0.2".parse().unwrap(),
+            asn: 64512,
+        };
+        let task = tokio::spawn(PeerTask::new(shared, peer, 1, core_tx, exports, cmds).run());
+        let within = Duration::from_secs(20);
+        tokio::time::timeout(within, routes.wait_for(|r| r.get(&prefix).is_some_and(|x| !x.stale)))
+            .await
+            .expect("the peer learned our route")
+            .unwrap();
+
+        // The command channel closes, the exports channel is still open.
+        drop(cmds_tx);
+        tokio::time::timeout(within, task)
+            .await
+            .expect("the peer task ended")
+            .unwrap();
+        let after = tokio::time::timeout(within, routes.wait_for(|r| r.get(&prefix).is_none_or(|x| x.stale)))
+            .await
+            .expect("the session ended")
+            .unwrap()
+            .clone();
+        assert!(
+            after.get(&prefix).is_some_and(|x| x.stale),
+            "the peer dropped our route: it got a NOTIFICATION ({after:?})"
+        );
     }
 }
