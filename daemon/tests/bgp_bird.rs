@@ -218,12 +218,18 @@ async fn bird_restarts_sessions_come_back() {
     wait_established(&s, &[bird_ip], T).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_graceful_restart_bird_keeps_our_routes() {
+/// Node 1 and BIRD with `graceful restart on`, peered (iBGP).
+fn lab_with_graceful_restart_bird() -> Lab {
     let mut lab = Lab::new(1);
     let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
     conf.graceful_restart = true;
     lab.start_bird(&conf);
+    lab
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_graceful_restart_bird_keeps_our_routes() {
+    let mut lab = lab_with_graceful_restart_bird();
     let (s, _rx) = lab.speaker(1, vec![bird_peer()]).await;
     wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
     let bird = lab.bird.take().unwrap();
@@ -263,6 +269,41 @@ async fn our_graceful_restart_bird_keeps_our_routes() {
     assert!(!after["10.244.1.0/24"].contains("stale"), "{after:#?}");
     drop(s);
     drop(bird);
+}
+
+/// RFC 4724 §3: the Restart State bit of the graceful-restart capability says "this speaker has
+/// restarted". It is in the OPENs of our restart, until the initial sync is done; a session that
+/// comes up later (here BIRD restarts the protocol) is no restart of ours and goes without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_state_bit_only_in_the_opens_of_our_restart() {
+    let lab = lab_with_graceful_restart_bird();
+    let mut cfg = lab.config(1);
+    cfg.restarted = true;
+    let (s, _rx) = lab.speaker_with(cfg, 1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    let protocol = lab.bird().birdc(&["show", "protocols", "all", "n0"]);
+    assert!(
+        protocol.contains("Restart recovery"),
+        "R bit in our restart's OPEN: {protocol}"
+    );
+    tokio::time::timeout(T, s.synced().wait_for(|done| *done))
+        .await
+        .expect("initial sync")
+        .unwrap();
+
+    lab.bird().birdc(&["restart", "n0"]);
+    let t = Instant::now();
+    loop {
+        let protocol = lab.bird().birdc(&["show", "protocols", "all", "n0"]);
+        if protocol.contains("Established") && !protocol.contains("Restart recovery") {
+            break;
+        }
+        assert!(
+            t.elapsed() < T,
+            "the session after our restart: established without the R bit: {protocol}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,9 +27,10 @@
 //!
 //! # Graceful restart (RFC 4724)
 //!
-//! We send the capability (restart time `graceful_restart_secs`, both families; the R and F bits
-//! when [`BgpConfig::restarted`]: the daemon restarted and the kernel kept the routes it had
-//! installed) and End-of-RIB after the initial UPDATEs. Dropping
+//! We send the capability (restart time `graceful_restart_secs`, both families; when
+//! [`BgpConfig::restarted`], i.e. the daemon restarted and the kernel kept the routes it had
+//! installed, the F bits, and the R bit in the OPENs sent until the initial sync is done:
+//! later sessions are no restart of ours) and End-of-RIB after the initial UPDATEs. Dropping
 //! the [`Speaker`] closes the sessions without a NOTIFICATION, as a crash or `SIGTERM` of the
 //! daemon would, so that the peers keep our routes while we restart: a peer task reads its
 //! closed command channel as the speaker gone, never as a de-configuration (only an explicit
@@ -107,7 +108,8 @@ pub struct BgpConfig {
     /// graceful restart; at most 4095. Default 120.
     pub graceful_restart_secs: u16,
     /// This is a restart with the forwarding state kept (the daemon restarted, the kernel routes
-    /// stayed): sets the R and F bits of the graceful-restart capability. Default false.
+    /// stayed): sets the F bits of the graceful-restart capability, and its R bit until the
+    /// initial sync ([`Speaker::synced`]). Default false.
     pub restarted: bool,
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
@@ -174,7 +176,8 @@ struct Inner {
 /// What every task of the speaker reads.
 struct Shared {
     cfg: BgpConfig,
-    local: Arc<Local>,
+    /// What our OPENs say: see [`Shared::local`].
+    local: Mutex<Arc<Local>>,
     netns: Option<File>,
     /// Established peers, with the generation of the peer task that holds the session.
     established: Mutex<HashMap<IpAddr, u64>>,
@@ -196,10 +199,30 @@ impl Shared {
         });
         Ok(Shared {
             cfg,
-            local,
+            local: Mutex::new(local),
             netns,
             established: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// What the OPEN of a new connection says. While we restart (until the initial sync) its
+    /// graceful-restart capability has the Restart State bit (RFC 4724 §3); afterwards not: a
+    /// session that comes up later is no restart of ours.
+    fn local(&self) -> Arc<Local> {
+        Arc::clone(&self.local.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Our restart is over (the initial sync is done): later OPENs go without the R bit. The F
+    /// bits stay: the forwarding state was kept.
+    fn restart_done(&self) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if local.graceful_restart.as_ref().is_some_and(|gr| gr.restarted) {
+            let mut next = Local::clone(&local);
+            if let Some(gr) = next.graceful_restart.as_mut() {
+                gr.restarted = false;
+            }
+            *local = Arc::new(next);
+        }
     }
 
     fn set_established(&self, addr: IpAddr, generation: u64, up: bool) {
@@ -459,6 +482,7 @@ impl Core {
                         routes = self.rib.best().len(),
                         "BGP initial sync done"
                     );
+                    self.shared.restart_done();
                     self.synced.send_replace(true);
                 }
             }

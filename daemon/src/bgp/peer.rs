@@ -261,7 +261,7 @@ impl PeerTask {
         let id = self.next_id;
         self.next_id += 1;
         let io = io::spawn_conn(stream, self.events_tx.clone(), move |ev| Event::Io(id, ev));
-        let (session, out) = Session::start(Arc::clone(&self.shared.local), self.cfg.asn, Instant::now());
+        let (session, out) = Session::start(self.shared.local(), self.cfg.asn, Instant::now());
         self.conns.push(Conn {
             id,
             outgoing,
