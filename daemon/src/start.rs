@@ -1,5 +1,6 @@
-//! Starting the node: find the underlay, set up the dataplane, take this node's lease, write the
-//! CNI config, start BGP if configured, then hand every source to the [`Node`] loop. What
+//! Starting the node: find the underlay, set up the dataplane, take this node's lease, start BGP
+//! if configured, write the CNI config (last: it marks the node ready), then hand every source
+//! to the [`Node`] loop. What
 //! `trellisd` (no subcommand) runs; `main.rs` only parses flags and sets up logging.
 
 use crate::bgp::{BgpConfig, Speaker};
@@ -112,7 +113,6 @@ pub async fn run(args: Args) -> Result<(), String> {
         anti_spoofing: !args.no_anti_spoofing,
         ..Default::default()
     };
-    write_cni_conf(&own, dp.pod_mtu(), &opts)?;
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -139,6 +139,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             current: None,
         });
     }
+    // Last: the CNI config tells the kubelet the node is ready for pods, so it is written once
+    // everything that can fail at start (the BGP speaker too: its port in use, no IPv4 router
+    // ID) has started. A node that crash-loops never looks ready.
+    write_cni_conf(&own, plane.dataplane.pod_mtu(), &opts)?;
     let kernel = plane.dataplane.kernel_changes();
     tokio::spawn(node::forward_leases(events, tx.clone()));
     let resync = Duration::from_secs(args.resync.max(1));
