@@ -218,6 +218,56 @@ async fn bird_restarts_sessions_come_back() {
     wait_established(&s, &[bird_ip], T).await;
 }
 
+/// What the import policy drops is counted by reason (`trellisd_bgp_routes_dropped_total`):
+/// from a top-of-rack router in another AS, node 1 gets a default route per family and a prefix
+/// outside the cluster (policy), and node 2's pod CIDRs back with our AS in the path (a loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_policy_drops_are_counted_by_reason() {
+    use trellisd::bgp::policy::Rejected;
+    let mut lab = Lab::new(2);
+    let tor_asn = 65001;
+    let conf = bird_with_statics(tor_asn)
+        .neighbor(node_v4(1), ASN, false)
+        .neighbor(node_v4(2), ASN, false);
+    lab.start_bird(&conf);
+    let tor = PeerConfig {
+        addr: BIRD_V4.parse().unwrap(),
+        asn: tor_asn,
+    };
+    let (_s1, mut rx1) = lab.speaker(1, vec![tor.clone()]).await;
+    let (_s2, _rx2) = lab.speaker(2, vec![tor]).await;
+    wait_routes(&mut rx1, T, "the ToR's cluster prefixes", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4) && has(r, "fd00:244:0:100::/64", BIRD_V6)
+    })
+    .await;
+    let m = lab.metrics(1);
+    let count = |r: Rejected| m.bgp_routes_dropped(r).get();
+    let want = [
+        (Rejected::DefaultRoute, 2),
+        (Rejected::OutsideClusterCidrs, 1),
+        (Rejected::AsLoop, 2),
+    ];
+    let t = Instant::now();
+    while want.iter().any(|(r, n)| count(*r) < *n) {
+        assert!(t.elapsed() < T, "drops by reason: {}", m.render());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in [
+        Rejected::NextHopIsThisNode,
+        Rejected::NextHopUnusable,
+        Rejected::OriginatorIsUs,
+    ] {
+        assert_eq!(count(r), 0, "{r:?}");
+    }
+    let text = m.render();
+    for r in Rejected::ALL {
+        let line = format!("trellisd_bgp_routes_dropped_total{{reason=\"{}\"}}", r.label());
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+    // Nothing dropped was learned.
+    assert_eq!(rx1.borrow().len(), 2, "{:#?}", *rx1.borrow());
+}
+
 /// Node 1 and BIRD with `graceful restart on`, peered (iBGP).
 fn lab_with_graceful_restart_bird() -> Lab {
     let mut lab = Lab::new(1);

@@ -170,7 +170,6 @@ struct Inner {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     _tasks: [AbortOnDrop; 2],
-    _metrics: Metrics,
 }
 
 /// What every task of the speaker reads.
@@ -179,12 +178,13 @@ struct Shared {
     /// What our OPENs say: see [`Shared::local`].
     local: Mutex<Arc<Local>>,
     netns: Option<File>,
+    metrics: Metrics,
     /// Established peers, with the generation of the peer task that holds the session.
     established: Mutex<HashMap<IpAddr, u64>>,
 }
 
 impl Shared {
-    fn new(cfg: BgpConfig) -> std::io::Result<Shared> {
+    fn new(cfg: BgpConfig, metrics: Metrics) -> std::io::Result<Shared> {
         let netns = cfg.netns.as_ref().map(File::open).transpose()?;
         let graceful_restart = (cfg.graceful_restart_secs > 0).then(|| GracefulRestart {
             restarted: cfg.restarted,
@@ -201,6 +201,7 @@ impl Shared {
             cfg,
             local: Mutex::new(local),
             netns,
+            metrics,
             established: Mutex::new(HashMap::new()),
         })
     }
@@ -287,7 +288,7 @@ impl Speaker {
                 cfg.graceful_restart_secs
             )));
         }
-        let shared = Arc::new(Shared::new(cfg)?);
+        let shared = Arc::new(Shared::new(cfg, metrics)?);
         let listener = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
         let local_addr = listener.local_addr()?;
         let (core_tx, core_rx) = mpsc::unbounded_channel();
@@ -322,7 +323,6 @@ impl Speaker {
                 shared,
                 local_addr,
                 _tasks: [core_task, listen_task],
-                _metrics: metrics,
             }),
         };
         Ok((speaker, routes_rx))

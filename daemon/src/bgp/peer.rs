@@ -21,7 +21,7 @@
 //! configured connect-retry time (with ±20% jitter), reset once a session is established.
 
 use super::io::{self, AbortOnDrop, ConnHandle, IoEvent};
-use super::policy::{self, Exports, Throttle};
+use super::policy::{self, Exports, Rejected, Throttle};
 use super::rib::Path;
 use super::session::{CloseReason, Output, Session, State};
 use super::wire::{err, Attr, Family, Message, Notification, Update};
@@ -38,6 +38,8 @@ use tokio::time::{sleep_until, Instant};
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// At most this many connections per peer at once (two is a collision; more is abuse).
 const MAX_CONNECTIONS: usize = 3;
+/// At most one log line per peer and reason of dropped routes this often.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 pub enum PeerCmd {
     Incoming(TcpStream),
@@ -76,7 +78,8 @@ pub struct PeerTask {
     failures: u32,
     /// What the established session was sent: prefix → next hop.
     advertised: BTreeMap<IpNetwork, IpAddr>,
-    rejected: Throttle,
+    /// One log throttle per reason for dropped routes.
+    dropped: BTreeMap<Rejected, Throttle>,
     rng: u64,
 }
 
@@ -106,7 +109,7 @@ impl PeerTask {
             retry_at: Some(Instant::now()),
             failures: 0,
             advertised: BTreeMap::new(),
-            rejected: Throttle::new(Duration::from_secs(10)),
+            dropped: BTreeMap::new(),
             rng: seed | 1,
         }
     }
@@ -527,19 +530,23 @@ impl PeerTask {
         let mut withdraw: Vec<IpNetwork> = u.withdrawn.clone();
         let mut announced: Vec<(IpNetwork, IpAddr)> = Vec::new();
         let mut next_hop_v4 = None;
-        let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, false);
+        let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, None);
         for a in &u.attrs {
             match a {
                 Attr::NextHop(ip) => next_hop_v4 = Some(IpAddr::V4(*ip)),
                 Attr::AsPath(p) => {
                     as_path_len = p.len() as u32;
-                    looped |= n.ebgp && p.contains(self.shared.cfg.asn);
+                    if n.ebgp && p.contains(self.shared.cfg.asn) {
+                        looped = looped.or(Some(Rejected::AsLoop));
+                    }
                 }
-                Attr::As4Path(p) => looped |= n.ebgp && p.contains(self.shared.cfg.asn),
+                Attr::As4Path(p) if n.ebgp && p.contains(self.shared.cfg.asn) => {
+                    looped = looped.or(Some(Rejected::AsLoop));
+                }
                 // LOCAL_PREF from an external peer is ignored (RFC 4271 §5.1.5).
                 Attr::LocalPref(lp) if !n.ebgp => local_pref = *lp,
                 // Our own routes reflected back to us (RFC 4456 §8).
-                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = true,
+                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = Some(Rejected::OriginatorIsUs),
                 Attr::MpUnreach(m) if n.families.contains(&m.family) => withdraw.extend(&m.withdrawn),
                 Attr::MpReach(m) if n.families.contains(&m.family) => {
                     announced.extend(m.nlri.iter().map(|p| (*p, m.next_hop)));
@@ -559,16 +566,15 @@ impl PeerTask {
             .flatten()
             .collect();
         let mut accept = Vec::new();
-        let now = Instant::now();
+        let mut dropped: BTreeMap<Rejected, Vec<(IpNetwork, IpAddr)>> = BTreeMap::new();
         for (prefix, nh) in announced {
             let nh = policy::normalize_next_hop(nh);
-            let verdict = if looped {
-                Ok(false)
-            } else {
-                policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours).map(|()| true)
+            let verdict = match looped {
+                Some(why) => Err(why),
+                None => policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours),
             };
             match verdict {
-                Ok(true) => accept.push((
+                Ok(()) => accept.push((
                     prefix,
                     Path {
                         next_hop: nh,
@@ -577,18 +583,15 @@ impl PeerTask {
                         ebgp: n.ebgp,
                     },
                 )),
-                Ok(false) => withdraw.push(prefix),
                 Err(why) => {
                     // Treated as withdrawn: it replaces whatever the peer sent before for it.
                     withdraw.push(prefix);
-                    if let Some(held_back) = self.rejected.allow(now) {
-                        tracing::warn!(
-                            peer = %self.cfg.addr, %prefix, next_hop = %nh, reason = %why, held_back,
-                            "dropped a route from a BGP peer"
-                        );
-                    }
+                    dropped.entry(why).or_default().push((prefix, nh));
                 }
             }
+        }
+        for (why, routes) in dropped {
+            self.note_dropped(why, &routes);
         }
         if accept.is_empty() && withdraw.is_empty() {
             return;
@@ -597,6 +600,36 @@ impl PeerTask {
             announce: accept,
             withdraw,
         });
+    }
+}
+
+impl PeerTask {
+    /// Counts routes of one UPDATE that the import policy dropped for `why`, and logs them (at
+    /// most one line per reason per [`DROP_LOG_PERIOD`], with how many were held back).
+    fn note_dropped(&mut self, why: Rejected, routes: &[(IpNetwork, IpAddr)]) {
+        let n = routes.len() as u64;
+        self.shared.metrics.bgp_routes_dropped(why).inc_by(n);
+        let throttle = self
+            .dropped
+            .entry(why)
+            .or_insert_with(|| Throttle::new(DROP_LOG_PERIOD));
+        let Some(held_back) = throttle.allow_n(Instant::now(), n) else {
+            return;
+        };
+        const SHOWN: usize = 5;
+        let prefixes: Vec<String> = routes
+            .iter()
+            .take(SHOWN)
+            .map(|(p, nh)| format!("{p} via {nh}"))
+            .collect();
+        let prefixes = prefixes.join(", ");
+        let more = routes.len().saturating_sub(SHOWN);
+        let reason = why.label();
+        if why.is_loop() {
+            tracing::info!(peer = %self.cfg.addr, reason, %why, prefixes, more, held_back, "dropped routes from a BGP peer");
+        } else {
+            tracing::warn!(peer = %self.cfg.addr, reason, %why, prefixes, more, held_back, "dropped routes from a BGP peer");
+        }
     }
 }
 
@@ -635,7 +668,7 @@ mod tests {
         let mut cfg = BgpConfig::new(64512, "127.0.0.1".parse().unwrap());
         cfg.listen = "127.0.0.1:0".parse().unwrap();
         cfg.peer_port = b.local_addr().port();
-        let shared = Arc::new(Shared::new(cfg).unwrap());
+        let shared = Arc::new(Shared::new(cfg, Metrics::new()).unwrap());
         let prefix: IpNetwork = "10.244.1.0/24".parse().unwrap();
         let (_exports_tx, exports) = watch::channel(Arc::new(Exports::new(vec![prefix], Some(a_addr), None)));
         let (core_tx, _core_rx) = mpsc::unbounded_channel();

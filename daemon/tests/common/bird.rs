@@ -54,6 +54,8 @@ pub struct Lab {
     pub bird: Option<Bird>,
     pub net: Topology,
     pub dir: TempDir,
+    /// Node i's metrics (index i - 1), shared by its speakers (as one daemon's across restarts).
+    pub metrics: Vec<Metrics>,
 }
 
 impl Lab {
@@ -65,7 +67,13 @@ impl Lab {
         let net = Topology::new("tbg", n, Spec::v4("192.168.77").dual_stack("fd00:77::"));
         assert_eq!(net.gateway4().to_string(), BIRD_V4);
         assert_eq!(net.node_ip6(1), Some(node_v6(1)));
-        Lab { bird: None, net, dir }
+        let metrics = (0..n).map(|_| Metrics::new()).collect();
+        Lab {
+            bird: None,
+            net,
+            dir,
+            metrics,
+        }
     }
 
     pub fn node(&self, i: usize) -> &Netns {
@@ -75,6 +83,11 @@ impl Lab {
     /// Starts BIRD in the underlay namespace with `conf`.
     pub fn start_bird(&mut self, conf: &BirdConf) {
         self.bird = Some(Bird::start(&self.net.underlay, self.dir.path(), "bird", &conf.render()));
+    }
+
+    /// Node i's metrics.
+    pub fn metrics(&self, i: usize) -> &Metrics {
+        &self.metrics[i - 1]
     }
 
     pub fn bird(&self) -> &Bird {
@@ -119,7 +132,7 @@ impl Lab {
         // A speaker of the same node just dropped may still hold the port for a moment.
         let mut tries = 0;
         let (s, rx) = loop {
-            match Speaker::start(cfg.clone(), Metrics::new()).await {
+            match Speaker::start(cfg.clone(), self.metrics[i - 1].clone()).await {
                 Ok(x) => break x,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
                     tries += 1;
