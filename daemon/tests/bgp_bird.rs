@@ -218,6 +218,39 @@ async fn bird_restarts_sessions_come_back() {
     wait_established(&s, &[bird_ip], T).await;
 }
 
+/// After our own restart (the kernel kept its routes) the initial sync, which lets the daemon
+/// remove kept routes that no peer announces, waits for the peers' End-of-RIB for the restart
+/// wait (default 240 s, BIRD's `graceful restart wait`), not 5 s: a peer unreachable a little
+/// longer must not cost routes that still carry traffic. Here BIRD comes back after 7 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_speaker_waits_for_a_peer_back_after_more_than_5_s() {
+    let mut lab = Lab::new(1);
+    let mut cfg = lab.config(1);
+    cfg.restarted = true;
+    let started = Instant::now();
+    let (s, rx) = lab.speaker_with(cfg, 1, vec![bird_peer()]).await;
+    let mut synced = s.synced();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        !*synced.borrow(),
+        "synced without its peer, {:?} after the start",
+        started.elapsed()
+    );
+
+    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
+    conf.graceful_restart = true;
+    lab.start_bird(&conf);
+    tokio::time::timeout(T, synced.wait_for(|done| *done))
+        .await
+        .expect("synced once the peer is back")
+        .unwrap();
+    assert!(
+        has(&rx.borrow(), "10.244.100.0/24", BIRD_V4),
+        "synced on the peer's End-of-RIB, with its routes: {:#?}",
+        *rx.borrow()
+    );
+}
+
 /// What the import policy drops is counted by reason (`trellisd_bgp_routes_dropped_total`):
 /// from a top-of-rack router in another AS, node 1 gets a default route per family and a prefix
 /// outside the cluster (policy), and node 2's pod CIDRs back with our AS in the path (a loop).

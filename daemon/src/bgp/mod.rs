@@ -34,7 +34,9 @@
 //! the [`Speaker`] closes the sessions without a NOTIFICATION, as a crash or `SIGTERM` of the
 //! daemon would, so that the peers keep our routes while we restart: a peer task reads its
 //! closed command channel as the speaker gone, never as a de-configuration (only an explicit
-//! stop sends Cease). As receiving speaker: when a session that
+//! stop sends Cease). Restarted, we wait for the peers' End-of-RIB (at most
+//! [`BgpConfig::restart_wait`], `--bgp-restart-wait`, 240 s by default as BIRD) before [`Speaker::synced`]: until
+//! then the routes the kernel kept stay, even while a peer is unreachable. As receiving speaker: when a session that
 //! negotiated graceful restart ends without a NOTIFICATION, the peer's routes stay (marked
 //! `stale` in [`LearnedRoute`]) for its restart time; once it is back, those of the families it
 //! kept forwarding for stay until its End-of-RIB (or for the larger of `graceful_restart_secs`
@@ -111,6 +113,11 @@ pub struct BgpConfig {
     /// stayed): sets the F bits of the graceful-restart capability, and its R bit until the
     /// initial sync ([`Speaker::synced`]). Default false.
     pub restarted: bool,
+    /// When [`BgpConfig::restarted`]: the longest [`Speaker::synced`] waits for the peers'
+    /// End-of-RIB (a peer that is unreachable holds the sync back this long, and with it the
+    /// removal of the routes the kernel kept). BIRD's `graceful restart wait`; default
+    /// [`RESTART_WAIT`] (240 s). A fresh start waits [`INITIAL_SYNC_WAIT`]: it kept nothing.
+    pub restart_wait: Duration,
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
     /// The network namespace the sockets live in (`/run/netns/NAME`); `None`: the calling
@@ -129,6 +136,7 @@ impl BgpConfig {
             connect_retry: Duration::from_secs(5),
             graceful_restart_secs: 120,
             restarted: false,
+            restart_wait: RESTART_WAIT,
             import_within: Vec::new(),
             netns: None,
         }
@@ -226,6 +234,15 @@ impl Shared {
         }
     }
 
+    /// How long the initial sync waits for the peers: see [`BgpConfig::restart_wait`].
+    fn sync_wait(&self) -> Duration {
+        if self.cfg.restarted {
+            self.cfg.restart_wait
+        } else {
+            INITIAL_SYNC_WAIT
+        }
+    }
+
     fn set_established(&self, addr: IpAddr, generation: u64, up: bool) {
         let mut m = self.established.lock().unwrap_or_else(|e| e.into_inner());
         if up {
@@ -264,8 +281,12 @@ enum PeerEvent {
     EndOfRib(Family),
 }
 
-/// The longest [`Speaker::synced`] waits for End-of-RIB from the first peers.
+/// The longest [`Speaker::synced`] waits for End-of-RIB from the first peers on a fresh start.
 pub const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// The default of [`BgpConfig::restart_wait`]: BIRD's `graceful restart wait` (FRR's
+/// `select-defer-time` is 360 s).
+pub const RESTART_WAIT: Duration = Duration::from_secs(240);
 
 fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
@@ -308,7 +329,7 @@ impl Speaker {
             routes: routes_tx,
             peers_known: peers_known_tx,
             synced: synced_tx,
-            sync_deadline: Instant::now() + INITIAL_SYNC_WAIT,
+            sync_deadline: Instant::now() + shared.sync_wait(),
             next_generation: 0,
         };
         let core_task = AbortOnDrop(tokio::spawn(core.run()));
@@ -362,9 +383,10 @@ impl Speaker {
     }
 
     /// `true` once the first complete view is in: every peer of the first `set_peers` has sent
-    /// End-of-RIB for each of its families, or [`INITIAL_SYNC_WAIT`] has passed since the start
-    /// (a peer that is down does not hold it back longer). A restarted daemon can wait for it
-    /// before removing kernel routes that the new RIB lacks.
+    /// End-of-RIB for each of its families, or the wait has passed since the start
+    /// ([`BgpConfig::restart_wait`] after a restart, else [`INITIAL_SYNC_WAIT`]; a peer that is
+    /// down does not hold it back longer). A restarted daemon waits for it before removing
+    /// kernel routes that the new RIB lacks.
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.inner.synced.clone()
     }
