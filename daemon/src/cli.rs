@@ -91,6 +91,10 @@ pub struct Args {
     /// unreachable peer holds them this long. BIRD's `graceful restart wait` (240).
     #[arg(long, default_value_t = 240)]
     pub bgp_restart_wait: u64,
+    /// BGP mode: once a peer that restarted gracefully is back, the longest wait in seconds
+    /// for its End-of-RIB before its stale routes (still in use) go.
+    #[arg(long, default_value_t = 240)]
+    pub bgp_stale_path_time: u64,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,

@@ -128,8 +128,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         ..
     } = &conf.backend
     {
-        let restart_wait = Duration::from_secs(args.bgp_restart_wait);
-        let settings = (*as_number, *hold_time, *graceful_restart, restart_wait);
+        let waits = (
+            Duration::from_secs(args.bgp_restart_wait),
+            Duration::from_secs(args.bgp_stale_path_time),
+        );
+        let settings = (*as_number, *hold_time, *graceful_restart, waits);
         let (speaker, rib, synced) = start_bgp(&plane.dataplane, &own, &underlay, &conf, settings, &metrics).await?;
         tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
         plane.bgp = Some(BgpPeers {
@@ -157,13 +160,14 @@ pub async fn run(args: Args) -> Result<(), String> {
 }
 
 /// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
-/// the AS number, hold time, graceful-restart time and restart wait (`--bgp-restart-wait`).
+/// the AS number, hold time, graceful-restart time, and the restart wait and stale-path time
+/// (`--bgp-restart-wait`, `--bgp-stale-path-time`).
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
     underlay: &crate::reconcile::Underlay,
     conf: &NetConf,
-    (asn, hold_time, graceful_restart, restart_wait): (u32, u16, u16, Duration),
+    (asn, hold_time, graceful_restart, (restart_wait, stale_path_time)): (u32, u16, u16, (Duration, Duration)),
     metrics: &Metrics,
 ) -> Result<(Speaker, Routes, Synced), String> {
     let IpAddr::V4(router_id) = underlay.ip else {
@@ -173,6 +177,7 @@ async fn start_bgp(
     cfg.hold_time = hold_time;
     cfg.graceful_restart_secs = graceful_restart;
     cfg.restart_wait = restart_wait;
+    cfg.stale_path_time = stale_path_time;
     cfg.import_within = conf.cluster_cidrs();
     // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
     cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;

@@ -25,6 +25,13 @@ fn bird_with_statics(asn: u32) -> BirdConf {
     c
 }
 
+/// [`bird_with_statics`] in our AS, peered with node 1, `graceful restart on`.
+fn graceful_bird_for_node_1() -> BirdConf {
+    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
+    conf.graceful_restart = true;
+    conf
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ibgp_with_bird_both_ways_and_only_cluster_prefixes_learned() {
     let mut lab = Lab::new(1);
@@ -180,9 +187,7 @@ async fn ebgp_top_of_rack_learns_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bird_restarts_sessions_come_back() {
     let mut lab = Lab::new(1);
-    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
-    conf.graceful_restart = true;
-    lab.start_bird(&conf);
+    lab.start_bird(&graceful_bird_for_node_1());
     let (s, mut rx) = lab.speaker(1, vec![bird_peer()]).await;
     let bird_ip = BIRD_V4.parse().unwrap();
     wait_established(&s, &[bird_ip], T).await;
@@ -237,9 +242,7 @@ async fn restarted_speaker_waits_for_a_peer_back_after_more_than_5_s() {
         started.elapsed()
     );
 
-    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
-    conf.graceful_restart = true;
-    lab.start_bird(&conf);
+    lab.start_bird(&graceful_bird_for_node_1());
     tokio::time::timeout(T, synced.wait_for(|done| *done))
         .await
         .expect("synced once the peer is back")
@@ -249,6 +252,61 @@ async fn restarted_speaker_waits_for_a_peer_back_after_more_than_5_s() {
         "synced on the peer's End-of-RIB, with its routes: {:#?}",
         *rx.borrow()
     );
+}
+
+/// RFC 4724 §4.2 with two routers announcing one prefix: while the one in use (BIRD A, the
+/// lower address) restarts gracefully, its path stays in use, stale, instead of moving to router
+/// B's fresh path and back once A has re-announced it (every route would move twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_stay_on_a_router_that_restarts_gracefully() {
+    let mut lab = Lab::new(2);
+    lab.start_bird(&graceful_bird_for_node_1());
+    // Router B in node 2's namespace, with the same prefixes.
+    let mut b = graceful_bird_for_node_1();
+    b.router_id = "192.168.77.12".parse().unwrap();
+    (b.local_v4, b.local_v6) = (node_v4(2), node_v6(2));
+    let _router_b = Bird::start(lab.node(2), lab.dir.path(), "router_b", &b.render());
+    let router_a: std::net::IpAddr = BIRD_V4.parse().unwrap();
+    let (s, mut rx) = lab.speaker(1, vec![bird_peer(), node_peer(2)]).await;
+    wait_established(&s, &[router_a, node_v4(2)], T).await;
+    let p: ipnetwork::IpNetwork = "10.244.100.0/24".parse().unwrap();
+    wait_routes(&mut rx, T, "A's path in use", |r| has(r, "10.244.100.0/24", BIRD_V4)).await;
+
+    // Every best route to the prefix from now on.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let (seen, mut routes) = (seen.clone(), s.routes());
+        tokio::spawn(async move {
+            loop {
+                let best = routes.borrow_and_update().get(&p).cloned();
+                seen.lock().unwrap().push(best);
+                if routes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // A restarts gracefully: killed (no NOTIFICATION), back in recovery (R and F bits).
+    lab.bird.as_mut().unwrap().stop(true);
+    let during = wait_routes(&mut rx, T, "A's session down", |r| {
+        r.get(&p).is_some_and(|x| x.stale || x.peer != router_a)
+    })
+    .await;
+    assert_eq!((during[&p].peer, during[&p].stale), (router_a, true), "{during:#?}");
+    lab.bird.as_mut().unwrap().spawn(true);
+    wait_routes(&mut rx, T, "A's path fresh again", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    wait_established(&s, &[router_a, node_v4(2)], T).await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|r| r.as_ref().is_some_and(|r| r.peer == router_a)),
+        "the route moved during A's restart: {seen:#?}"
+    );
+    eprintln!("best route changes during A's graceful restart: {}", seen.len() - 1);
 }
 
 /// What the import policy drops is counted by reason (`trellisd_bgp_routes_dropped_total`):

@@ -39,8 +39,10 @@
 //! then the routes the kernel kept stay, even while a peer is unreachable. As receiving speaker: when a session that
 //! negotiated graceful restart ends without a NOTIFICATION, the peer's routes stay (marked
 //! `stale` in [`LearnedRoute`]) for its restart time; once it is back, those of the families it
-//! kept forwarding for stay until its End-of-RIB (or for the larger of `graceful_restart_secs`
-//! and 120 s), the rest go at once.
+//! kept forwarding for stay until its End-of-RIB (or for [`BgpConfig::stale_path_time`],
+//! `--bgp-stale-path-time`, 240 s by default), the rest go at once. Meanwhile a route in use
+//! stays in use, stale, although another peer offers a fresh path (RFC 4724 §4.2: the
+//! forwarding state is retained; see [`rib`]).
 //!
 //! # Wire format: hand-written, and why
 //!
@@ -118,6 +120,9 @@ pub struct BgpConfig {
     /// removal of the routes the kernel kept). BIRD's `graceful restart wait`; default
     /// [`RESTART_WAIT`] (240 s). A fresh start waits [`INITIAL_SYNC_WAIT`]: it kept nothing.
     pub restart_wait: Duration,
+    /// As receiving speaker: once a restarting peer is back, how long its stale routes (still
+    /// in use) wait for its End-of-RIB at most. Default [`STALE_PATH_TIME`] (240 s).
+    pub stale_path_time: Duration,
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
     /// The network namespace the sockets live in (`/run/netns/NAME`); `None`: the calling
@@ -137,6 +142,7 @@ impl BgpConfig {
             graceful_restart_secs: 120,
             restarted: false,
             restart_wait: RESTART_WAIT,
+            stale_path_time: STALE_PATH_TIME,
             import_within: Vec::new(),
             netns: None,
         }
@@ -283,6 +289,10 @@ enum PeerEvent {
 
 /// The longest [`Speaker::synced`] waits for End-of-RIB from the first peers on a fresh start.
 pub const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// The default of [`BgpConfig::stale_path_time`], as BIRD's wait (FRR's `stalepath-time` is
+/// 360 s).
+pub const STALE_PATH_TIME: Duration = Duration::from_secs(240);
 
 /// The default of [`BgpConfig::restart_wait`]: BIRD's `graceful restart wait` (FRR's
 /// `select-defer-time` is 360 s).
@@ -529,8 +539,8 @@ impl Core {
                             e.awaiting_end_of_rib
                                 .get_or_insert_with(|| families.into_iter().collect());
                         }
-                        let wait = Duration::from_secs(u64::from(self.shared.cfg.graceful_restart_secs.max(120)));
-                        self.rib.peer_up(peer, &keep_stale, now + wait);
+                        self.rib
+                            .peer_up(peer, &keep_stale, now + self.shared.cfg.stale_path_time);
                     }
                     PeerEvent::Down { retain, restart_time } => {
                         self.rib.peer_down(peer, &retain, now + restart_time);

@@ -207,6 +207,9 @@ pub struct Neighbor {
 /// A bird.conf: one router, static routes to export, BGP neighbors.
 pub struct BirdConf {
     pub router_id: Ipv4Addr,
+    /// Its addresses in the sessions (BIRD's in the underlay namespace by default).
+    pub local_v4: IpAddr,
+    pub local_v6: IpAddr,
     pub asn: u32,
     /// Static (blackhole) routes BIRD exports, IPv4 and IPv6.
     pub statics: Vec<String>,
@@ -219,6 +222,8 @@ impl BirdConf {
     pub fn new(asn: u32) -> BirdConf {
         BirdConf {
             router_id: BIRD_V4.parse().unwrap(),
+            local_v4: BIRD_V4.parse().unwrap(),
+            local_v6: BIRD_V6.parse().unwrap(),
             asn,
             statics: Vec::new(),
             neighbors: Vec::new(),
@@ -247,8 +252,8 @@ impl BirdConf {
         for (n, nb) in self.neighbors.iter().enumerate() {
             let ibgp = nb.asn == self.asn;
             c += &format!(
-                "protocol bgp n{n} {{\n  local {BIRD_V4} as {};\n  neighbor {} as {};\n",
-                self.asn, nb.addr, nb.asn
+                "protocol bgp n{n} {{\n  local {} as {};\n  neighbor {} as {};\n",
+                self.local_v4, self.asn, nb.addr, nb.asn
             );
             if ibgp {
                 // Directly connected iBGP peers: without this BIRD resolves next hops
@@ -267,7 +272,10 @@ impl BirdConf {
                 c += "  graceful restart on; graceful restart time 30;\n";
             }
             c += "  ipv4 { import all; export all; };\n";
-            c += &format!("  ipv6 {{ import all; export all; next hop address {BIRD_V6}; }};\n}}\n");
+            c += &format!(
+                "  ipv6 {{ import all; export all; next hop address {}; }};\n}}\n",
+                self.local_v6
+            );
         }
         c
     }
