@@ -101,6 +101,15 @@ pub struct Args {
     /// networks (see docs/security.md); on by default.
     #[arg(long)]
     pub no_anti_spoofing: bool,
+    /// BGP mode: after a restart of trellisd (the kernel kept its routes), the longest wait in
+    /// seconds for the peers' End-of-RIB before the kept routes that no peer announced go; an
+    /// unreachable peer holds them this long. BIRD's `graceful restart wait` (240).
+    #[arg(long, default_value_t = 240)]
+    pub bgp_restart_wait: u64,
+    /// BGP mode: once a peer that restarted gracefully is back, the longest wait in seconds
+    /// for its End-of-RIB before its stale routes (still in use) go.
+    #[arg(long, default_value_t = 240)]
+    pub bgp_stale_path_time: u64,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,

@@ -42,13 +42,28 @@ struct Inner {
     /// those held now.
     lease_removals_held: Counter,
     /// Datastore failures that are this node's credentials' (`tls`, `auth`).
-    datastore_credential_errors: Family<[(&'static str, &'static str); 1], Counter>,
+    datastore_credential_errors: ByReason,
     lease_removals_pending: Gauge,
     /// Leases not believed, by why (`datastore::trust::Refusal::label`).
-    leases_refused: Family<[(&'static str, &'static str); 1], Counter>,
+    leases_refused: ByReason,
+    /// Routes the BGP import policy dropped, by why (`bgp::policy::Rejected::label`).
+    bgp_routes_dropped: ByReason,
     ready: AtomicBool,
     /// What is wrong now, by what it concerns ([`Problem`]): `/healthz` fails while any is set.
     problems: Mutex<std::collections::BTreeMap<Problem, String>>,
+}
+
+type ByReason = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// A counter per `reason`, registered as `name`; every reason shows from the start (at 0), so
+/// that an alert can be written on any.
+fn by_reason(registry: &mut Registry, name: &str, help: &str, reasons: impl Iterator<Item = &'static str>) -> ByReason {
+    let family = ByReason::default();
+    for r in reasons {
+        let _ = family.get_or_create(&[("reason", r)]);
+    }
+    registry.register(name, help, family.clone());
+    family
 }
 
 impl Default for Metrics {
@@ -100,24 +115,23 @@ impl Metrics {
             "Lease removals held back now (after a datastore stall)",
             lease_removals_pending.clone(),
         );
-        let datastore_credential_errors = Family::default();
-        for r in crate::datastore::retry::CREDENTIAL_PROBLEMS {
-            let _ = datastore_credential_errors.get_or_create(&[("reason", r)]);
-        }
-        registry.register(
+        let datastore_credential_errors = by_reason(
+            &mut registry,
             "datastore_credential_errors",
             "Datastore calls refused over this node's credentials: TLS (CA, client certificate) or authentication",
-            datastore_credential_errors.clone(),
+            crate::datastore::retry::CREDENTIAL_PROBLEMS.iter().copied(),
         );
-        let leases_refused = Family::default();
-        // Every reason shows from the start (at 0), so that an alert can be written on any.
-        for r in crate::datastore::trust::Refusal::ALL {
-            let _ = leases_refused.get_or_create(&[("reason", r.label())]);
-        }
-        registry.register(
+        let leases_refused = by_reason(
+            &mut registry,
             "leases_refused",
             "Leases from the datastore not believed (outside the cluster network, not owned, overlapping, bad endpoint)",
-            leases_refused.clone(),
+            crate::datastore::trust::Refusal::ALL.iter().map(|r| r.label()),
+        );
+        let bgp_routes_dropped = by_reason(
+            &mut registry,
+            "bgp_routes_dropped",
+            "Routes from BGP peers the import policy dropped (outside the cluster CIDRs, default route, next hop, AS loop)",
+            crate::bgp::policy::Rejected::ALL.iter().map(|r| r.label()),
         );
         Metrics {
             inner: Arc::new(Inner {
@@ -132,6 +146,7 @@ impl Metrics {
                 lease_removals_pending,
                 datastore_credential_errors,
                 leases_refused,
+                bgp_routes_dropped,
                 ready: AtomicBool::new(false),
                 problems: Mutex::new(Default::default()),
             }),
@@ -171,6 +186,13 @@ impl Metrics {
     pub fn leases_refused(&self, reason: crate::datastore::trust::Refusal) -> Counter {
         self.inner
             .leases_refused
+            .get_or_create(&[("reason", reason.label())])
+            .clone()
+    }
+
+    pub fn bgp_routes_dropped(&self, reason: crate::bgp::policy::Rejected) -> Counter {
+        self.inner
+            .bgp_routes_dropped
             .get_or_create(&[("reason", reason.label())])
             .clone()
     }

@@ -1,5 +1,6 @@
-//! Starting the node: find the underlay, set up the dataplane, take this node's lease, write the
-//! CNI config, start BGP if configured, then hand every source to the [`Node`] loop. What
+//! Starting the node: find the underlay, set up the dataplane, take this node's lease, start BGP
+//! if configured, write the CNI config (last: it marks the node ready), then hand every source
+//! to the [`Node`] loop. What
 //! `trellisd` (no subcommand) runs; `main.rs` only parses flags and sets up logging.
 
 use crate::bgp::{BgpConfig, Speaker};
@@ -113,7 +114,6 @@ pub async fn run(args: Args) -> Result<(), String> {
         anti_spoofing: !args.no_anti_spoofing,
         ..Default::default()
     };
-    write_cni_conf(&own, dp.pod_mtu(), &opts)?;
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -129,7 +129,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         ..
     } = &conf.backend
     {
-        let settings = (*as_number, *hold_time, *graceful_restart);
+        let waits = (
+            Duration::from_secs(args.bgp_restart_wait),
+            Duration::from_secs(args.bgp_stale_path_time),
+        );
+        let settings = (*as_number, *hold_time, *graceful_restart, waits);
         let (speaker, rib, synced) = start_bgp(&plane.dataplane, &own, &underlay, &conf, settings, &metrics).await?;
         tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
         plane.bgp = Some(BgpPeers {
@@ -140,6 +144,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             current: None,
         });
     }
+    // Last: the CNI config tells the kubelet the node is ready for pods, so it is written once
+    // everything that can fail at start (the BGP speaker too: its port in use, no IPv4 router
+    // ID) has started. A node that crash-loops never looks ready.
+    write_cni_conf(&own, plane.dataplane.pod_mtu(), &opts)?;
     let kernel = plane.dataplane.kernel_changes();
     tokio::spawn(node::forward_leases(events, tx.clone()));
     let resync = Duration::from_secs(args.resync.max(1));
@@ -153,13 +161,14 @@ pub async fn run(args: Args) -> Result<(), String> {
 }
 
 /// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
-/// the AS number, hold time and graceful-restart time.
+/// the AS number, hold time, graceful-restart time, and the restart wait and stale-path time
+/// (`--bgp-restart-wait`, `--bgp-stale-path-time`).
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
     underlay: &crate::reconcile::Underlay,
     conf: &NetConf,
-    (asn, hold_time, graceful_restart): (u32, u16, u16),
+    (asn, hold_time, graceful_restart, (restart_wait, stale_path_time)): (u32, u16, u16, (Duration, Duration)),
     metrics: &Metrics,
 ) -> Result<(Speaker, Routes, Synced), String> {
     let IpAddr::V4(router_id) = underlay.ip else {
@@ -168,6 +177,8 @@ async fn start_bgp(
     let mut cfg = BgpConfig::new(asn, router_id);
     cfg.hold_time = hold_time;
     cfg.graceful_restart_secs = graceful_restart;
+    cfg.restart_wait = restart_wait;
+    cfg.stale_path_time = stale_path_time;
     cfg.import_within = conf.cluster_cidrs();
     // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
     cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;

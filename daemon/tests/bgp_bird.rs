@@ -25,6 +25,13 @@ fn bird_with_statics(asn: u32) -> BirdConf {
     c
 }
 
+/// [`bird_with_statics`] in our AS, peered with node 1, `graceful restart on`.
+fn graceful_bird_for_node_1() -> BirdConf {
+    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
+    conf.graceful_restart = true;
+    conf
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ibgp_with_bird_both_ways_and_only_cluster_prefixes_learned() {
     let mut lab = Lab::new(1);
@@ -180,9 +187,7 @@ async fn ebgp_top_of_rack_learns_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bird_restarts_sessions_come_back() {
     let mut lab = Lab::new(1);
-    let mut conf = bird_with_statics(ASN).neighbor(node_v4(1), ASN, false);
-    conf.graceful_restart = true;
-    lab.start_bird(&conf);
+    lab.start_bird(&graceful_bird_for_node_1());
     let (s, mut rx) = lab.speaker(1, vec![bird_peer()]).await;
     let bird_ip = BIRD_V4.parse().unwrap();
     wait_established(&s, &[bird_ip], T).await;
@@ -218,12 +223,154 @@ async fn bird_restarts_sessions_come_back() {
     wait_established(&s, &[bird_ip], T).await;
 }
 
+/// After our own restart (the kernel kept its routes) the initial sync, which lets the daemon
+/// remove kept routes that no peer announces, waits for the peers' End-of-RIB for the restart
+/// wait (default 240 s, BIRD's `graceful restart wait`), not 5 s: a peer unreachable a little
+/// longer must not cost routes that still carry traffic. Here BIRD comes back after 7 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_graceful_restart_bird_keeps_our_routes() {
+async fn restarted_speaker_waits_for_a_peer_back_after_more_than_5_s() {
+    let mut lab = Lab::new(1);
+    let mut cfg = lab.config(1);
+    cfg.restarted = true;
+    let started = Instant::now();
+    let (s, rx) = lab.speaker_with(cfg, 1, vec![bird_peer()]).await;
+    let mut synced = s.synced();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        !*synced.borrow(),
+        "synced without its peer, {:?} after the start",
+        started.elapsed()
+    );
+
+    lab.start_bird(&graceful_bird_for_node_1());
+    tokio::time::timeout(T, synced.wait_for(|done| *done))
+        .await
+        .expect("synced once the peer is back")
+        .unwrap();
+    assert!(
+        has(&rx.borrow(), "10.244.100.0/24", BIRD_V4),
+        "synced on the peer's End-of-RIB, with its routes: {:#?}",
+        *rx.borrow()
+    );
+}
+
+/// RFC 4724 §4.2 with two routers announcing one prefix: while the one in use (BIRD A, the
+/// lower address) restarts gracefully, its path stays in use, stale, instead of moving to router
+/// B's fresh path and back once A has re-announced it (every route would move twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_stay_on_a_router_that_restarts_gracefully() {
+    let mut lab = Lab::new(2);
+    lab.start_bird(&graceful_bird_for_node_1());
+    // Router B in node 2's namespace, with the same prefixes.
+    let mut b = graceful_bird_for_node_1();
+    b.router_id = "192.168.77.12".parse().unwrap();
+    (b.local_v4, b.local_v6) = (node_v4(2), node_v6(2));
+    let _router_b = Bird::start(lab.node(2), lab.dir.path(), "router_b", &b.render());
+    let router_a: std::net::IpAddr = BIRD_V4.parse().unwrap();
+    let (s, mut rx) = lab.speaker(1, vec![bird_peer(), node_peer(2)]).await;
+    wait_established(&s, &[router_a, node_v4(2)], T).await;
+    let p: ipnetwork::IpNetwork = "10.244.100.0/24".parse().unwrap();
+    wait_routes(&mut rx, T, "A's path in use", |r| has(r, "10.244.100.0/24", BIRD_V4)).await;
+
+    // Every best route to the prefix from now on.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let (seen, mut routes) = (seen.clone(), s.routes());
+        tokio::spawn(async move {
+            loop {
+                let best = routes.borrow_and_update().get(&p).cloned();
+                seen.lock().unwrap().push(best);
+                if routes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // A restarts gracefully: killed (no NOTIFICATION), back in recovery (R and F bits).
+    lab.bird.as_mut().unwrap().stop(true);
+    let during = wait_routes(&mut rx, T, "A's session down", |r| {
+        r.get(&p).is_some_and(|x| x.stale || x.peer != router_a)
+    })
+    .await;
+    assert_eq!((during[&p].peer, during[&p].stale), (router_a, true), "{during:#?}");
+    lab.bird.as_mut().unwrap().spawn(true);
+    wait_routes(&mut rx, T, "A's path fresh again", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    wait_established(&s, &[router_a, node_v4(2)], T).await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|r| r.as_ref().is_some_and(|r| r.peer == router_a)),
+        "the route moved during A's restart: {seen:#?}"
+    );
+    eprintln!("best route changes during A's graceful restart: {}", seen.len() - 1);
+}
+
+/// What the import policy drops is counted by reason (`trellisd_bgp_routes_dropped_total`):
+/// from a top-of-rack router in another AS, node 1 gets a default route per family and a prefix
+/// outside the cluster (policy), and node 2's pod CIDRs back with our AS in the path (a loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_policy_drops_are_counted_by_reason() {
+    use trellisd::bgp::policy::Rejected;
+    let mut lab = Lab::new(2);
+    let tor_asn = 65001;
+    let conf = bird_with_statics(tor_asn)
+        .neighbor(node_v4(1), ASN, false)
+        .neighbor(node_v4(2), ASN, false);
+    lab.start_bird(&conf);
+    let tor = PeerConfig {
+        addr: BIRD_V4.parse().unwrap(),
+        asn: tor_asn,
+    };
+    let (_s1, mut rx1) = lab.speaker(1, vec![tor.clone()]).await;
+    let (_s2, _rx2) = lab.speaker(2, vec![tor]).await;
+    wait_routes(&mut rx1, T, "the ToR's cluster prefixes", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4) && has(r, "fd00:244:0:100::/64", BIRD_V6)
+    })
+    .await;
+    let m = lab.metrics(1);
+    let count = |r: Rejected| m.bgp_routes_dropped(r).get();
+    let want = [
+        (Rejected::DefaultRoute, 2),
+        (Rejected::OutsideClusterCidrs, 1),
+        (Rejected::AsLoop, 2),
+    ];
+    let t = Instant::now();
+    while want.iter().any(|(r, n)| count(*r) < *n) {
+        assert!(t.elapsed() < T, "drops by reason: {}", m.render());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in [
+        Rejected::NextHopIsThisNode,
+        Rejected::NextHopUnusable,
+        Rejected::OriginatorIsUs,
+    ] {
+        assert_eq!(count(r), 0, "{r:?}");
+    }
+    let text = m.render();
+    for r in Rejected::ALL {
+        let line = format!("trellisd_bgp_routes_dropped_total{{reason=\"{}\"}}", r.label());
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+    // Nothing dropped was learned.
+    assert_eq!(rx1.borrow().len(), 2, "{:#?}", *rx1.borrow());
+}
+
+/// Node 1 and BIRD with `graceful restart on`, peered (iBGP).
+fn lab_with_graceful_restart_bird() -> Lab {
     let mut lab = Lab::new(1);
     let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
     conf.graceful_restart = true;
     lab.start_bird(&conf);
+    lab
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_graceful_restart_bird_keeps_our_routes() {
+    let mut lab = lab_with_graceful_restart_bird();
     let (s, _rx) = lab.speaker(1, vec![bird_peer()]).await;
     wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
     let bird = lab.bird.take().unwrap();
@@ -263,6 +410,41 @@ async fn our_graceful_restart_bird_keeps_our_routes() {
     assert!(!after["10.244.1.0/24"].contains("stale"), "{after:#?}");
     drop(s);
     drop(bird);
+}
+
+/// RFC 4724 §3: the Restart State bit of the graceful-restart capability says "this speaker has
+/// restarted". It is in the OPENs of our restart, until the initial sync is done; a session that
+/// comes up later (here BIRD restarts the protocol) is no restart of ours and goes without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_state_bit_only_in_the_opens_of_our_restart() {
+    let lab = lab_with_graceful_restart_bird();
+    let mut cfg = lab.config(1);
+    cfg.restarted = true;
+    let (s, _rx) = lab.speaker_with(cfg, 1, vec![bird_peer()]).await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    let protocol = lab.bird().birdc(&["show", "protocols", "all", "n0"]);
+    assert!(
+        protocol.contains("Restart recovery"),
+        "R bit in our restart's OPEN: {protocol}"
+    );
+    tokio::time::timeout(T, s.synced().wait_for(|done| *done))
+        .await
+        .expect("initial sync")
+        .unwrap();
+
+    lab.bird().birdc(&["restart", "n0"]);
+    let t = Instant::now();
+    loop {
+        let protocol = lab.bird().birdc(&["show", "protocols", "all", "n0"]);
+        if protocol.contains("Established") && !protocol.contains("Restart recovery") {
+            break;
+        }
+        assert!(
+            t.elapsed() < T,
+            "the session after our restart: established without the R bit: {protocol}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use trellisd::bgp::wire::{Capability, Message, Open};
-use trellisd::bgp::PeerConfig;
 
 const T: Duration = Duration::from_secs(20);
 const RAW: usize = 3;
@@ -122,11 +121,7 @@ const NEXT_HOP: &[u8] = &[0x40, 3, 4, 192, 168, 77, 13];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_the_right_notification_and_only_that_session_closes() {
     let lab = Lab::new(3);
-    let raw_peer = PeerConfig {
-        addr: node_v4(RAW),
-        asn: ASN,
-    };
-    let (s1, mut rx1) = lab.speaker(1, vec![node_peer(2), raw_peer]).await;
+    let (s1, mut rx1) = lab.speaker(1, vec![node_peer(2), node_peer(RAW)]).await;
     let (s2, mut rx2) = lab.speaker(2, vec![node_peer(1)]).await;
     let mesh = |r: &trellisd::bgp::Routes| has(r, "10.244.2.0/24", "192.168.77.12");
     wait_routes(&mut rx1, T, "node 2's CIDR", mesh).await;
@@ -219,4 +214,33 @@ async fn malformed_input_gets_the_right_notification_and_only_that_session_close
     assert!(mesh(&rx1.borrow()));
     assert!(has(&rx2.borrow(), "10.244.1.0/24", "192.168.77.11"));
     assert_eq!(s2.established(), [node_v4(1)]);
+}
+
+/// RFC 4271 §6.6 and RFC 6608: in OpenSent only OPEN (or NOTIFICATION) is expected; anything
+/// else is an FSM error, "Receive Unexpected Message in OpenSent State" (5/1), whatever its
+/// body. Here an UPDATE with a four-octet AS_PATH, as a peer that assumes the capability sends
+/// it: read with two-octet AS numbers (no OPEN, nothing negotiated) it would look malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_before_open_is_an_fsm_error_in_open_sent() {
+    let lab = Lab::new(3);
+    let (_s1, _rx1) = lab.speaker(1, vec![node_peer(RAW)]).await;
+    let four_octet_as_path: &[u8] = &[0x40, 2, 6, 2, 1, 0, 0, 0xfc, 0x00];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "UPDATE with a four-octet AS_PATH",
+            update(&[ORIGIN, four_octet_as_path, NEXT_HOP], &[24, 10, 244, 33]),
+        ),
+        (
+            "UPDATE, well-formed",
+            update(&[ORIGIN, AS_PATH, NEXT_HOP], &[24, 10, 244, 33]),
+        ),
+        ("KEEPALIVE", Message::Keepalive.encode(true)),
+        ("ROUTE-REFRESH", message(5, &[0, 1, 0, 1])),
+    ];
+    for (what, bytes) in cases {
+        let mut r = Raw::connect(&lab, None).await;
+        assert_eq!(r.read().await.map(|m| m.0), Some(1), "{what}: our OPEN first");
+        r.send(&bytes).await;
+        assert_eq!(r.notification().await, (5, 1, vec![]), "{what} in OpenSent");
+    }
 }

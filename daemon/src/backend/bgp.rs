@@ -44,7 +44,8 @@
 //! previous run installed keep the pods talking while this run's sessions come up, instead of
 //! being removed as "stale" and added back seconds later. Likewise the routes of a peer that is
 //! restarting gracefully (RFC 4724) are still in the speaker's RIB, flagged stale: main passes
-//! them on with the others, and they stay installed until the speaker drops them.
+//! them on with the others, and they stay installed until the speaker drops them (a route in use
+//! stays on the restarting peer's path even where another peer offers one: `crate::bgp::rib`).
 //!
 //! A kernel without the `ipip` module cannot have the cross-subnet tunnel: that is logged once
 //! at start, routes on the subnet work as usual, and off-subnet ones are noted.

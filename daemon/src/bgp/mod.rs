@@ -27,15 +27,22 @@
 //!
 //! # Graceful restart (RFC 4724)
 //!
-//! We send the capability (restart time `graceful_restart_secs`, both families; the R and F bits
-//! when [`BgpConfig::restarted`]: the daemon restarted and the kernel kept the routes it had
-//! installed) and End-of-RIB after the initial UPDATEs. Dropping the [`Speaker`] closes the
-//! sessions without a NOTIFICATION, as a crash or `SIGTERM` of the daemon would, so that the
-//! peers keep our routes while we restart. As receiving speaker: when a session that
+//! We send the capability (restart time `graceful_restart_secs`, both families; when
+//! [`BgpConfig::restarted`], i.e. the daemon restarted and the kernel kept the routes it had
+//! installed, the F bits, and the R bit in the OPENs sent until the initial sync is done:
+//! later sessions are no restart of ours) and End-of-RIB after the initial UPDATEs. Dropping
+//! the [`Speaker`] closes the sessions without a NOTIFICATION, as a crash or `SIGTERM` of the
+//! daemon would, so that the peers keep our routes while we restart: a peer task reads its
+//! closed command channel as the speaker gone, never as a de-configuration (only an explicit
+//! stop sends Cease). Restarted, we wait for the peers' End-of-RIB (at most
+//! [`BgpConfig::restart_wait`], `--bgp-restart-wait`, 240 s by default as BIRD) before [`Speaker::synced`]: until
+//! then the routes the kernel kept stay, even while a peer is unreachable. As receiving speaker: when a session that
 //! negotiated graceful restart ends without a NOTIFICATION, the peer's routes stay (marked
 //! `stale` in [`LearnedRoute`]) for its restart time; once it is back, those of the families it
-//! kept forwarding for stay until its End-of-RIB (or for the larger of `graceful_restart_secs`
-//! and 120 s), the rest go at once.
+//! kept forwarding for stay until its End-of-RIB (or for [`BgpConfig::stale_path_time`],
+//! `--bgp-stale-path-time`, 240 s by default), the rest go at once. Meanwhile a route in use
+//! stays in use, stale, although another peer offers a fresh path (RFC 4724 §4.2: the
+//! forwarding state is retained; see [`rib`]).
 //!
 //! # Wire format: hand-written, and why
 //!
@@ -105,8 +112,17 @@ pub struct BgpConfig {
     /// graceful restart; at most 4095. Default 120.
     pub graceful_restart_secs: u16,
     /// This is a restart with the forwarding state kept (the daemon restarted, the kernel routes
-    /// stayed): sets the R and F bits of the graceful-restart capability. Default false.
+    /// stayed): sets the F bits of the graceful-restart capability, and its R bit until the
+    /// initial sync ([`Speaker::synced`]). Default false.
     pub restarted: bool,
+    /// When [`BgpConfig::restarted`]: the longest [`Speaker::synced`] waits for the peers'
+    /// End-of-RIB (a peer that is unreachable holds the sync back this long, and with it the
+    /// removal of the routes the kernel kept). BIRD's `graceful restart wait`; default
+    /// [`RESTART_WAIT`] (240 s). A fresh start waits [`INITIAL_SYNC_WAIT`]: it kept nothing.
+    pub restart_wait: Duration,
+    /// As receiving speaker: once a restarting peer is back, how long its stale routes (still
+    /// in use) wait for its End-of-RIB at most. Default [`STALE_PATH_TIME`] (240 s).
+    pub stale_path_time: Duration,
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
     /// The network namespace the sockets live in (`/run/netns/NAME`); `None`: the calling
@@ -125,6 +141,8 @@ impl BgpConfig {
             connect_retry: Duration::from_secs(5),
             graceful_restart_secs: 120,
             restarted: false,
+            restart_wait: RESTART_WAIT,
+            stale_path_time: STALE_PATH_TIME,
             import_within: Vec::new(),
             netns: None,
         }
@@ -166,19 +184,71 @@ struct Inner {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     _tasks: [AbortOnDrop; 2],
-    _metrics: Metrics,
 }
 
 /// What every task of the speaker reads.
 struct Shared {
     cfg: BgpConfig,
-    local: Arc<Local>,
+    /// What our OPENs say: see [`Shared::local`].
+    local: Mutex<Arc<Local>>,
     netns: Option<File>,
+    metrics: Metrics,
     /// Established peers, with the generation of the peer task that holds the session.
     established: Mutex<HashMap<IpAddr, u64>>,
 }
 
 impl Shared {
+    fn new(cfg: BgpConfig, metrics: Metrics) -> std::io::Result<Shared> {
+        let netns = cfg.netns.as_ref().map(File::open).transpose()?;
+        let graceful_restart = (cfg.graceful_restart_secs > 0).then(|| GracefulRestart {
+            restarted: cfg.restarted,
+            restart_time: cfg.graceful_restart_secs,
+            families: Family::ALL.iter().map(|f| (*f, cfg.restarted)).collect(),
+        });
+        let local = Arc::new(Local {
+            asn: cfg.asn,
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            graceful_restart,
+        });
+        Ok(Shared {
+            cfg,
+            local: Mutex::new(local),
+            netns,
+            metrics,
+            established: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What the OPEN of a new connection says. While we restart (until the initial sync) its
+    /// graceful-restart capability has the Restart State bit (RFC 4724 §3); afterwards not: a
+    /// session that comes up later is no restart of ours.
+    fn local(&self) -> Arc<Local> {
+        Arc::clone(&self.local.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Our restart is over (the initial sync is done): later OPENs go without the R bit. The F
+    /// bits stay: the forwarding state was kept.
+    fn restart_done(&self) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if local.graceful_restart.as_ref().is_some_and(|gr| gr.restarted) {
+            let mut next = Local::clone(&local);
+            if let Some(gr) = next.graceful_restart.as_mut() {
+                gr.restarted = false;
+            }
+            *local = Arc::new(next);
+        }
+    }
+
+    /// How long the initial sync waits for the peers: see [`BgpConfig::restart_wait`].
+    fn sync_wait(&self) -> Duration {
+        if self.cfg.restarted {
+            self.cfg.restart_wait
+        } else {
+            INITIAL_SYNC_WAIT
+        }
+    }
+
     fn set_established(&self, addr: IpAddr, generation: u64, up: bool) {
         let mut m = self.established.lock().unwrap_or_else(|e| e.into_inner());
         if up {
@@ -217,8 +287,16 @@ enum PeerEvent {
     EndOfRib(Family),
 }
 
-/// The longest [`Speaker::synced`] waits for End-of-RIB from the first peers.
+/// The longest [`Speaker::synced`] waits for End-of-RIB from the first peers on a fresh start.
 pub const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// The default of [`BgpConfig::stale_path_time`], as BIRD's wait (FRR's `stalepath-time` is
+/// 360 s).
+pub const STALE_PATH_TIME: Duration = Duration::from_secs(240);
+
+/// The default of [`BgpConfig::restart_wait`]: BIRD's `graceful restart wait` (FRR's
+/// `select-defer-time` is 360 s).
+pub const RESTART_WAIT: Duration = Duration::from_secs(240);
 
 fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
@@ -241,26 +319,9 @@ impl Speaker {
                 cfg.graceful_restart_secs
             )));
         }
-        let netns = cfg.netns.as_ref().map(File::open).transpose()?;
-        let listener = io::listen(netns.as_ref(), cfg.listen)?;
+        let shared = Arc::new(Shared::new(cfg, metrics)?);
+        let listener = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
         let local_addr = listener.local_addr()?;
-        let graceful_restart = (cfg.graceful_restart_secs > 0).then(|| GracefulRestart {
-            restarted: cfg.restarted,
-            restart_time: cfg.graceful_restart_secs,
-            families: Family::ALL.iter().map(|f| (*f, cfg.restarted)).collect(),
-        });
-        let local = Arc::new(Local {
-            asn: cfg.asn,
-            router_id: cfg.router_id,
-            hold_time: cfg.hold_time,
-            graceful_restart,
-        });
-        let shared = Arc::new(Shared {
-            cfg,
-            local,
-            netns,
-            established: Mutex::new(HashMap::new()),
-        });
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports::default()));
         let (routes_tx, routes_rx) = watch::channel(Routes::new());
@@ -278,7 +339,7 @@ impl Speaker {
             routes: routes_tx,
             peers_known: peers_known_tx,
             synced: synced_tx,
-            sync_deadline: Instant::now() + INITIAL_SYNC_WAIT,
+            sync_deadline: Instant::now() + shared.sync_wait(),
             next_generation: 0,
         };
         let core_task = AbortOnDrop(tokio::spawn(core.run()));
@@ -293,7 +354,6 @@ impl Speaker {
                 shared,
                 local_addr,
                 _tasks: [core_task, listen_task],
-                _metrics: metrics,
             }),
         };
         Ok((speaker, routes_rx))
@@ -333,9 +393,10 @@ impl Speaker {
     }
 
     /// `true` once the first complete view is in: every peer of the first `set_peers` has sent
-    /// End-of-RIB for each of its families, or [`INITIAL_SYNC_WAIT`] has passed since the start
-    /// (a peer that is down does not hold it back longer). A restarted daemon can wait for it
-    /// before removing kernel routes that the new RIB lacks.
+    /// End-of-RIB for each of its families, or the wait has passed since the start
+    /// ([`BgpConfig::restart_wait`] after a restart, else [`INITIAL_SYNC_WAIT`]; a peer that is
+    /// down does not hold it back longer). A restarted daemon waits for it before removing
+    /// kernel routes that the new RIB lacks.
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.inner.synced.clone()
     }
@@ -453,6 +514,7 @@ impl Core {
                         routes = self.rib.best().len(),
                         "BGP initial sync done"
                     );
+                    self.shared.restart_done();
                     self.synced.send_replace(true);
                 }
             }
@@ -477,8 +539,8 @@ impl Core {
                             e.awaiting_end_of_rib
                                 .get_or_insert_with(|| families.into_iter().collect());
                         }
-                        let wait = Duration::from_secs(u64::from(self.shared.cfg.graceful_restart_secs.max(120)));
-                        self.rib.peer_up(peer, &keep_stale, now + wait);
+                        self.rib
+                            .peer_up(peer, &keep_stale, now + self.shared.cfg.stale_path_time);
                     }
                     PeerEvent::Down { retain, restart_time } => {
                         self.rib.peer_down(peer, &retain, now + restart_time);

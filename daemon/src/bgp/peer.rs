@@ -21,7 +21,7 @@
 //! configured connect-retry time (with ±20% jitter), reset once a session is established.
 
 use super::io::{self, AbortOnDrop, ConnHandle, IoEvent};
-use super::policy::{self, Exports, Throttle};
+use super::policy::{self, Exports, Rejected, Throttle};
 use super::rib::Path;
 use super::session::{CloseReason, Output, Session, State};
 use super::wire::{err, Attr, Family, Message, Notification, Update};
@@ -38,6 +38,8 @@ use tokio::time::{sleep_until, Instant};
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// At most this many connections per peer at once (two is a collision; more is abuse).
 const MAX_CONNECTIONS: usize = 3;
+/// At most one log line per peer and reason of dropped routes this often.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 pub enum PeerCmd {
     Incoming(TcpStream),
@@ -76,7 +78,8 @@ pub struct PeerTask {
     failures: u32,
     /// What the established session was sent: prefix → next hop.
     advertised: BTreeMap<IpNetwork, IpAddr>,
-    rejected: Throttle,
+    /// One log throttle per reason for dropped routes.
+    dropped: BTreeMap<Rejected, Throttle>,
     rng: u64,
 }
 
@@ -106,7 +109,7 @@ impl PeerTask {
             retry_at: Some(Instant::now()),
             failures: 0,
             advertised: BTreeMap::new(),
-            rejected: Throttle::new(Duration::from_secs(10)),
+            dropped: BTreeMap::new(),
             rng: seed | 1,
         }
     }
@@ -118,10 +121,15 @@ impl PeerTask {
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     Some(PeerCmd::Incoming(stream)) => self.accept(stream),
-                    Some(PeerCmd::Stop) | None => {
+                    Some(PeerCmd::Stop) => {
                         self.stop(Notification::cease(err::CEASE_PEER_DECONFIGURED));
                         return;
                     }
+                    // The core is gone: the speaker was dropped (the daemon stops or restarts).
+                    // Only an explicit `Stop` de-configures a peer; this ends like a crash, the
+                    // connections closed without a NOTIFICATION, so that graceful-restart peers
+                    // keep our routes. (Which of the closed channels is seen first is a race.)
+                    None => return,
                 },
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 r = self.exports.changed() => {
@@ -256,7 +264,7 @@ impl PeerTask {
         let id = self.next_id;
         self.next_id += 1;
         let io = io::spawn_conn(stream, self.events_tx.clone(), move |ev| Event::Io(id, ev));
-        let (session, out) = Session::start(Arc::clone(&self.shared.local), self.cfg.asn, Instant::now());
+        let (session, out) = Session::start(self.shared.local(), self.cfg.asn, Instant::now());
         self.conns.push(Conn {
             id,
             outgoing,
@@ -522,19 +530,23 @@ impl PeerTask {
         let mut withdraw: Vec<IpNetwork> = u.withdrawn.clone();
         let mut announced: Vec<(IpNetwork, IpAddr)> = Vec::new();
         let mut next_hop_v4 = None;
-        let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, false);
+        let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, None);
         for a in &u.attrs {
             match a {
                 Attr::NextHop(ip) => next_hop_v4 = Some(IpAddr::V4(*ip)),
                 Attr::AsPath(p) => {
                     as_path_len = p.len() as u32;
-                    looped |= n.ebgp && p.contains(self.shared.cfg.asn);
+                    if n.ebgp && p.contains(self.shared.cfg.asn) {
+                        looped = looped.or(Some(Rejected::AsLoop));
+                    }
                 }
-                Attr::As4Path(p) => looped |= n.ebgp && p.contains(self.shared.cfg.asn),
+                Attr::As4Path(p) if n.ebgp && p.contains(self.shared.cfg.asn) => {
+                    looped = looped.or(Some(Rejected::AsLoop));
+                }
                 // LOCAL_PREF from an external peer is ignored (RFC 4271 §5.1.5).
                 Attr::LocalPref(lp) if !n.ebgp => local_pref = *lp,
                 // Our own routes reflected back to us (RFC 4456 §8).
-                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = true,
+                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = Some(Rejected::OriginatorIsUs),
                 Attr::MpUnreach(m) if n.families.contains(&m.family) => withdraw.extend(&m.withdrawn),
                 Attr::MpReach(m) if n.families.contains(&m.family) => {
                     announced.extend(m.nlri.iter().map(|p| (*p, m.next_hop)));
@@ -554,16 +566,15 @@ impl PeerTask {
             .flatten()
             .collect();
         let mut accept = Vec::new();
-        let now = Instant::now();
+        let mut dropped: BTreeMap<Rejected, Vec<(IpNetwork, IpAddr)>> = BTreeMap::new();
         for (prefix, nh) in announced {
             let nh = policy::normalize_next_hop(nh);
-            let verdict = if looped {
-                Ok(false)
-            } else {
-                policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours).map(|()| true)
+            let verdict = match looped {
+                Some(why) => Err(why),
+                None => policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours),
             };
             match verdict {
-                Ok(true) => accept.push((
+                Ok(()) => accept.push((
                     prefix,
                     Path {
                         next_hop: nh,
@@ -572,18 +583,15 @@ impl PeerTask {
                         ebgp: n.ebgp,
                     },
                 )),
-                Ok(false) => withdraw.push(prefix),
                 Err(why) => {
                     // Treated as withdrawn: it replaces whatever the peer sent before for it.
                     withdraw.push(prefix);
-                    if let Some(held_back) = self.rejected.allow(now) {
-                        tracing::warn!(
-                            peer = %self.cfg.addr, %prefix, next_hop = %nh, reason = %why, held_back,
-                            "dropped a route from a BGP peer"
-                        );
-                    }
+                    dropped.entry(why).or_default().push((prefix, nh));
                 }
             }
+        }
+        for (why, routes) in dropped {
+            self.note_dropped(why, &routes);
         }
         if accept.is_empty() && withdraw.is_empty() {
             return;
@@ -595,8 +603,101 @@ impl PeerTask {
     }
 }
 
+impl PeerTask {
+    /// Counts routes of one UPDATE that the import policy dropped for `why`, and logs them (at
+    /// most one line per reason per [`DROP_LOG_PERIOD`], with how many were held back).
+    fn note_dropped(&mut self, why: Rejected, routes: &[(IpNetwork, IpAddr)]) {
+        let n = routes.len() as u64;
+        self.shared.metrics.bgp_routes_dropped(why).inc_by(n);
+        let throttle = self
+            .dropped
+            .entry(why)
+            .or_insert_with(|| Throttle::new(DROP_LOG_PERIOD));
+        let Some(held_back) = throttle.allow_n(Instant::now(), n) else {
+            return;
+        };
+        const SHOWN: usize = 5;
+        let prefixes: Vec<String> = routes
+            .iter()
+            .take(SHOWN)
+            .map(|(p, nh)| format!("{p} via {nh}"))
+            .collect();
+        let prefixes = prefixes.join(", ");
+        let more = routes.len().saturating_sub(SHOWN);
+        let reason = why.label();
+        if why.is_loop() {
+            tracing::info!(peer = %self.cfg.addr, reason, %why, prefixes, more, held_back, "dropped routes from a BGP peer");
+        } else {
+            tracing::warn!(peer = %self.cfg.addr, reason, %why, prefixes, more, held_back, "dropped routes from a BGP peer");
+        }
+    }
+}
+
 impl Drop for PeerTask {
     fn drop(&mut self) {
         self.shared.set_established(self.cfg.addr, self.generation, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BgpConfig, Speaker};
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// The speaker is dropped: its core goes, and with it every sender of the peer tasks'
+    /// commands, while a peer task may not have seen the end of the exports channel yet (it is
+    /// polled on another thread, or the other branch of its `select!` wins). A closed command
+    /// channel is the speaker going away, not the peer being de-configured: the session closes
+    /// without a NOTIFICATION, and the graceful-restart peer keeps our routes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_command_channel_ends_the_session_without_notification() {
+        // The peer: a whole speaker on 127.0.0.2 (graceful restart on by default).
+        let a_addr: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut cfg = BgpConfig::new(64512, "127.0.0.2".parse().unwrap());
+        cfg.listen = "127.0.0.2:0".parse().unwrap();
+        cfg.peer_port = 9; // it never reaches us; we connect to it
+        cfg.import_within = vec!["10.244.0.0/16".parse().unwrap()];
+        let (b, mut routes) = Speaker::start(cfg, Metrics::new()).await.unwrap();
+        b.set_peers(vec![PeerConfig {
+            addr: a_addr,
+            asn: 64512,
+        }]);
+
+        // Us: one peer task, driven directly.
+        let mut cfg = BgpConfig::new(64512, "127.0.0.1".parse().unwrap());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.peer_port = b.local_addr().port();
+        let shared = Arc::new(Shared::new(cfg, Metrics::new()).unwrap());
+        let prefix: IpNetwork = "10.244.1.0/24".parse().unwrap();
+        let (_exports_tx, exports) = watch::channel(Arc::new(Exports::new(vec![prefix], Some(a_addr), None)));
+        let (core_tx, _core_rx) = mpsc::unbounded_channel();
+        let (cmds_tx, cmds) = mpsc::unbounded_channel();
+        let peer = PeerConfig {
+            addr: "127.0.0.2".parse().unwrap(),
+            asn: 64512,
+        };
+        let task = tokio::spawn(PeerTask::new(shared, peer, 1, core_tx, exports, cmds).run());
+        let within = Duration::from_secs(20);
+        tokio::time::timeout(within, routes.wait_for(|r| r.get(&prefix).is_some_and(|x| !x.stale)))
+            .await
+            .expect("the peer learned our route")
+            .unwrap();
+
+        // The command channel closes, the exports channel is still open.
+        drop(cmds_tx);
+        tokio::time::timeout(within, task)
+            .await
+            .expect("the peer task ended")
+            .unwrap();
+        let after = tokio::time::timeout(within, routes.wait_for(|r| r.get(&prefix).is_none_or(|x| x.stale)))
+            .await
+            .expect("the session ended")
+            .unwrap()
+            .clone();
+        assert!(
+            after.get(&prefix).is_some_and(|x| x.stale),
+            "the peer dropped our route: it got a NOTIFICATION ({after:?})"
+        );
     }
 }

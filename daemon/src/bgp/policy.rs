@@ -1,9 +1,13 @@
 //! Import and export policy, and the UPDATEs that carry our exports.
 //!
 //! - Import: a prefix is accepted only inside one of the cluster CIDRs (`import_within`), never
-//!   a default route, with a usable next hop that is not this node. Everything else is dropped
-//!   (and counted in a rate-limited warning): a peer cannot hijack 0.0.0.0/0 or anything
-//!   outside the pod network.
+//!   a default route, with a usable next hop that is not this node, and no loop (our AS in the
+//!   path from an external peer, our own route reflected back). Everything else is dropped: a
+//!   peer cannot hijack 0.0.0.0/0 or anything outside the pod network. Every drop is counted by
+//!   [`Rejected::label`] in `trellisd_bgp_routes_dropped_total{reason}`, and logged per peer
+//!   and reason at most once per 10 s (warning; loops, normal with a ToR or a reflector, as
+//!   information), naming the peer, the reason, the prefixes of that UPDATE and how many
+//!   drops were held back since the last line.
 //! - Export: exactly the node's pod CIDRs, next hop = the node's underlay address (per family),
 //!   ORIGIN IGP, an empty AS_PATH to iBGP peers (with LOCAL_PREF 100) and our AS to eBGP peers.
 //!   We never re-advertise what we learned: each node speaks for itself (a route reflector
@@ -18,12 +22,45 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Why an announced prefix was not imported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rejected {
     OutsideClusterCidrs,
     DefaultRoute,
     NextHopIsThisNode,
     NextHopUnusable,
+    /// From an external peer with our AS in its AS_PATH (or AS4_PATH).
+    AsLoop,
+    /// Our own route reflected back to us (ORIGINATOR_ID is our identifier, RFC 4456 §8).
+    OriginatorIsUs,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 6] = [
+        Rejected::OutsideClusterCidrs,
+        Rejected::DefaultRoute,
+        Rejected::NextHopIsThisNode,
+        Rejected::NextHopUnusable,
+        Rejected::AsLoop,
+        Rejected::OriginatorIsUs,
+    ];
+
+    /// The `reason` label of `trellisd_bgp_routes_dropped_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::OutsideClusterCidrs => "outside_cluster_cidrs",
+            Rejected::DefaultRoute => "default_route",
+            Rejected::NextHopIsThisNode => "next_hop_is_this_node",
+            Rejected::NextHopUnusable => "next_hop_unusable",
+            Rejected::AsLoop => "as_loop",
+            Rejected::OriginatorIsUs => "originator_is_us",
+        }
+    }
+
+    /// A loop: expected where routes come back around (a ToR that sends every node's routes to
+    /// every node, a route reflector), so logged as information, not as a warning.
+    pub fn is_loop(self) -> bool {
+        matches!(self, Rejected::AsLoop | Rejected::OriginatorIsUs)
+    }
 }
 
 impl std::fmt::Display for Rejected {
@@ -33,6 +70,8 @@ impl std::fmt::Display for Rejected {
             Rejected::DefaultRoute => "a default route",
             Rejected::NextHopIsThisNode => "next hop is this node",
             Rejected::NextHopUnusable => "next hop unusable (link-local or unspecified)",
+            Rejected::AsLoop => "our AS in the AS path (a loop)",
+            Rejected::OriginatorIsUs => "our own route reflected back (ORIGINATOR_ID is us)",
         })
     }
 }
@@ -93,9 +132,14 @@ impl Throttle {
 
     /// `Some(n)`: log now, mentioning the `n` events held back since the last line.
     pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        self.allow_n(now, 1)
+    }
+
+    /// [`Throttle::allow`] for `events` events at once (held back together).
+    pub fn allow_n(&mut self, now: Instant, events: u64) -> Option<u64> {
         match self.last {
             Some(t) if now < t + self.period => {
-                self.held_back += 1;
+                self.held_back += events;
                 None
             }
             _ => {
@@ -289,6 +333,8 @@ mod tests {
         assert_eq!(t.allow(t0 + Duration::from_secs(1)), None);
         assert_eq!(t.allow(t0 + Duration::from_secs(2)), None);
         assert_eq!(t.allow(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.allow_n(t0 + Duration::from_secs(11), 5), None);
+        assert_eq!(t.allow_n(t0 + Duration::from_secs(20), 3), Some(5));
     }
 
     fn session(ebgp: bool, four_octet_as: bool) -> Negotiated {

@@ -3,6 +3,11 @@
 //!
 //! Best route, in order: a fresh route over a stale one; the higher LOCAL_PREF; the shorter
 //! AS_PATH; eBGP over iBGP; the lower peer address (so that every run picks the same one).
+//! Except that the route in use stays in use when its peer restarts (RFC 4724 §4.2: the
+//! receiving speaker retains the forwarding state): stale, until the peer announces it again
+//! (then the usual order decides), withdraws it, or its stale routes go (End-of-RIB without
+//! it, the peer's restart time or the stale-path time over). Moving to another peer's path
+//! meanwhile would move every route twice for nothing.
 //! Prefixes this node exports itself are never in the result: a peer cannot take over this
 //! node's own pod CIDR.
 
@@ -190,18 +195,24 @@ impl Rib {
             None
         } else {
             self.by_prefix.get(&prefix).and_then(|paths| {
-                paths
-                    .iter()
-                    .max_by_key(|(peer, e)| {
+                // The route in use, gone stale: its peer is restarting; it stays in use.
+                let kept = self
+                    .best
+                    .get(&prefix)
+                    .and_then(|r| paths.get_key_value(&r.peer))
+                    .filter(|(_, e)| e.stale);
+                kept.or_else(|| {
+                    paths.iter().max_by_key(|(peer, e)| {
                         let p = &e.path;
                         (!e.stale, p.local_pref, Reverse(p.as_path_len), p.ebgp, Reverse(**peer))
                     })
-                    .map(|(peer, e)| LearnedRoute {
-                        prefix,
-                        next_hop: e.path.next_hop,
-                        peer: *peer,
-                        stale: e.stale,
-                    })
+                })
+                .map(|(peer, e)| LearnedRoute {
+                    prefix,
+                    next_hop: e.path.next_hop,
+                    peer: *peer,
+                    stale: e.stale,
+                })
             })
         };
         let old = match &best {
@@ -312,13 +323,56 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_route_beats_a_stale_one() {
+    fn a_fresh_route_beats_a_stale_one_not_in_use() {
         let t0 = Instant::now();
         let p = net("10.244.1.0/24");
         let mut rib = Rib::default();
-        rib.announce(ip("10.0.0.1"), p, path("10.0.0.1", 100, 0));
-        rib.announce(ip("10.0.0.2"), p, path("10.0.0.2", 100, 0));
-        rib.peer_down(ip("10.0.0.1"), &[Family::Ipv4Unicast], t0 + Duration::from_secs(60));
-        assert_eq!(rib.best()[&p].peer, ip("10.0.0.2"));
+        rib.announce(ip("10.0.0.1"), p, path("10.0.0.1", 300, 0));
+        rib.announce(ip("10.0.0.2"), p, path("10.0.0.2", 200, 0));
+        rib.announce(ip("10.0.0.3"), p, path("10.0.0.3", 100, 0));
+        rib.peer_down(ip("10.0.0.2"), &[Family::Ipv4Unicast], t0 + Duration::from_secs(60));
+        assert_eq!(rib.best()[&p].peer, ip("10.0.0.1"));
+        rib.withdraw(ip("10.0.0.1"), p);
+        assert_eq!(
+            rib.best()[&p].peer,
+            ip("10.0.0.3"),
+            "fresh over stale, whatever LOCAL_PREF"
+        );
+    }
+
+    /// RFC 4724 §4.2: the receiving speaker keeps the restarting peer's routes and goes on
+    /// forwarding along them; the other peer's equal path does not take over meanwhile.
+    #[test]
+    fn the_route_in_use_stays_while_its_peer_restarts() {
+        let t0 = Instant::now();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let p = net("10.244.1.0/24");
+        let mut rib = Rib::default();
+        rib.announce(a, p, path("10.0.0.1", 100, 0));
+        rib.announce(b, p, path("10.0.0.2", 100, 0));
+        assert_eq!(rib.best()[&p].peer, a);
+        rib.take_changed();
+
+        rib.peer_down(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(120));
+        assert_eq!((rib.best()[&p].peer, rib.best()[&p].stale), (a, true));
+        rib.withdraw(b, p);
+        rib.announce(b, p, path("10.0.0.2", 100, 0));
+        assert_eq!(rib.best()[&p].peer, a, "changes of the other path do not move it");
+        rib.peer_up(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(240));
+        rib.announce(a, p, path("10.0.0.1", 100, 0));
+        rib.end_of_rib(a, Family::Ipv4Unicast);
+        assert_eq!((rib.best()[&p].peer, rib.best()[&p].stale), (a, false));
+
+        // Not announced again: at End-of-RIB the other path takes over; likewise when the
+        // stale time is over.
+        rib.peer_down(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(120));
+        rib.peer_up(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(240));
+        assert_eq!(rib.best()[&p].peer, a);
+        rib.end_of_rib(a, Family::Ipv4Unicast);
+        assert_eq!((rib.best()[&p].peer, rib.best()[&p].stale), (b, false));
+        rib.announce(a, p, path("10.0.0.1", 100, 0));
+        rib.peer_down(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(120));
+        rib.expire(t0 + Duration::from_secs(120));
+        assert_eq!(rib.best()[&p].peer, b);
     }
 }

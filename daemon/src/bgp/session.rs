@@ -8,7 +8,7 @@
 //! Active states (retrying, connecting, waiting for the peer) belong to the peer as a whole,
 //! and so does collision resolution (two connections to one peer): see `peer.rs`.
 
-use super::wire::{err, Capability, Family, GracefulRestart, Message, Notification, Open, Update};
+use super::wire::{err, msg, Capability, Family, GracefulRestart, Message, Notification, Open, Update};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,6 +155,17 @@ impl Session {
         if self.state == State::Idle {
             return Vec::new();
         }
+        // A message the state does not expect is an FSM error (RFC 4271 §6.6, RFC 6608) before
+        // its body is looked at: an UPDATE before OPEN is decoded with no capabilities agreed,
+        // so it would otherwise fail as malformed (3/11 for a four-octet AS_PATH).
+        let expected = match self.state {
+            State::OpenSent => matches!(ty, msg::OPEN | msg::NOTIFICATION),
+            State::OpenConfirm => matches!(ty, msg::KEEPALIVE | msg::NOTIFICATION),
+            _ => true,
+        };
+        if !expected {
+            return self.fsm_error();
+        }
         let msg = match Message::decode(ty, body, self.four_octet_as()) {
             Ok(m) => m,
             Err(n) => return self.fail(n),
@@ -183,15 +194,18 @@ impl Session {
                     _ => Vec::new(),
                 }
             }
-            (state, _) => {
-                let subcode = match state {
-                    State::OpenSent => err::FSM_IN_OPENSENT,
-                    State::OpenConfirm => err::FSM_IN_OPENCONFIRM,
-                    _ => err::FSM_IN_ESTABLISHED,
-                };
-                self.fail(Notification::new(err::FSM, subcode, Vec::new()))
-            }
+            _ => self.fsm_error(),
         }
+    }
+
+    /// A message the current state does not expect: FSM error, with the RFC 6608 subcode.
+    fn fsm_error(&mut self) -> Vec<Output> {
+        let subcode = match self.state {
+            State::OpenSent => err::FSM_IN_OPENSENT,
+            State::OpenConfirm => err::FSM_IN_OPENCONFIRM,
+            _ => err::FSM_IN_ESTABLISHED,
+        };
+        self.fail(Notification::new(err::FSM, subcode, Vec::new()))
     }
 
     /// The byte stream could not be framed (a message header error).

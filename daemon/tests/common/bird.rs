@@ -54,6 +54,8 @@ pub struct Lab {
     pub bird: Option<Bird>,
     pub net: Topology,
     pub dir: TempDir,
+    /// Node i's metrics (index i - 1), shared by its speakers (as one daemon's across restarts).
+    pub metrics: Vec<Metrics>,
 }
 
 impl Lab {
@@ -65,7 +67,13 @@ impl Lab {
         let net = Topology::new("tbg", n, Spec::v4("192.168.77").dual_stack("fd00:77::"));
         assert_eq!(net.gateway4().to_string(), BIRD_V4);
         assert_eq!(net.node_ip6(1), Some(node_v6(1)));
-        Lab { bird: None, net, dir }
+        let metrics = (0..n).map(|_| Metrics::new()).collect();
+        Lab {
+            bird: None,
+            net,
+            dir,
+            metrics,
+        }
     }
 
     pub fn node(&self, i: usize) -> &Netns {
@@ -75,6 +83,11 @@ impl Lab {
     /// Starts BIRD in the underlay namespace with `conf`.
     pub fn start_bird(&mut self, conf: &BirdConf) {
         self.bird = Some(Bird::start(&self.net.underlay, self.dir.path(), "bird", &conf.render()));
+    }
+
+    /// Node i's metrics.
+    pub fn metrics(&self, i: usize) -> &Metrics {
+        &self.metrics[i - 1]
     }
 
     pub fn bird(&self) -> &Bird {
@@ -119,7 +132,7 @@ impl Lab {
         // A speaker of the same node just dropped may still hold the port for a moment.
         let mut tries = 0;
         let (s, rx) = loop {
-            match Speaker::start(cfg.clone(), Metrics::new()).await {
+            match Speaker::start(cfg.clone(), self.metrics[i - 1].clone()).await {
                 Ok(x) => break x,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
                     tries += 1;
@@ -194,6 +207,9 @@ pub struct Neighbor {
 /// A bird.conf: one router, static routes to export, BGP neighbors.
 pub struct BirdConf {
     pub router_id: Ipv4Addr,
+    /// Its addresses in the sessions (BIRD's in the underlay namespace by default).
+    pub local_v4: IpAddr,
+    pub local_v6: IpAddr,
     pub asn: u32,
     /// Static (blackhole) routes BIRD exports, IPv4 and IPv6.
     pub statics: Vec<String>,
@@ -206,6 +222,8 @@ impl BirdConf {
     pub fn new(asn: u32) -> BirdConf {
         BirdConf {
             router_id: BIRD_V4.parse().unwrap(),
+            local_v4: BIRD_V4.parse().unwrap(),
+            local_v6: BIRD_V6.parse().unwrap(),
             asn,
             statics: Vec::new(),
             neighbors: Vec::new(),
@@ -234,8 +252,8 @@ impl BirdConf {
         for (n, nb) in self.neighbors.iter().enumerate() {
             let ibgp = nb.asn == self.asn;
             c += &format!(
-                "protocol bgp n{n} {{\n  local {BIRD_V4} as {};\n  neighbor {} as {};\n",
-                self.asn, nb.addr, nb.asn
+                "protocol bgp n{n} {{\n  local {} as {};\n  neighbor {} as {};\n",
+                self.local_v4, self.asn, nb.addr, nb.asn
             );
             if ibgp {
                 // Directly connected iBGP peers: without this BIRD resolves next hops
@@ -254,7 +272,10 @@ impl BirdConf {
                 c += "  graceful restart on; graceful restart time 30;\n";
             }
             c += "  ipv4 { import all; export all; };\n";
-            c += &format!("  ipv6 {{ import all; export all; next hop address {BIRD_V6}; }};\n}}\n");
+            c += &format!(
+                "  ipv6 {{ import all; export all; next hop address {}; }};\n}}\n",
+                self.local_v6
+            );
         }
         c
     }
