@@ -90,6 +90,38 @@ async fn ibgp_with_bird_both_ways_and_only_cluster_prefixes_learned() {
     assert!(!lab.bird().routes().contains_key("fd00:244:0:1::/64"));
 }
 
+/// Issue 13, item 7: an IPv6 peer that connects to us. Our own connections go to a port BIRD
+/// does not listen on, so only BIRD's connection to our port 179 over IPv6 makes the session
+/// (with an IPv4-only listener, the kernel refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_peer_connecting_in_establishes() {
+    let mut lab = Lab::new(1);
+    lab.start_bird(&bird_with_statics(ASN).neighbor(node_v6(1), ASN, false));
+    let mut cfg = lab.config(1);
+    cfg.peer_port = 1;
+    let bird_v6 = BIRD_V6.parse().unwrap();
+    let (s, mut rx) = lab
+        .speaker_with(
+            cfg,
+            1,
+            vec![PeerConfig {
+                addr: bird_v6,
+                asn: ASN,
+            }],
+        )
+        .await;
+    wait_established(&s, &[bird_v6], T).await;
+    wait_routes(&mut rx, T, "BIRD's IPv6 cluster prefix over the IPv6 session", |r| {
+        has(r, "fd00:244:0:100::/64", BIRD_V6)
+    })
+    .await;
+    lab.bird()
+        .wait_routes(T, "our IPv6 pod CIDR via our IPv6 underlay address", |r| {
+            bird_has(r, "fd00:244:0:1::/64", "fd00:77::11")
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bird_as_route_reflector_for_three_speakers() {
     let mut lab = Lab::new(3);

@@ -9,7 +9,7 @@ use super::wire::{decode_header, Notification, HEADER_LEN};
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -39,12 +39,57 @@ fn socket(netns: Option<&File>, v6: bool) -> io::Result<TcpSocket> {
     }
 }
 
-/// The listening socket (SO_REUSEADDR, so a restarted speaker binds at once).
-pub fn listen(netns: Option<&File>, addr: SocketAddr) -> io::Result<TcpListener> {
+/// The listening sockets (SO_REUSEADDR, so a restarted speaker binds at once). A specific
+/// address gets one socket; an unspecified one (`0.0.0.0` or `::`) gets two, one per family, on
+/// the same port: `0.0.0.0` and `[::]` with `IPV6_V6ONLY`.
+///
+/// Two sockets rather than one dual-stack `[::]` socket: what the socket accepts does not depend
+/// on the host's `net.ipv6.bindv6only`, IPv4 peers arrive as IPv4 addresses (not `::ffff:a.b.c.d`),
+/// per-peer socket options (TCP MD5 keys) are set in the peer's own family, and a host without
+/// IPv6 (`ipv6.disable=1`) still gets its IPv4 listener: the IPv6 one is then skipped, logged.
+pub fn listen(netns: Option<&File>, addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
+    if !addr.ip().is_unspecified() {
+        return Ok(vec![listen_one(netns, addr)?]);
+    }
+    let v4 = listen_one(netns, SocketAddr::from(([0, 0, 0, 0], addr.port())))?;
+    // Port 0 (tests): the IPv6 socket takes the port the IPv4 one got.
+    let port = v4.local_addr()?.port();
+    match listen_one(netns, SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(v6) => Ok(vec![v4, v6]),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) => {
+            tracing::warn!(error = %e, "no IPv6 on this host: BGP listens on IPv4 only");
+            Ok(vec![v4])
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn listen_one(netns: Option<&File>, addr: SocketAddr) -> io::Result<TcpListener> {
     let s = socket(netns, addr.is_ipv6())?;
     s.set_reuseaddr(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        set_int_opt(&s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
     s.bind(addr)?;
     s.listen(64)
+}
+
+fn set_int_opt(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid descriptor, and a pointer to an int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A connection to `peer`, from `source` when given (same family).

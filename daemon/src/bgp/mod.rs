@@ -9,7 +9,7 @@
 //!        │ set_exports (watch) ─────────────────────────────▲   │ Session (sans-I/O FSM per connection)
 //!        ▼                                                      │ import policy, export diff
 //!  watch<best route per prefix> ◀── core task: Rib (Adj-RIB-In per peer, stale routes, best) ◀┘
-//!  listener task: accepts, hands the connection to the peer task of its source address
+//!  listener tasks (IPv4, IPv6): accept, hand the connection to the peer task of its source address
 //! ```
 //!
 //! - [`wire`]: the messages, decoded into the NOTIFICATION RFC 4271 §6 prescribes on error;
@@ -98,8 +98,9 @@ pub struct BgpConfig {
     pub asn: u32,
     /// The BGP identifier: the node's IPv4 underlay address, usually.
     pub router_id: Ipv4Addr,
-    /// Where peers connect to us (default 0.0.0.0:179). A specific address is also the source
-    /// of our outgoing connections of its family.
+    /// Where peers connect to us (default 0.0.0.0:179). An unspecified address (`0.0.0.0` or
+    /// `::`) listens on both families (see `io::listen`); a specific address, on it only, and
+    /// is also the source of our outgoing connections of its family.
     pub listen: SocketAddr,
     /// The port we connect to on peers (179).
     pub peer_port: u16,
@@ -183,7 +184,7 @@ struct Inner {
     synced: watch::Receiver<bool>,
     shared: Arc<Shared>,
     local_addr: SocketAddr,
-    _tasks: [AbortOnDrop; 2],
+    _tasks: Vec<AbortOnDrop>,
 }
 
 /// What every task of the speaker reads.
@@ -320,8 +321,8 @@ impl Speaker {
             )));
         }
         let shared = Arc::new(Shared::new(cfg, metrics)?);
-        let listener = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
-        let local_addr = listener.local_addr()?;
+        let listeners = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
+        let local_addr = listeners[0].local_addr()?;
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports::default()));
         let (routes_tx, routes_rx) = watch::channel(Routes::new());
@@ -342,8 +343,11 @@ impl Speaker {
             sync_deadline: Instant::now() + shared.sync_wait(),
             next_generation: 0,
         };
-        let core_task = AbortOnDrop(tokio::spawn(core.run()));
-        let listen_task = AbortOnDrop(tokio::spawn(accept_loop(listener, accept_map, peers_known)));
+        let mut tasks = vec![AbortOnDrop(tokio::spawn(core.run()))];
+        for listener in listeners {
+            let accept = accept_loop(listener, Arc::clone(&accept_map), peers_known.clone());
+            tasks.push(AbortOnDrop(tokio::spawn(accept)));
+        }
         tracing::info!(asn = shared.cfg.asn, router_id = %shared.cfg.router_id, listen = %local_addr, "BGP speaker started");
         let speaker = Speaker {
             inner: Arc::new(Inner {
@@ -353,7 +357,7 @@ impl Speaker {
                 synced: synced_rx,
                 shared,
                 local_addr,
-                _tasks: [core_task, listen_task],
+                _tasks: tasks,
             }),
         };
         Ok((speaker, routes_rx))
@@ -401,7 +405,8 @@ impl Speaker {
         self.inner.synced.clone()
     }
 
-    /// The address the speaker listens on.
+    /// The address the speaker listens on (its IPv4 one when it listens on both families, on
+    /// the same port).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
     }

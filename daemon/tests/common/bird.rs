@@ -251,9 +251,15 @@ impl BirdConf {
         }
         for (n, nb) in self.neighbors.iter().enumerate() {
             let ibgp = nb.asn == self.asn;
+            // An IPv6 neighbor: the session runs from BIRD's IPv6 address.
+            let local = if nb.addr.is_ipv6() {
+                self.local_v6
+            } else {
+                self.local_v4
+            };
             c += &format!(
                 "protocol bgp n{n} {{\n  local {} as {};\n  neighbor {} as {};\n",
-                self.local_v4, self.asn, nb.addr, nb.asn
+                local, self.asn, nb.addr, nb.asn
             );
             if ibgp {
                 // Directly connected iBGP peers: without this BIRD resolves next hops
@@ -271,7 +277,11 @@ impl BirdConf {
             if self.graceful_restart {
                 c += "  graceful restart on; graceful restart time 30;\n";
             }
-            c += "  ipv4 { import all; export all; };\n";
+            // IPv4 routes over an IPv6 session need extended next hops (RFC 8950), which we
+            // do not speak: an IPv6 session carries IPv6 only.
+            if nb.addr.is_ipv4() {
+                c += "  ipv4 { import all; export all; };\n";
+            }
             c += &format!(
                 "  ipv6 {{ import all; export all; next hop address {}; }};\n}}\n",
                 self.local_v6
