@@ -16,7 +16,26 @@ pub struct Underlay {
     /// The underlay's own subnet, address included (`192.168.50.11/24`): nodes in it are
     /// directly reachable.
     pub prefix: IpNetwork,
+    /// The link's other subnets (its global addresses' ones, either family; link-local ones
+    /// left out): on an IPv4 underlay with IPv6 addresses too, IPv6 next hops in them are
+    /// directly reachable as well. See [`Underlay::on_link`].
+    pub link_prefixes: Vec<IpNetwork>,
     pub mtu: u32,
+}
+
+impl Underlay {
+    /// `ip` is on the underlay link: in [`Underlay::prefix`] or one of
+    /// [`Underlay::link_prefixes`] (a next hop there needs no router).
+    pub fn on_link(&self, ip: IpAddr) -> bool {
+        self.prefix.contains(ip) || self.link_prefixes.iter().any(|p| p.contains(ip))
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +96,19 @@ pub async fn detect(nl: &Netlink, iface: Option<&str>, ip: Option<IpAddr>) -> Re
         .iter()
         .map(|a| a.address)
         .filter(|a| ip.is_none_or(|want| a.ip() == want))
-        .find(|a| a.is_ipv4() || !matches!(a.ip(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
+        .find(|a| a.is_ipv4() || !is_link_local(a.ip()))
         .ok_or_else(|| UnderlayError::NotFound(format!("underlay interface {} has no usable address", link.name)))?;
+    let link_prefixes = addrs
+        .iter()
+        .map(|a| a.address)
+        .filter(|a| *a != addr && !is_link_local(a.ip()))
+        .collect();
     Ok(Underlay {
         index: link.index,
         name: link.name,
         ip: addr.ip(),
         prefix: addr,
+        link_prefixes,
         mtu: link.mtu,
     })
 }

@@ -254,3 +254,59 @@ async fn cross_subnet_ipip_to_a_node_behind_a_router() {
     assert_full_mesh(&c).await;
     assert!(learn_everything(&c, &mut dps, &leases).await, "idempotent");
 }
+
+/// Issue 13, item 2: an IPv4 underlay link that has IPv6 addresses too. IPv6 routes whose next
+/// hop is on the link's IPv6 prefix are on-link: installed as plain routes, and the pods reach
+/// each other over IPv6. (The underlay is detected as the daemon does, `underlay::detect`.)
+#[tokio::test]
+async fn ipv6_next_hops_on_the_links_ipv6_prefix_are_on_link() {
+    let c = cluster(true).await;
+    let backend = bgp(CrossSubnet::None);
+    let v6 = |i: usize| -> std::net::IpAddr { format!("fd00:77::1{i}").parse().unwrap() };
+    let mut dps = Vec::new();
+    let mut leases = Leases::new();
+    for (n, i) in c.nodes.iter().zip(1..) {
+        n.ip(&["address", "add", &format!("{}/64", v6(i)), "dev", "ul0", "nodad"]);
+        let mut cfg = n.config(&backend);
+        cfg.underlay = trellisd::underlay::detect(&n.nl, Some("ul0"), Some(n.underlay.ip))
+            .await
+            .unwrap();
+        let mut dp = trellisd::reconcile::Dataplane::new_in(cfg, trellisd::metrics::Metrics::new(), n.ns.path())
+            .await
+            .unwrap();
+        let lease = n.lease(&dp);
+        dp.set_own(&lease).await.unwrap();
+        leases.insert(n.name.clone(), lease);
+        dps.push(dp);
+    }
+    // Each node's pod CIDRs via its underlay address of their family.
+    let rib = |me: usize| -> Vec<BgpRoute> {
+        (1..=3)
+            .filter(|j| *j != me)
+            .flat_map(|j| {
+                let n = &c.nodes[j - 1];
+                n.cidrs.iter().map(move |cidr| BgpRoute {
+                    prefix: *cidr,
+                    next_hop: if cidr.is_ipv4() { n.underlay.ip } else { v6(j) },
+                })
+            })
+            .collect()
+    };
+    for (dp, i) in dps.iter_mut().zip(1..) {
+        dp.reconcile(with(&leases, &rib(i))).await.unwrap();
+    }
+    let n1 = &c.nodes[0];
+    let routes = n1.routes(&["-6", "route", "show", "proto", "117"]);
+    assert!(
+        routes.contains("fd00:244:2::/64 via fd00:77::12 dev ul0")
+            && routes.contains("fd00:244:3::/64 via fd00:77::13 dev ul0"),
+        "{routes}\nnotices: {:?}",
+        dps[0].notices().collect::<Vec<_>>()
+    );
+    assert!(
+        !dps[0].notices().any(|n| n.contains("off this node's subnet")),
+        "{:?}",
+        dps[0].notices().collect::<Vec<_>>()
+    );
+    assert_full_mesh(&c).await;
+}

@@ -16,7 +16,9 @@
 //!
 //! How a learned route `prefix via next_hop` is installed:
 //! - next hop on this node's L2 subnet: a plain route, as host-gw
-//!   (`10.244.2.0/24 via 192.168.0.12 dev eth0 proto 117`);
+//!   (`10.244.2.0/24 via 192.168.0.12 dev eth0 proto 117`); the subnets are those of all the
+//!   underlay link's addresses ([`Underlay::on_link`]), so on an IPv4 underlay whose link has
+//!   IPv6 addresses too, IPv6 routes via next hops on the link's IPv6 prefix are plain routes;
 //! - next hop beyond it: the kernel only takes a directly reachable gateway, so per
 //!   `CrossSubnet` (Calico's `CrossSubnet` modes):
 //!   - `ipip` (default): through the IPIP device, onlink (see [`super::ipip`]);
@@ -35,8 +37,8 @@
 //! UPDATE arrives; what reaches this module has passed it. Only what the kernel can install is
 //! decided here.
 //!
-//! IPv6 pods need IPv6 next hops, so an IPv6 underlay; over an IPv4 underlay they are not routed
-//! across nodes (as with host-gw).
+//! IPv6 pods need IPv6 next hops: an IPv6 underlay, or IPv6 addresses on the IPv4 underlay's
+//! link (dual stack); without either they are not routed across nodes (as with host-gw).
 //!
 //! # Start-up and graceful restart
 //!
@@ -300,7 +302,7 @@ impl Context<'_> {
             );
             return notices.note(&key, "family", msg);
         }
-        if underlay.prefix.contains(next_hop) {
+        if underlay.on_link(next_hop) {
             let route = Route::new(prefix)
                 .via(next_hop)
                 .dev(underlay.index)
@@ -460,6 +462,28 @@ mod tests {
         );
         assert!(out.routes.values().all(|r| r.protocol == Some(TRELLISD_PROTO)));
         assert!(out.neighbours.is_empty() && out.fdb.is_empty());
+    }
+
+    /// Issue 13, item 2: the underlay link's IPv6 prefix (the fixture's `fd00:77::11/64`) is on
+    /// the link as much as its IPv4 subnet.
+    #[test]
+    fn ipv6_next_hops_on_the_links_ipv6_prefix_are_plain_routes() {
+        let (out, notices) = compute(
+            CrossPath::Refused,
+            &[
+                ("fd00:244:0:2::/64", "fd00:77::12"),
+                ("fd00:244:0:3::/64", "fd00:78::13"),
+            ],
+            &[],
+        );
+        let routes: Vec<_> = out.routes.values().map(shown).collect();
+        assert_eq!(routes, ["fd00:244:0:2::/64 via fd00:77::12 dev 2"]);
+        assert!(
+            notices.len() == 1
+                && notices[0].contains("fd00:244:0:3::/64")
+                && notices[0].contains("off this node's subnet"),
+            "{notices:?}"
+        );
     }
 
     #[test]

@@ -227,6 +227,7 @@ pub(crate) mod fixtures {
             name: "eth0".into(),
             ip: "192.168.0.11".parse().unwrap(),
             prefix: "192.168.0.11/24".parse().unwrap(),
+            link_prefixes: vec!["fd00:77::11/64".parse().unwrap()],
             mtu: 1500,
         }
     }

@@ -204,6 +204,7 @@ async fn build(dual_stack: bool, behind_router: bool) -> Cluster {
                 name: NODE_LINK.into(),
                 ip: prefix.ip(),
                 prefix,
+                link_prefixes: Vec::new(),
                 mtu: ul0.mtu,
             },
             pod_ip4: format!("10.244.{i}.2").parse().unwrap(),
