@@ -110,6 +110,11 @@ pub struct Args {
     /// for its End-of-RIB before its stale routes (still in use) go.
     #[arg(long, default_value_t = 240)]
     pub bgp_stale_path_time: u64,
+    /// BGP mode: a file holding the TCP MD5 (RFC 2385) password of every BGP session (the
+    /// node mesh, route reflectors, external peers), e.g. a mounted Secret's key; one trailing
+    /// newline ignored, 1 to 80 bytes. Every node and peer must have the same one.
+    #[arg(long)]
+    pub bgp_password_file: Option<PathBuf>,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,

@@ -133,8 +133,13 @@ pub async fn run(args: Args) -> Result<(), String> {
             Duration::from_secs(args.bgp_restart_wait),
             Duration::from_secs(args.bgp_stale_path_time),
         );
+        let password = match &args.bgp_password_file {
+            Some(path) => Some(read_password(path)?),
+            None => None,
+        };
         let settings = (*as_number, *hold_time, *graceful_restart, waits);
-        let (speaker, rib, synced) = start_bgp(&plane.dataplane, &own, &underlay, &conf, settings, &metrics).await?;
+        let (speaker, rib, synced) =
+            start_bgp(&plane.dataplane, &own, &underlay, &conf, (settings, password), &metrics).await?;
         tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
         plane.bgp = Some(BgpPeers {
             speaker,
@@ -162,13 +167,17 @@ pub async fn run(args: Args) -> Result<(), String> {
 
 /// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
 /// the AS number, hold time, graceful-restart time, and the restart wait and stale-path time
-/// (`--bgp-restart-wait`, `--bgp-stale-path-time`).
+/// (`--bgp-restart-wait`, `--bgp-stale-path-time`); and the TCP MD5 password.
+#[allow(clippy::type_complexity)]
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
     underlay: &crate::reconcile::Underlay,
     conf: &NetConf,
-    (asn, hold_time, graceful_restart, (restart_wait, stale_path_time)): (u32, u16, u16, (Duration, Duration)),
+    ((asn, hold_time, graceful_restart, (restart_wait, stale_path_time)), password): (
+        (u32, u16, u16, (Duration, Duration)),
+        Option<Vec<u8>>,
+    ),
     metrics: &Metrics,
 ) -> Result<(Speaker, Routes, Synced), String> {
     let IpAddr::V4(router_id) = underlay.ip else {
@@ -180,6 +189,7 @@ async fn start_bgp(
     cfg.restart_wait = restart_wait;
     cfg.stale_path_time = stale_path_time;
     cfg.import_within = conf.cluster_cidrs();
+    cfg.md5_password = password;
     // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
     cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;
     let (speaker, rib) = Speaker::start(cfg, metrics.clone())
@@ -190,6 +200,26 @@ async fn start_bgp(
     let synced = speaker.synced();
     info!(asn, %router_id, "BGP speaker started");
     Ok((speaker, rib, synced))
+}
+
+/// The BGP password from `--bgp-password-file`: the file's bytes, one trailing newline (`\n` or
+/// `\r\n`) dropped.
+fn read_password(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut p = std::fs::read(path).map_err(|e| format!("--bgp-password-file {}: {e}", path.display()))?;
+    if p.ends_with(b"\n") {
+        p.pop();
+        if p.ends_with(b"\r") {
+            p.pop();
+        }
+    }
+    if p.is_empty() || p.len() > 80 {
+        return Err(format!(
+            "--bgp-password-file {}: the password must have 1 to 80 bytes, not {}",
+            path.display(),
+            p.len()
+        ));
+    }
+    Ok(p)
 }
 
 type Routes = tokio::sync::watch::Receiver<crate::bgp::Routes>;
@@ -203,4 +233,28 @@ fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), St
         Err(e) => return Err(format!("writing {}: {e}", opts.path.display())),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_password;
+
+    #[test]
+    fn bgp_password_file_one_trailing_newline_dropped_empty_or_long_refused() {
+        let dir = std::env::temp_dir().join(format!("trellis-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        for (content, want) in [
+            (&b"s3cret\n"[..], Some(&b"s3cret"[..])),
+            (b"s3cret\r\n", Some(b"s3cret")),
+            (b"two\n\n", Some(b"two\n")),
+            (b"\n", None),
+            (&[b'x'; 81], None),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            assert_eq!(read_password(&file).ok().as_deref(), want, "{content:?}");
+        }
+        assert!(read_password(&dir.join("missing")).unwrap_err().contains("missing"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -122,6 +122,38 @@ async fn ipv6_peer_connecting_in_establishes() {
         .await;
 }
 
+/// Issue 13, TCP MD5: BIRD with `password` on both sessions. Node 1 has the same password and
+/// establishes (its routes reach BIRD); node 2's differs, so the kernels drop its segments and
+/// the session stays down (its peer task warns that MD5 is configured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_md5_right_password_establishes_wrong_one_does_not() {
+    let mut lab = Lab::new(2);
+    let mut conf = bird_with_statics(ASN)
+        .neighbor(node_v4(1), ASN, false)
+        .neighbor(node_v4(2), ASN, false);
+    conf.password = Some("s3cret-Trellis".into());
+    lab.start_bird(&conf);
+    let mut right = lab.config(1);
+    right.md5_password = Some(b"s3cret-Trellis".to_vec());
+    let mut wrong = lab.config(2);
+    wrong.md5_password = Some(b"not-the-secret".to_vec());
+    let (s1, mut rx1) = lab.speaker_with(right, 1, vec![bird_peer()]).await;
+    let (s2, rx2) = lab.speaker_with(wrong, 2, vec![bird_peer()]).await;
+    wait_established(&s1, &[BIRD_V4.parse().unwrap()], T).await;
+    wait_routes(&mut rx1, T, "BIRD's routes over the signed session", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    lab.bird()
+        .wait_routes(T, "node 1's routes", |r| bird_has(r, "10.244.1.0/24", "192.168.77.11"))
+        .await;
+    // Several connection attempts each way (BIRD retries every 2 s, we every second or so).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(s2.established(), Vec::<std::net::IpAddr>::new());
+    assert!(rx2.borrow().is_empty());
+    assert!(!lab.bird().routes().contains_key("10.244.2.0/24"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bird_as_route_reflector_for_three_speakers() {
     let mut lab = Lab::new(3);

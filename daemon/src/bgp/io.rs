@@ -74,6 +74,66 @@ fn listen_one(netns: Option<&File>, addr: SocketAddr) -> io::Result<TcpListener>
     s.listen(64)
 }
 
+/// The kernel's `struct tcp_md5sig` (linux/tcp.h).
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: libc::c_int,
+    key: [u8; MD5_KEY_MAX],
+}
+
+/// The longest TCP MD5 key the kernel takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub const MD5_KEY_MAX: usize = 80;
+
+/// TCP MD5 signatures (RFC 2385) with `peer` on socket `s`: segments to and from `peer` are
+/// signed with `key`, and the kernel drops those from it that are not (silently: nothing reaches
+/// us). On a listening socket the key goes to the connections it accepts from `peer`. An empty
+/// key removes `peer`'s. `peer` must be of the socket's family.
+pub fn set_md5(s: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
+    if key.len() > MD5_KEY_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("TCP MD5 key of {} bytes: at most {MD5_KEY_MAX}", key.len()),
+        ));
+    }
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    match peer {
+        IpAddr::V4(ip) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            let sin = unsafe { &mut *(&mut sig.addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *(&mut sig.addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = ip.octets();
+        }
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    // SAFETY: a valid descriptor, and a pointer to a struct of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MD5SIG,
+            (&sig as *const TcpMd5Sig).cast(),
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn set_int_opt(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: a valid descriptor, and a pointer to an int of the size given.
     let r = unsafe {
@@ -92,14 +152,19 @@ fn set_int_opt(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: l
     }
 }
 
-/// A connection to `peer`, from `source` when given (same family).
+/// A connection to `peer`, from `source` when given (same family), signed with TCP MD5 key
+/// `md5` when given.
 pub async fn connect(
     netns: Option<&File>,
     peer: SocketAddr,
     source: Option<IpAddr>,
+    md5: Option<&[u8]>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let s = socket(netns, peer.is_ipv6())?;
+    if let Some(key) = md5 {
+        set_md5(&s, peer.ip(), key)?;
+    }
     if let Some(ip) = source.filter(|ip| ip.is_ipv6() == peer.is_ipv6() && !ip.is_unspecified()) {
         s.bind(SocketAddr::new(ip, 0))?;
     }

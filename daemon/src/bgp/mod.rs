@@ -59,7 +59,8 @@
 //!
 //! # Limitations
 //!
-//! No TCP MD5/TCP-AO, no ADD-PATH, no extended messages or extended next hop (RFC 8950), no
+//! TCP MD5 (RFC 2385) with one password for all sessions ([`BgpConfig::md5_password`]), no
+//! TCP-AO, no ADD-PATH, no extended messages or extended next hop (RFC 8950), no
 //! RFC 7606 "treat-as-withdraw" (a malformed UPDATE resets the session, as RFC 4271 says), no
 //! RFC 8538 (a NOTIFICATION always flushes the peer's routes), no MED comparison, no outbound
 //! filtering beyond "our pod CIDRs only", and learned routes are never re-advertised (route
@@ -126,6 +127,12 @@ pub struct BgpConfig {
     pub stale_path_time: Duration,
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
+    /// The TCP MD5 (RFC 2385) password of every session (the mesh, route reflectors, external
+    /// peers: one password for all, `--bgp-password-file`); at most 80 bytes. `None`: unsigned.
+    /// Set on the listening sockets per peer address and on each outgoing connection; a peer
+    /// with another password (or none) cannot connect, and the kernel says nothing about the
+    /// segments it drops: the peer task warns (rate-limited) while such a session stays down.
+    pub md5_password: Option<Vec<u8>>,
     /// The network namespace the sockets live in (`/run/netns/NAME`); `None`: the calling
     /// thread's. Tests run several speakers in one process this way.
     pub netns: Option<PathBuf>,
@@ -145,6 +152,7 @@ impl BgpConfig {
             restart_wait: RESTART_WAIT,
             stale_path_time: STALE_PATH_TIME,
             import_within: Vec::new(),
+            md5_password: None,
             netns: None,
         }
     }
@@ -320,8 +328,20 @@ impl Speaker {
                 cfg.graceful_restart_secs
             )));
         }
+        if let Some(p) = &cfg.md5_password {
+            if p.is_empty() || p.len() > io::MD5_KEY_MAX {
+                return Err(invalid(format!(
+                    "BGP password of {} bytes: 1 to {}",
+                    p.len(),
+                    io::MD5_KEY_MAX
+                )));
+            }
+        }
         let shared = Arc::new(Shared::new(cfg, metrics)?);
-        let listeners = io::listen(shared.netns.as_ref(), shared.cfg.listen)?;
+        let listeners: Vec<Arc<TcpListener>> = io::listen(shared.netns.as_ref(), shared.cfg.listen)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let local_addr = listeners[0].local_addr()?;
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports::default()));
@@ -342,6 +362,7 @@ impl Speaker {
             synced: synced_tx,
             sync_deadline: Instant::now() + shared.sync_wait(),
             next_generation: 0,
+            listeners: listeners.clone(),
         };
         let mut tasks = vec![AbortOnDrop(tokio::spawn(core.run()))];
         for listener in listeners {
@@ -417,7 +438,7 @@ type AcceptMap = Arc<RwLock<HashMap<IpAddr, mpsc::UnboundedSender<PeerCmd>>>>;
 /// Accepts connections; only configured peers get through. Nothing is accepted before the first
 /// peer list (connections wait in the backlog), so that a peer that connects first is not
 /// refused as unknown.
-async fn accept_loop(listener: TcpListener, peers: AcceptMap, mut peers_known: watch::Receiver<bool>) {
+async fn accept_loop(listener: Arc<TcpListener>, peers: AcceptMap, mut peers_known: watch::Receiver<bool>) {
     if peers_known.wait_for(|known| *known).await.is_err() {
         return;
     }
@@ -472,6 +493,8 @@ struct Core {
     synced: watch::Sender<bool>,
     sync_deadline: Instant,
     next_generation: u64,
+    /// The listening sockets, for the peers' TCP MD5 keys.
+    listeners: Vec<Arc<TcpListener>>,
 }
 
 impl Core {
@@ -592,6 +615,7 @@ impl Core {
             self.accept_map.write().unwrap_or_else(|e| e.into_inner()).remove(&addr);
             // The task sends Cease and ends by itself; its connections flush on their own.
             let _ = e.cmds.send(PeerCmd::Stop);
+            self.set_md5(addr, false);
             self.rib.remove_peer(addr);
             tracing::info!(peer = %addr, "BGP peer removed");
         }
@@ -599,6 +623,7 @@ impl Core {
             if self.peers.contains_key(&addr) {
                 continue;
             }
+            self.set_md5(addr, true);
             let (tx, rx) = mpsc::unbounded_channel();
             self.next_generation += 1;
             let generation = self.next_generation;
@@ -627,6 +652,23 @@ impl Core {
             );
         }
         self.peers_known.send_replace(true);
+    }
+
+    /// With a BGP password: adds (`on`) or removes `peer`'s TCP MD5 key on the listening
+    /// sockets of its family, so that its connections in are signed (and unsigned ones from it
+    /// dropped).
+    fn set_md5(&self, peer: IpAddr, on: bool) {
+        let Some(password) = &self.shared.cfg.md5_password else {
+            return;
+        };
+        let key: &[u8] = if on { password } else { &[] };
+        for l in &self.listeners {
+            if l.local_addr().is_ok_and(|a| a.is_ipv6() == peer.is_ipv6()) {
+                if let Err(e) = io::set_md5(l.as_ref(), peer, key) {
+                    tracing::warn!(%peer, error = %e, "setting the TCP MD5 key of a BGP peer on the listening socket");
+                }
+            }
+        }
     }
 }
 

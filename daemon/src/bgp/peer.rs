@@ -81,6 +81,8 @@ pub struct PeerTask {
     /// One log throttle per reason for dropped routes.
     dropped: BTreeMap<Rejected, Throttle>,
     rng: u64,
+    /// Rate-limits the warning that a session with TCP MD5 does not come up.
+    md5_warning: Throttle,
 }
 
 impl PeerTask {
@@ -111,6 +113,7 @@ impl PeerTask {
             advertised: BTreeMap::new(),
             dropped: BTreeMap::new(),
             rng: seed | 1,
+            md5_warning: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -194,7 +197,8 @@ impl PeerTask {
         tracing::debug!(%peer, "connecting");
         self.connecting = Some(AbortOnDrop(tokio::spawn(async move {
             let source = Some(shared.cfg.listen.ip());
-            let r = io::connect(shared.netns.as_ref(), peer, source, timeout).await;
+            let md5 = shared.cfg.md5_password.as_deref();
+            let r = io::connect(shared.netns.as_ref(), peer, source, md5, timeout).await;
             let _ = events.send(Event::Connected(r));
         })));
     }
@@ -231,6 +235,20 @@ impl PeerTask {
                 self.connecting = None;
                 self.failures = self.failures.saturating_add(1);
                 tracing::debug!(peer = %self.cfg.addr, error = %e, "connection attempt failed");
+                // With TCP MD5 the kernel drops what a peer with another (or no) password sends,
+                // silently: our SYNs go unanswered, its own never reach us. Say so, rate-limited.
+                if self.shared.cfg.md5_password.is_some() {
+                    if let Some(held_back) = self.md5_warning.allow(Instant::now()) {
+                        tracing::warn!(
+                            peer = %self.cfg.addr,
+                            error = %e,
+                            held_back,
+                            "BGP session not established, and TCP MD5 is configured: the kernel drops segments \
+                             of a peer whose password differs (or that has none) without a word; check that \
+                             the peer has the same password"
+                        );
+                    }
+                }
                 self.schedule_retry();
             }
             Event::Io(id, ev) => {

@@ -216,6 +216,8 @@ pub struct BirdConf {
     pub neighbors: Vec<Neighbor>,
     /// `graceful restart on` (else BIRD's default, `aware`).
     pub graceful_restart: bool,
+    /// `password "..."` (TCP MD5) on every session.
+    pub password: Option<String>,
 }
 
 impl BirdConf {
@@ -228,6 +230,7 @@ impl BirdConf {
             statics: Vec::new(),
             neighbors: Vec::new(),
             graceful_restart: false,
+            password: None,
         }
     }
 
@@ -265,6 +268,9 @@ impl BirdConf {
                 // Directly connected iBGP peers: without this BIRD resolves next hops
                 // recursively and marks our routes unreachable.
                 c += "  direct;\n";
+            }
+            if let Some(p) = &self.password {
+                c += &format!("  password \"{p}\";\n");
             }
             if nb.rr_client {
                 c += "  rr client;\n";
