@@ -31,6 +31,9 @@ pub struct CniConfOptions {
     pub hostport: bool,
     /// The plugin's anti-spoofing (`antiSpoofing`).
     pub anti_spoofing: bool,
+    /// Where the plugin leaves each protected pod's identity for trellisd to restore
+    /// (`antiSpoofingRecords`).
+    pub anti_spoofing_records: Option<PathBuf>,
 }
 
 /// The version written as `cniVersion`: the newest libcni 1.1 and older know.
@@ -48,6 +51,7 @@ impl Default for CniConfOptions {
             ipam_data_dir: None,
             hostport: true,
             anti_spoofing: true,
+            anti_spoofing_records: None,
         }
     }
 }
@@ -73,6 +77,7 @@ pub fn render(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Value {
         hairpin_mode: true,
         promisc_mode: false,
         anti_spoofing: opts.anti_spoofing,
+        anti_spoofing_records: opts.anti_spoofing_records.clone(),
     };
     let mut plugin = serde_json::to_value(fields).expect("plugin fields are JSON");
     plugin["type"] = json!("trellis");

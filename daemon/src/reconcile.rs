@@ -81,7 +81,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use trellis_net::ethtool::Ethtool;
 use trellis_net::netns::{run_in, THREAD_NETNS};
-use trellis_net::nft::{Encapsulation, Masquerade, MasqueradeConfig, UnderlayGuard};
+use trellis_net::nft::{AntiSpoof, Encapsulation, Masquerade, MasqueradeConfig, PodIdentity, UnderlayGuard};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{MacAddr, NeighbourState, NetError, Netlink, Nexthop, Route, RouteFilter};
 
@@ -108,6 +108,10 @@ pub struct Dataplane {
     underlay_guard: UnderlayGuard,
     /// The node addresses the guard was last made to hold (`None`: not yet, or unknown).
     guarded: Option<BTreeSet<IpAddr>>,
+    /// The pods' anti-spoofing elements (the plugin's), put back from the records it leaves in
+    /// `pod_records` when a flushed ruleset took them.
+    anti_spoof: AntiSpoof,
+    pod_records: Option<PathBuf>,
     metrics: Metrics,
     own: Option<Lease>,
     notices: Notices,
@@ -177,6 +181,7 @@ impl Dataplane {
         let (masquerade, table_watch) = run_in(&ns, open.clone())??;
         let encap = encapsulation(&cfg.backend);
         let underlay_guard = run_in(&ns, move || UnderlayGuard::new(trellis_net::nft::DEFAULT_TABLE, encap))??;
+        let anti_spoof = run_in(&ns, || AntiSpoof::new(trellis_net::nft::DEFAULT_TABLE))??;
         let backend = Backend::new(&cfg.backend, &cfg.node, &cfg.underlay, &nl, ethtool).await?;
         for name in backend.remove_other_devices(&nl).await? {
             tracing::info!(device = %name, backend = cfg.backend.name(), "removed a device an earlier backend configuration left");
@@ -205,6 +210,8 @@ impl Dataplane {
             masquerade,
             underlay_guard,
             guarded: None,
+            anti_spoof,
+            pod_records: None,
             metrics,
             own: None,
             notices: Notices::default(),
@@ -296,7 +303,10 @@ impl Dataplane {
             .ensure_masquerade(read_kernel)
             .and_then(|()| self.guard_underlay(sources.leases, read_kernel))
         {
-            Ok(()) => self.reconcile_once(sources, read_kernel).await,
+            Ok(()) => match self.restore_anti_spoofing(read_kernel).await {
+                Ok(()) => self.reconcile_once(sources, read_kernel).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         self.metrics
@@ -333,6 +343,59 @@ impl Dataplane {
         for cidr in own.pod_cidrs.iter().filter(|c| !have.contains(c)) {
             tracing::info!(%cidr, "put this node's pod CIDR back into the masquerade table");
             self.masquerade.add_source_prefix(*cidr)?;
+        }
+        Ok(())
+    }
+
+    /// Where the plugin leaves each protected pod's identity (`antiSpoofingRecords` in the CNI
+    /// config trellisd writes): from now on every run that reads the kernel puts back the
+    /// anti-spoofing elements of the pods whose elements are gone (`nft flush ruleset`).
+    pub fn restore_anti_spoofing_from(&mut self, dir: PathBuf) {
+        self.pod_records = Some(dir);
+    }
+
+    /// See [`Dataplane::restore_anti_spoofing_from`]. A record whose host end is gone is a pod
+    /// deleted without DEL: removed once it is a minute old (younger, it may be an ADD that is
+    /// re-creating its host end right now).
+    async fn restore_anti_spoofing(&self, read_kernel: bool) -> Result<(), DataplaneError> {
+        let Some(dir) = self.pod_records.as_ref().filter(|_| read_kernel) else {
+            return Ok(());
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(DataplaneError::Invalid(format!("reading {}: {e}", dir.display()))),
+            Ok(entries) => entries,
+        };
+        let mut have: Option<BTreeSet<String>> = None;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let Some((owner, pod)) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| PodIdentity::parse_record(&t))
+            else {
+                continue;
+            };
+            if have.is_none() {
+                have = Some(self.anti_spoof.owners()?.into_iter().map(|(o, _)| o).collect());
+            }
+            if have.as_ref().is_some_and(|h| h.contains(&owner)) {
+                continue;
+            }
+            if self.nl.link_by_name(&pod.port).await?.is_none() {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+                if old {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            tracing::info!(pod = %owner, port = %pod.port, "put the pod's anti-spoofing elements back");
+            self.anti_spoof.protect(&owner, &pod)?;
         }
         Ok(())
     }

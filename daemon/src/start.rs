@@ -112,8 +112,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         ipam_data_dir: args.ipam_data_dir.clone(),
         hostport: !args.no_hostport,
         anti_spoofing: !args.no_anti_spoofing,
+        anti_spoofing_records: Some(crate::state::pod_records(&args.state_dir)),
         ..Default::default()
     };
+    dp.restore_anti_spoofing_from(crate::state::pod_records(&args.state_dir));
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);

@@ -29,6 +29,12 @@ pub fn read_cidrs(dir: &Path) -> Vec<IpNetwork> {
         .unwrap_or_default()
 }
 
+/// Where the plugin leaves each protected pod's identity (one file per host end), so that the
+/// dataplane can put the pod's anti-spoofing elements back after a flushed ruleset.
+pub fn pod_records(state_dir: &Path) -> PathBuf {
+    state_dir.join("pods")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

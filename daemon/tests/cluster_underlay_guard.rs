@@ -68,14 +68,19 @@ fn python_in(ns: &str, script: &str, unprivileged: bool) {
     );
 }
 
-#[test]
-fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
-    let mut c = Cluster::new(
-        2,
+/// `n` VXLAN nodes (VNI 1, port 8472) on etcd.
+fn vxlan_cluster(n: usize) -> Cluster {
+    Cluster::new(
+        n,
         r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}"#,
         &trellisd(),
         &["--lease-ttl", "10", "--resync", "5"],
-    );
+    )
+}
+
+#[test]
+fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
+    let mut c = vxlan_cluster(2);
     let (p1, p2) = (c.add_pod(0), c.add_pod(1));
     c.all_reach_all(Duration::from_secs(15)).expect("pods reach each other");
     let pod2 = c.pods[p2].ips[0].clone();
@@ -121,6 +126,46 @@ fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
     });
     python_in(&c.pods[p1].ns.name, &from_pod, true);
     assert!(rx.sources(Duration::from_millis(500)).is_empty());
+    c.all_reach_all(Duration::from_secs(15))
+        .expect("pods reach each other after the repair");
+}
+
+/// Anti-spoofing is the plugin's, per pod; after `nft flush ruleset` trellisd puts each pod's
+/// elements back from the record the plugin left in the daemon's state dir, on its next resync
+/// (the flush wakes it at once).
+#[test]
+fn a_flushed_ruleset_gets_the_pods_anti_spoofing_back() {
+    use trellis_tests::forge::{send_frames, udp4};
+    let mut c = vxlan_cluster(1);
+    let (a, b) = (c.add_pod(0), c.add_pod(0));
+    let (pa, pb) = (&c.pods[a], &c.pods[b]);
+    let b_ip: std::net::Ipv4Addr = pb.ips[0].parse().unwrap();
+    let (a_mac, b_mac) = (mac_of(&pa.ns, "eth0"), mac_of(&pb.ns, "eth0"));
+    let rx = Receiver::bind(pb.ns.path(), PORT);
+    let forged = || {
+        send_frames(
+            pa.ns.path(),
+            "eth0",
+            &[udp4(
+                b_mac,
+                a_mac,
+                "10.244.250.9".parse().unwrap(),
+                b_ip,
+                PORT,
+                b"forged",
+            )],
+            TIMES,
+        );
+        rx.sources(Duration::from_millis(300)).len()
+    };
+    assert_eq!(forged(), 0, "protected from the start");
+    let node = &c.nodes[0];
+    node.ns.exec_ok(&["nft", "flush", "ruleset"]);
+    wait_until("both pods protected again", Duration::from_secs(3), || {
+        let t = node.ns.exec(&["nft", "list", "set", "bridge", "trellis", "ports"]);
+        String::from_utf8_lossy(&t.stdout).matches("trl").count() == 2
+    });
+    assert_eq!(forged(), 0, "protected again after the flush");
     c.all_reach_all(Duration::from_secs(15))
         .expect("pods reach each other after the repair");
 }

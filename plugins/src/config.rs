@@ -59,6 +59,11 @@ pub struct PluginFields {
     /// addresses (a VPN gateway, a router pod): see docs/security.md.
     #[serde(default = "yes")]
     pub anti_spoofing: bool,
+    /// A folder where each protected pod's identity is left as a small file (named after its
+    /// host end), so that trellisd can put its anti-spoofing elements back after someone
+    /// flushed the ruleset. trellisd sets it (`<state-dir>/pods`); without it nothing is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_spoofing_records: Option<std::path::PathBuf>,
 }
 
 fn default_bridge() -> String {
@@ -84,6 +89,8 @@ pub struct Config {
     pub ipam_type: String,
     /// Whether pods may send only as themselves ([`PluginFields::anti_spoofing`]).
     pub anti_spoofing: bool,
+    /// [`PluginFields::anti_spoofing_records`].
+    pub anti_spoofing_records: Option<std::path::PathBuf>,
     /// hostPorts (`runtimeConfig.portMappings`, the `portMappings` capability), served from
     /// the node's nftables table.
     pub port_mappings: Vec<PortMapping>,
@@ -132,6 +139,7 @@ impl Config {
             ip_masq: conf.ip_masq,
             ipam_type,
             anti_spoofing: p.anti_spoofing,
+            anti_spoofing_records: p.anti_spoofing_records.clone(),
             port_mappings: port_mappings(conf.runtime_config.as_ref())?,
         })
     }

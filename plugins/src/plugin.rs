@@ -87,7 +87,7 @@ impl Plugin for TrellisPlugin {
                 let e = also(
                     e,
                     "undoing the wiring",
-                    rt.block_on(wire::undo(&ctx.conf.name, &ctx.env, &created)),
+                    rt.block_on(wire::undo(&conf, &ctx.conf.name, &ctx.env, &created)),
                 );
                 Err(also(e, "releasing the reservation", release()))
             }
@@ -96,7 +96,7 @@ impl Plugin for TrellisPlugin {
 
     fn del(&self, ctx: &Ctx) -> Result<(), CniError> {
         let conf = Config::from_netconf(&ctx.conf)?;
-        let kernel = runtime().and_then(|rt| rt.block_on(wire::teardown(&ctx.conf.name, &ctx.env)));
+        let kernel = runtime().and_then(|rt| rt.block_on(wire::teardown(&conf, &ctx.conf.name, &ctx.env)));
         // Released whatever happened above: a reservation must never outlive its pod.
         let ipam = delegate::call(&conf.ipam_type, Command::Del, &ctx.raw, &ctx.env);
         match (kernel, ipam) {

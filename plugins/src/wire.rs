@@ -535,7 +535,20 @@ async fn protect(
     let owner = names::element_owner(network, &env.container_id, &env.ifname);
     AntiSpoof::new(DEFAULT_TABLE)
         .and_then(|g| g.protect(&owner, &identity))
-        .map_err(anti_spoofing_error)
+        .map_err(anti_spoofing_error)?;
+    if let Some(dir) = &conf.anti_spoofing_records {
+        // Whole or absent: written aside, then renamed into place.
+        let path = dir.join(&identity.port);
+        let tmp = dir.join(format!(".{}.tmp", identity.port));
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, identity.record(&owner)))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                CniError::new(code::IO, format!("anti-spoofing: writing {}: {e}", path.display()))
+                    .with_details("the folder is antiSpoofingRecords in the network config (trellisd's --state-dir)")
+            })?;
+    }
+    Ok(())
 }
 
 /// `fe80::/64` with the modified EUI-64 interface identifier of `mac` (RFC 4291 appendix A).
@@ -563,8 +576,20 @@ fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
 
 /// Removes the attachment's hostPorts, then its host end (and with it the pod end and every
 /// host route through it). Nothing there is success.
-pub async fn teardown(network: &str, env: &Env) -> Result<(), CniError> {
+pub async fn teardown(conf: &Config, network: &str, env: &Env) -> Result<(), CniError> {
     unmap_host_ports(network, env)?;
+    if let Some(dir) = &conf.anti_spoofing_records {
+        let port = names::host_veth_name(network, &env.container_id, &env.ifname);
+        match std::fs::remove_file(dir.join(&port)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CniError::new(
+                    code::IO,
+                    format!("anti-spoofing: removing {}: {e}", dir.join(&port).display()),
+                ))
+            }
+            _ => {}
+        }
+    }
     let host = Netlink::connect().map_err(kernel)?;
     host.del_link_by_name(&names::host_veth_name(network, &env.container_id, &env.ifname))
         .await
@@ -586,8 +611,8 @@ fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
 /// Undoes a failed ADD: the hostPorts, the host end, the bridge if this ADD created it and no
 /// port uses it, and the gateway addresses it gave an existing bridge unless a pod joined the
 /// bridge since (a concurrent ADD of the same network, which relies on them).
-pub async fn undo(network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
-    teardown(network, env).await?;
+pub async fn undo(conf: &Config, network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
+    teardown(conf, network, env).await?;
     let host = Netlink::connect().map_err(kernel)?;
     if let Some(bridge) = created.bridge {
         if ports_of(&host, bridge).await?.is_empty() {

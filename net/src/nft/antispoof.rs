@@ -83,6 +83,67 @@ pub struct PodIdentity {
     pub ips: Vec<IpAddr>,
 }
 
+impl PodIdentity {
+    /// A text record of `owner`'s identity, for the file the plugin leaves where trellisd can
+    /// put the elements back after a flushed ruleset ([`PodIdentity::parse_record`]).
+    pub fn record(&self, owner: &str) -> String {
+        let kind = match self.kind {
+            PortKind::Bridged => "bridged",
+            PortKind::Routed => "routed",
+        };
+        let mut out = format!(
+            "owner {owner}\nport {}\nkind {kind}\nmac {}\n",
+            self.port,
+            mac_text(&self.mac)
+        );
+        for ip in &self.ips {
+            out.push_str(&format!("ip {ip}\n"));
+        }
+        out
+    }
+
+    /// (owner, identity) from a [`PodIdentity::record`]; `None` when it is not one.
+    pub fn parse_record(text: &str) -> Option<(String, PodIdentity)> {
+        let (mut owner, mut port, mut kind, mut mac, mut ips) = (None, None, None, None, Vec::new());
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ')?;
+            match key {
+                "owner" => owner = Some(value.to_string()),
+                "port" => port = Some(value.to_string()),
+                "kind" => {
+                    kind = Some(match value {
+                        "bridged" => PortKind::Bridged,
+                        "routed" => PortKind::Routed,
+                        _ => return None,
+                    })
+                }
+                "mac" => {
+                    let mut m = [0u8; 6];
+                    let parts: Vec<&str> = value.split(':').collect();
+                    if parts.len() != 6 {
+                        return None;
+                    }
+                    for (b, p) in m.iter_mut().zip(parts) {
+                        *b = u8::from_str_radix(p, 16).ok()?;
+                    }
+                    mac = Some(m);
+                }
+                "ip" => ips.push(value.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some((
+            owner?,
+            PodIdentity {
+                port: port?,
+                kind: kind?,
+                mac: mac?,
+                ips,
+            },
+        ))
+    }
+}
+
 /// The anti-spoofing sets and rules of one network namespace's `trellis` tables.
 pub struct AntiSpoof {
     table: String,

@@ -712,3 +712,20 @@ fn nft_underlay_guard_syncs_its_nodes_in_one_batch_and_repairs() {
         assert_eq!(none.sync(&next).unwrap(), 0);
     });
 }
+
+#[test]
+fn pod_identity_records_round_trip() {
+    let pod = PodIdentity {
+        port: "trl0123456789ab".into(),
+        kind: PortKind::Bridged,
+        mac: [0x0a, 0x58, 10, 244, 1, 2],
+        ips: vec![ip("10.244.1.2"), ip("fd00:244:1::2")],
+    };
+    let text = pod.record("trellis/net/a/eth0");
+    assert_eq!(
+        PodIdentity::parse_record(&text),
+        Some(("trellis/net/a/eth0".into(), pod))
+    );
+    assert_eq!(PodIdentity::parse_record("owner x\nkind sideways\n"), None);
+    assert_eq!(PodIdentity::parse_record("garbage"), None);
+}
