@@ -486,6 +486,13 @@ impl Locked<'_> {
         new: &[(usize, IpAddr)],
     ) -> Result<(), CniError> {
         let tmp = self.meta("tmp-reservation");
+        // A plugin killed between its hard links and removing the temp file leaves it behind,
+        // and it *is* that reservation (same inode): writing through it would rewrite the live
+        // reservation's owner, which DEL then no longer recognises (it leaked once in 60 random
+        // kills). Unlink a stale regular file first; a symlink is left for the refusal below.
+        if fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_file()) {
+            fs::remove_file(&tmp).map_err(|e| store_err(format!("cannot remove {}", tmp.display()), &e))?;
+        }
         let written = open_nofollow(&tmp, true)
             .and_then(|mut f| f.write_all(format!("{container_id}\r\n{ifname}").as_bytes()))
             .map_err(|e| {

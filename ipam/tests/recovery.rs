@@ -198,3 +198,35 @@ fn an_add_whose_calling_plugin_was_killed_reserves_nothing() {
         "an ADD whose plugin was killed reserved after its DEL"
     );
 }
+
+#[test]
+fn a_temp_reservation_left_by_a_killed_add_is_not_written_through() {
+    // A plugin killed after hard-linking its temp file to a reservation, but before removing
+    // the temp file, leaves the two as one inode: the next ADD must not rewrite the live
+    // reservation's owner through it (DEL would then not recognise and never release it).
+    require_root();
+    let dir = TempDir::new("rec");
+    let conf = config(
+        "1.0.0",
+        "tmp",
+        dir.path(),
+        "trellis-ipam",
+        json!({"subnet": "10.54.0.0/24"}),
+    );
+    call(&ipam_bin(), "ADD", &conf, "first").ok();
+    let held = reserved(dir.path(), "tmp");
+    assert_eq!(held.len(), 1);
+    let reservation = dir.path().join("tmp").join(held.iter().next().unwrap());
+    std::fs::hard_link(&reservation, dir.path().join("tmp/.trellis/tmp-reservation")).unwrap();
+    call(&ipam_bin(), "ADD", &conf, "second").ok();
+    let owner = std::fs::read_to_string(&reservation).unwrap();
+    assert!(owner.starts_with("first\r\n"), "rewritten: {owner:?}");
+    for id in ["first", "second"] {
+        call(&ipam_bin(), "DEL", &conf, id).ok();
+    }
+    assert!(
+        reserved(dir.path(), "tmp").is_empty(),
+        "DEL left {:?}",
+        reserved(dir.path(), "tmp")
+    );
+}
