@@ -115,6 +115,18 @@ pub struct Args {
     /// newline ignored, 1 to 80 bytes. Every node and peer must have the same one.
     #[arg(long)]
     pub bgp_password_file: Option<PathBuf>,
+    /// BGP mode: this node's BGP identifier (an IPv4 address, unique among the speakers of an
+    /// AS). By default the node's IPv4 underlay address, else an IPv4 address on the underlay
+    /// link, else (an IPv6-only underlay) the low 32 bits of its IPv6 underlay address: unique
+    /// among nodes numbered within one /96, as static and EUI-64 plans are. Give it on a node
+    /// whose IPv6-only address plan does not guarantee that.
+    #[arg(long, env = "BGP_ROUTER_ID")]
+    pub bgp_router_id: Option<std::net::Ipv4Addr>,
+    /// BGP mode: this node's AS number instead of the net-conf's `ASNumber` (Calico's per-node
+    /// `bgp.asNumber`: an AS per node or per rack behind eBGP top-of-rack routers). Published in
+    /// the node's lease: the mesh peers it in this AS.
+    #[arg(long, env = "BGP_AS_NUMBER")]
+    pub bgp_as_number: Option<u32>,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,

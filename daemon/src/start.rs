@@ -12,7 +12,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::node::{self, BgpPeers, KernelPlane, Node};
 use crate::reconcile::{Dataplane, DataplaneConfig};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -31,7 +31,17 @@ pub async fn run(args: Args) -> Result<(), String> {
         .ok_or("no --node-name and no hostname")?;
     let text =
         std::fs::read_to_string(&args.net_conf).map_err(|e| format!("reading {}: {e}", args.net_conf.display()))?;
-    let conf = NetConf::parse(&text).map_err(|e| e.to_string())?;
+    let mut conf = NetConf::parse(&text).map_err(|e| e.to_string())?;
+    if let Some(asn) = args.bgp_as_number {
+        match &mut conf.backend {
+            crate::config::Backend::Bgp { as_number, .. } if asn != 0 => *as_number = asn,
+            crate::config::Backend::Bgp { .. } => return Err("--bgp-as-number 0: AS 0 is reserved".into()),
+            other => warn!(
+                backend = other.name(),
+                "--bgp-as-number ignored: the backend is not bgp"
+            ),
+        }
+    }
     let metrics = Metrics::new();
     tokio::spawn(metrics.clone().serve(args.listen));
 
@@ -139,9 +149,17 @@ pub async fn run(args: Args) -> Result<(), String> {
             Some(path) => Some(read_password(path)?),
             None => None,
         };
+        let router_id = router_id(args.bgp_router_id, &underlay)?;
         let settings = (*as_number, *hold_time, *graceful_restart, waits);
-        let (speaker, rib, synced) =
-            start_bgp(&plane.dataplane, &own, &underlay, &conf, (settings, password), &metrics).await?;
+        let (speaker, rib, synced) = start_bgp(
+            &plane.dataplane,
+            &own,
+            (&underlay, router_id),
+            &conf,
+            (settings, password),
+            &metrics,
+        )
+        .await?;
         tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
         plane.bgp = Some(BgpPeers {
             speaker,
@@ -152,7 +170,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         });
     }
     // Last: the CNI config tells the kubelet the node is ready for pods, so it is written once
-    // everything that can fail at start (the BGP speaker too: its port in use, no IPv4 router
+    // everything that can fail at start (the BGP speaker too: its port in use, no router
     // ID) has started. A node that crash-loops never looks ready.
     write_cni_conf(&own, plane.dataplane.pod_mtu(), &opts)?;
     let kernel = plane.dataplane.kernel_changes();
@@ -174,7 +192,7 @@ pub async fn run(args: Args) -> Result<(), String> {
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
-    underlay: &crate::reconcile::Underlay,
+    (underlay, router_id): (&crate::reconcile::Underlay, Ipv4Addr),
     conf: &NetConf,
     ((asn, hold_time, graceful_restart, (restart_wait, stale_path_time)), password): (
         (u32, u16, u16, (Duration, Duration)),
@@ -182,9 +200,6 @@ async fn start_bgp(
     ),
     metrics: &Metrics,
 ) -> Result<(Speaker, Routes, Synced), String> {
-    let IpAddr::V4(router_id) = underlay.ip else {
-        return Err("BGP needs an IPv4 underlay address for its router ID".into());
-    };
     let mut cfg = BgpConfig::new(asn, router_id);
     cfg.hold_time = hold_time;
     cfg.graceful_restart_secs = graceful_restart;
@@ -197,11 +212,43 @@ async fn start_bgp(
     let (speaker, rib) = Speaker::start(cfg, metrics.clone())
         .await
         .map_err(|e| format!("BGP: {e}"))?;
-    let (prefixes, v4, v6) = crate::backend::bgp::exports(own, underlay.ip);
-    speaker.set_exports(prefixes, v4, v6);
+    let exports = crate::backend::bgp::exports(own, underlay);
+    for (cidr, why) in &exports.unannounced {
+        warn!(%cidr, "BGP: pod CIDR not announced: {why}");
+    }
+    speaker.set_exports(exports.prefixes, exports.next_hop_v4, exports.next_hop_v6);
     let synced = speaker.synced();
     info!(asn, %router_id, "BGP speaker started");
     Ok((speaker, rib, synced))
+}
+
+/// The BGP identifier: `--bgp-router-id`, else the underlay's IPv4 address, else an IPv4
+/// address on the underlay link, else the low 32 bits of the IPv6 underlay address (see the
+/// flag's help for why that is unique where it matters).
+fn router_id(given: Option<Ipv4Addr>, underlay: &crate::reconcile::Underlay) -> Result<Ipv4Addr, String> {
+    if let Some(id) = given {
+        if id.is_unspecified() {
+            return Err("--bgp-router-id 0.0.0.0: the BGP identifier must not be zero".into());
+        }
+        return Ok(id);
+    }
+    let link_v4 = underlay.link_prefixes.iter().find_map(|p| match p.ip() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    });
+    let id = match (underlay.ip, link_v4) {
+        (IpAddr::V4(a), _) => a,
+        (IpAddr::V6(_), Some(a)) => a,
+        (IpAddr::V6(a), None) => Ipv4Addr::from((u128::from(a) & 0xffff_ffff) as u32),
+    };
+    if id.is_unspecified() {
+        return Err(format!(
+            "no BGP identifier to derive from the IPv6 underlay address {} (its low 32 bits are zero): give \
+             --bgp-router-id",
+            underlay.ip
+        ));
+    }
+    Ok(id)
 }
 
 /// The BGP password from `--bgp-password-file`: the file's bytes, one trailing newline (`\n` or
@@ -239,7 +286,36 @@ fn write_cni_conf(own: &Lease, mtu: u32, opts: &CniConfOptions) -> Result<(), St
 
 #[cfg(test)]
 mod tests {
-    use super::read_password;
+    use super::{read_password, router_id};
+    use crate::reconcile::Underlay;
+
+    #[test]
+    fn bgp_router_id_given_else_ipv4_underlay_else_ipv4_on_the_link_else_low_bits_of_ipv6() {
+        let u = |ip: &str, others: &[&str]| Underlay {
+            index: 2,
+            name: "eth0".into(),
+            ip: ip.parse().unwrap(),
+            prefix: format!("{ip}/{}", if ip.contains(':') { 64 } else { 24 })
+                .parse()
+                .unwrap(),
+            link_prefixes: others.iter().map(|p| p.parse().unwrap()).collect(),
+            mtu: 1500,
+        };
+        let id = |given: Option<&str>, und: &Underlay| router_id(given.map(|g| g.parse().unwrap()), und);
+        let v4 = u("192.168.0.11", &["fd00:77::11/64"]);
+        assert_eq!(id(None, &v4).unwrap().to_string(), "192.168.0.11");
+        assert_eq!(id(Some("10.9.9.9"), &v4).unwrap().to_string(), "10.9.9.9");
+        assert!(id(Some("0.0.0.0"), &v4).is_err());
+        let v6_with_v4_on_link = u("fd00:77::11", &["192.168.0.11/24"]);
+        assert_eq!(id(None, &v6_with_v4_on_link).unwrap().to_string(), "192.168.0.11");
+        assert_eq!(id(None, &u("fd00:77::a:11", &[])).unwrap().to_string(), "0.10.0.17");
+        assert_eq!(
+            id(None, &u("fd00:77::c0a8:b", &[])).unwrap().to_string(),
+            "192.168.0.11"
+        );
+        let zero = id(None, &u("fd00:77:0:0:1::", &[])).unwrap_err();
+        assert!(zero.contains("--bgp-router-id"), "{zero}");
+    }
 
     #[test]
     fn bgp_password_file_one_trailing_newline_dropped_empty_or_long_refused() {

@@ -3,9 +3,9 @@
 //! over the BGP-learned routes.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
-use trellis_tests::bird::Bird;
-use trellis_tests::cluster::{Cluster, UNDERLAY};
+use std::time::Duration;
+use trellis_tests::bird::{bird_has, Bird};
+use trellis_tests::cluster::{wait_until, Cluster, UNDERLAY};
 
 fn trellisd() -> PathBuf {
     trellis_tests::cluster::trellisd_with_plugins(env!("CARGO_BIN_EXE_trellisd"))
@@ -80,27 +80,15 @@ fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
     }
     reach(&c, "bgp via BIRD");
     // BIRD's own table holds every node's pod CIDR with that node as next hop.
-    let t = Instant::now();
-    loop {
-        let table = bird.birdc(&["show", "route", "protocol", "node1"])
-            + &bird.birdc(&["show", "route", "protocol", "node2"])
-            + &bird.birdc(&["show", "route", "protocol", "node3"]);
-        let all = (0..3).all(|i| {
-            let cidr = c.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            table.lines().any(|l| l.starts_with(&cidr)) && table.contains(&format!("via {UNDERLAY}.{}", 11 + i))
-        });
-        if all {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "BIRD's table lacks a node's CIDR:\n{table}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let cidrs: Vec<String> = (0..3).map(|i| c.node_cidr(i)).collect();
+    wait_until(
+        "BIRD holds every node's CIDR via the node",
+        Duration::from_secs(10),
+        || {
+            let routes = bird.routes();
+            (0..3).all(|i| bird_has(&routes, &cidrs[i], &format!("{UNDERLAY}.{}", 11 + i)))
+        },
+    );
 }
 
 #[test]

@@ -18,6 +18,22 @@ use std::time::{Duration, Instant};
 
 /// The underlay subnet inside every cluster: the bridge is .1, node N is .(10 + N).
 pub const UNDERLAY: &str = "192.168.200";
+/// The underlay's IPv6 /64 ([`Stack::DualStack`], [`Stack::V6Only`]): the bridge is `::1`, node
+/// N `::(10 + N)`.
+pub const UNDERLAY6: &str = "fd00:200::";
+
+/// The underlay's address families.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stack {
+    /// Nodes at [`UNDERLAY`].(10+N), default route via .1.
+    #[default]
+    V4,
+    /// Also at [`UNDERLAY6`](10+N) on the same link; the IPv4 default route (the daemon's
+    /// underlay address stays IPv4).
+    DualStack,
+    /// At [`UNDERLAY6`](10+N) only, default route via `::1`; the datastore is reached over IPv6.
+    V6Only,
+}
 
 /// The `trellisd` at `exe` (a test's `env!("CARGO_BIN_EXE_trellisd")`), checking that the
 /// plugins the cluster's pods are wired with were built beside it.
@@ -55,7 +71,8 @@ pub struct Node {
 /// How a [`Cluster`] is set up beyond its size and net-conf.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// The Kubernetes datastore, served by the stand-in API server at [`UNDERLAY`].1:6443 in
+    /// The Kubernetes datastore, served by the stand-in API server at [`UNDERLAY`].1:6443 (or
+    /// `[`[`UNDERLAY6`]`1]:6443`) in
     /// the underlay namespace, with one Node per node (`nodeN`) holding these pod CIDRs (what
     /// the controller manager would have given it); etcd when `None`.
     pub kube: Option<Vec<Vec<String>>>,
@@ -70,6 +87,11 @@ pub struct Options {
     /// the nodes, `{tag}p…` the pods; `tc` when `None`. The lab uses its own, so that
     /// `./lab down` finds what a crashed lab left.
     pub tag: Option<String>,
+    /// The underlay's families (IPv4 unless set).
+    pub underlay: Stack,
+    /// Extra daemon arguments per node (0-based; after the cluster's own): `--bgp-as-number`
+    /// for an AS per node, say.
+    pub node_args: Vec<Vec<String>>,
 }
 
 /// The stand-in API server's port.
@@ -141,7 +163,12 @@ impl Cluster {
         let slot = Slot::take();
         let dir = TempDir::new("cluster");
         let tag = options.tag.clone().unwrap_or_else(|| "tc".into());
-        let Topology { underlay, nodes, .. } = Topology::new(&tag, n, Spec::v4(UNDERLAY).default_route());
+        let spec = match options.underlay {
+            Stack::V4 => Spec::v4(UNDERLAY),
+            Stack::DualStack => Spec::v4(UNDERLAY).dual_stack(UNDERLAY6),
+            Stack::V6Only => Spec::v4(UNDERLAY).v6_only(UNDERLAY6),
+        };
+        let Topology { underlay, nodes, .. } = Topology::new(&tag, n, spec.default_route());
         std::fs::write(dir.path().join("net-conf.json"), net_conf).expect("write net-conf");
         let mut c = Cluster {
             pods: Vec::new(),
@@ -157,7 +184,7 @@ impl Cluster {
         match c.options.kube.clone() {
             None => c.start_etcd(),
             Some(cidrs) => {
-                let addr = format!("{UNDERLAY}.1:{API_PORT}").parse().expect("address");
+                let addr = format!("{}:{API_PORT}", c.datastore_host()).parse().expect("address");
                 let api = ApiServer::start(Some(&c.underlay), addr);
                 api.write_kubeconfig(&c.dir.path().join("kubeconfig"));
                 let sa = c.dir.path().join("serviceaccount");
@@ -165,7 +192,7 @@ impl Cluster {
                 api.write_incluster_files(&sa);
                 for (i, node_cidrs) in cidrs.iter().enumerate() {
                     let refs: Vec<&str> = node_cidrs.iter().map(String::as_str).collect();
-                    let ip = format!("{UNDERLAY}.{}", 11 + i);
+                    let ip = c.node_underlay_ip(i);
                     api.create_node(&format!("node{}", i + 1), &refs, Some(&ip));
                 }
                 c.api = Some(api);
@@ -201,6 +228,7 @@ impl Cluster {
                 node_dir.join("ipam").to_string_lossy().into_owned(),
             ]);
             args.extend(daemon_args.iter().map(|s| s.to_string()));
+            args.extend(c.options.node_args.get(i - 1).into_iter().flatten().cloned());
             c.nodes.push(Node {
                 name: format!("node{i}"),
                 ns,
@@ -227,14 +255,32 @@ impl Cluster {
     }
 
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://{UNDERLAY}.1:2379")
+        format!("http://{}:2379", self.datastore_host())
+    }
+
+    /// Where etcd and the API server listen: the underlay bridge's address, in brackets on an
+    /// IPv6-only underlay (as it goes into a URL).
+    pub fn datastore_host(&self) -> String {
+        match self.options.underlay {
+            Stack::V6Only => format!("[{UNDERLAY6}1]"),
+            _ => format!("{UNDERLAY}.1"),
+        }
+    }
+
+    /// Node `i`'s (0-based) underlay address as its daemon picks it (the default route's
+    /// family).
+    pub fn node_underlay_ip(&self, i: usize) -> String {
+        match self.options.underlay {
+            Stack::V6Only => format!("{UNDERLAY6}{}", 11 + i),
+            _ => format!("{UNDERLAY}.{}", 11 + i),
+        }
     }
 
     /// Starts (or restarts, on the same data dir) etcd in the underlay namespace; returns once
     /// it answers.
     pub fn start_etcd(&mut self) {
         self.etcd = None;
-        let ip = format!("{UNDERLAY}.1");
+        let ip = self.datastore_host();
         self.etcd = Some(Etcd::start_in(&self.underlay, &ip, self.dir.path()));
     }
 
@@ -273,7 +319,10 @@ impl Cluster {
             // No kubeconfig to find first (KUBECONFIG, ~/.kube/config): in-cluster it is.
             cmd.env_remove("KUBECONFIG")
                 .env("HOME", &sa)
-                .env("KUBERNETES_SERVICE_HOST", format!("{UNDERLAY}.1"))
+                .env(
+                    "KUBERNETES_SERVICE_HOST",
+                    self.datastore_host().trim_matches(['[', ']']),
+                )
                 .env("KUBERNETES_SERVICE_PORT", API_PORT.to_string());
         }
         match &self.options.capabilities {
@@ -408,7 +457,12 @@ impl Cluster {
 
     /// The first pod CIDR in node `i`'s CNI config.
     pub fn node_cidr(&self, i: usize) -> String {
-        self.cni_conf(i)["ipam"]["ranges"][0][0]["subnet"]
+        self.node_cidr_of(i, 0)
+    }
+
+    /// The pod CIDR of range `range` in node `i`'s CNI config (dual stack: 0 IPv4, 1 IPv6).
+    pub fn node_cidr_of(&self, i: usize, range: usize) -> String {
+        self.cni_conf(i)["ipam"]["ranges"][range][0]["subnet"]
             .as_str()
             .expect("a range in the CNI config")
             .to_string()

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   node ns N   ul0  SUBNET.(10+N)/LEN  [V6::(10+N)/64]   default route via SUBNET.1 (if asked)
+//!               (IPv6-only underlay, `Spec::v6_only`: V6::(10+N)/64 only, default via V6::1)
 //!     │ veth ul0 <-> uN
 //!   underlay ns   bridge ulbr0  SUBNET.1/LEN  [V6::1/64]  (etcd, the API server, BIRD run here)
 //!                 [bridge ulbr1 SUBNET'.1/24: the far side of a router, `put_last_node_behind_a_router`]
@@ -26,8 +27,11 @@ pub struct Spec {
     pub v4_len: u8,
     /// The IPv6 /64's prefix with its trailing `::` (`"fd00:77::"`), for a dual-stack underlay.
     pub v6: Option<String>,
-    /// Nodes get a default route via the bridge's address (`SUBNET.1`).
+    /// Nodes get a default route via the bridge's address (`SUBNET.1`; `V6::1` when
+    /// [`Spec::v6_only`]).
     pub default_route: bool,
+    /// Nodes get IPv6 underlay addresses only (the bridge keeps its IPv4 one, unused).
+    pub v6_only: bool,
 }
 
 impl Spec {
@@ -38,6 +42,7 @@ impl Spec {
             v4_len: 24,
             v6: None,
             default_route: false,
+            v6_only: false,
         }
     }
 
@@ -50,6 +55,13 @@ impl Spec {
     /// The IPv4 underlay's prefix length (24 unless set).
     pub fn v4_len(mut self, len: u8) -> Spec {
         self.v4_len = len;
+        self
+    }
+
+    /// Nodes with IPv6 underlay addresses only (`V6::(10+N)`): an IPv6-only underlay.
+    pub fn v6_only(mut self, v6: &str) -> Spec {
+        self.v6 = Some(v6.into());
+        self.v6_only = true;
         self
     }
 
@@ -119,19 +131,27 @@ impl Topology {
         );
         self.underlay
             .ip(&["link", "set", &format!("u{i}"), "master", BRIDGE, "up"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/{}", self.node_ip4(i), self.spec.v4_len),
-            "dev",
-            NODE_LINK,
-        ]);
+        if !self.spec.v6_only {
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/{}", self.node_ip4(i), self.spec.v4_len),
+                "dev",
+                NODE_LINK,
+            ]);
+        }
         if let Some(ip6) = self.node_ip6(i) {
             ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", NODE_LINK, "nodad"]);
         }
         ns.ip(&["link", "set", NODE_LINK, "up"]);
-        if self.spec.default_route {
-            ns.ip(&["route", "add", "default", "via", &self.gateway4().to_string()]);
+        match (self.spec.default_route, self.gateway6()) {
+            (false, _) => {}
+            (true, Some(gw6)) if self.spec.v6_only => {
+                ns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()]);
+            }
+            (true, _) => {
+                ns.ip(&["route", "add", "default", "via", &self.gateway4().to_string()]);
+            }
         }
         self.nodes.push(ns);
     }

@@ -118,22 +118,54 @@ pub fn peers(cfg: &BackendConfig, me: &str, own_ip: IpAddr, leases: &BTreeMap<St
     out.into_iter().map(|(addr, asn)| Peer { addr, asn }).collect()
 }
 
-/// What this node announces (`Speaker::set_exports`): its pod CIDRs that have a next hop of
-/// their family (the underlay address; an IPv6 CIDR over an IPv4 underlay has none and is left
-/// out), and the IPv4 and IPv6 next hops.
-pub fn exports(own: &Lease, underlay_ip: IpAddr) -> (Vec<IpNetwork>, Option<IpAddr>, Option<IpAddr>) {
-    let (v4, v6) = if underlay_ip.is_ipv4() {
-        (Some(underlay_ip), None)
-    } else {
-        (None, Some(underlay_ip))
+/// What this node announces (`Speaker::set_exports`): each pod CIDR with the node's underlay
+/// address of its family as next hop (MP-BGP carries IPv6 prefixes over IPv4 sessions and IPv4
+/// prefixes over IPv6 ones, each with a next hop of its own family).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exports {
+    pub prefixes: Vec<IpNetwork>,
+    /// The underlay address if IPv4, else the underlay link's first global IPv4 address.
+    pub next_hop_v4: Option<IpAddr>,
+    /// The underlay address if IPv6, else the underlay link's first global IPv6 address (a
+    /// dual-stack underlay).
+    pub next_hop_v6: Option<IpAddr>,
+    /// Pod CIDRs left out, and why: no underlay address of their family to be reached by (no
+    /// RFC 8950 extended next hop).
+    pub unannounced: Vec<(IpNetwork, String)>,
+}
+
+/// See [`Exports`].
+pub fn exports(own: &Lease, underlay: &Underlay) -> Exports {
+    let of_family = |v4: bool| {
+        std::iter::once(underlay.ip)
+            .chain(underlay.link_prefixes.iter().map(|p| p.ip()))
+            .find(|ip| ip.is_ipv4() == v4)
     };
-    let prefixes = own
-        .pod_cidrs
-        .iter()
-        .filter(|c| c.is_ipv4() == underlay_ip.is_ipv4())
-        .map(|c| IpNetwork::new(c.network(), c.prefix()).expect("same prefix length"))
-        .collect();
-    (prefixes, v4, v6)
+    let (next_hop_v4, next_hop_v6) = (of_family(true), of_family(false));
+    let mut out = Exports {
+        prefixes: Vec::new(),
+        next_hop_v4,
+        next_hop_v6,
+        unannounced: Vec::new(),
+    };
+    for c in &own.pod_cidrs {
+        let c = IpNetwork::new(c.network(), c.prefix()).expect("same prefix length");
+        let has_next_hop = if c.is_ipv4() { next_hop_v4 } else { next_hop_v6 }.is_some();
+        if has_next_hop {
+            out.prefixes.push(c);
+        } else {
+            let family = if c.is_ipv4() { "IPv4" } else { "IPv6" };
+            out.unannounced.push((
+                c,
+                format!(
+                    "the underlay link {} has no global {family} address to be its next hop (give it one for dual-stack \
+                     BGP)",
+                    underlay.name
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// How routes to next hops off the L2 subnet go: through the cross-subnet tunnel, or not.
@@ -666,11 +698,47 @@ mod tests {
     #[test]
     fn exports_are_the_cidrs_with_a_next_hop_of_their_family() {
         let own = lease("me", "192.168.0.11", &["10.244.1.5/24", "fd00:244:1::/64"], false);
-        let (prefixes, v4, v6) = exports(&own, "192.168.0.11".parse().unwrap());
-        assert_eq!(prefixes, ["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
-        assert_eq!((v4, v6), (Some("192.168.0.11".parse().unwrap()), None));
-        let (prefixes, v4, v6) = exports(&own, "fd00::11".parse().unwrap());
-        assert_eq!(prefixes, ["fd00:244:1::/64".parse::<IpNetwork>().unwrap()]);
-        assert_eq!((v4, v6), (None, Some("fd00::11".parse().unwrap())));
+        let show = |e: &Exports| {
+            let p: Vec<String> = e.prefixes.iter().map(ToString::to_string).collect();
+            let nh = |a: Option<IpAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+            (p.join(" "), nh(e.next_hop_v4), nh(e.next_hop_v6), e.unannounced.len())
+        };
+        // Dual stack: the fixture's link also holds fd00:77::11/64.
+        let dual = underlay();
+        assert_eq!(
+            show(&exports(&own, &dual)),
+            (
+                "10.244.1.0/24 fd00:244:1::/64".into(),
+                "192.168.0.11".into(),
+                "fd00:77::11".into(),
+                0
+            )
+        );
+        // IPv4 only: the IPv6 CIDR has no next hop, and says so.
+        let v4_only = Underlay {
+            link_prefixes: vec![],
+            ..underlay()
+        };
+        let e = exports(&own, &v4_only);
+        assert_eq!(
+            show(&e),
+            ("10.244.1.0/24".into(), "192.168.0.11".into(), String::new(), 1)
+        );
+        assert!(
+            e.unannounced[0].1.contains("no global IPv6 address"),
+            "{:?}",
+            e.unannounced
+        );
+        // IPv6 only: the IPv4 CIDR has none.
+        let v6_only = Underlay {
+            ip: "fd00::11".parse().unwrap(),
+            prefix: "fd00::11/64".parse().unwrap(),
+            link_prefixes: vec![],
+            ..underlay()
+        };
+        assert_eq!(
+            show(&exports(&own, &v6_only)),
+            ("fd00:244:1::/64".into(), String::new(), "fd00::11".into(), 1)
+        );
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! trellis-lab up --state DIR --net-conf FILE [--nodes N] [--pods P] [--datastore etcd|kube]
-//!                [--bin DIR] [-- TRELLISD_ARGS...]
+//!                [--underlay v4|dual|v6] [--bin DIR] [-- TRELLISD_ARGS...]
 //! ```
 //!
 //! Once every pod is wired it writes `DIR/pods.json` (`{"pods": [{name, node, netns, ips}]}`)
@@ -13,7 +13,7 @@
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use trellis_tests::cluster::{Cluster, Options};
+use trellis_tests::cluster::{Cluster, Options, Stack};
 
 /// The namespaces' prefix (see `./lab down`).
 const TAG: &str = "trl";
@@ -24,6 +24,7 @@ struct Args {
     nodes: usize,
     pods: usize,
     kube: bool,
+    underlay: Stack,
     bin: PathBuf,
     daemon_args: Vec<String>,
 }
@@ -31,7 +32,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: trellis-lab up --state DIR --net-conf FILE [--nodes N] [--pods P] [--datastore etcd|kube] \
-         [--bin DIR] [-- TRELLISD_ARGS...]"
+         [--underlay v4|dual|v6] [--bin DIR] [-- TRELLISD_ARGS...]"
     );
     std::process::exit(2)
 }
@@ -51,6 +52,7 @@ fn parse() -> Args {
         nodes: 3,
         pods: 2,
         kube: false,
+        underlay: Stack::DualStack,
         bin: here,
         daemon_args: Vec::new(),
     };
@@ -66,6 +68,14 @@ fn parse() -> Args {
             "--nodes" => a.nodes = value.parse().unwrap_or_else(|_| usage()),
             "--pods" => a.pods = value.parse().unwrap_or_else(|_| usage()),
             "--bin" => a.bin = value.into(),
+            "--underlay" => {
+                a.underlay = match value.as_str() {
+                    "v4" => Stack::V4,
+                    "dual" => Stack::DualStack,
+                    "v6" => Stack::V6Only,
+                    _ => usage(),
+                }
+            }
             "--datastore" => {
                 a.kube = match value.as_str() {
                     "etcd" => false,
@@ -90,10 +100,14 @@ fn main() {
     let conf: Value = serde_json::from_str(&net_conf).expect("net-conf is JSON");
     let v6 = conf["EnableIPv6"].as_bool().unwrap_or(false);
     // The Node objects as kube-controller-manager would have made them: one /24 (and /64) each.
+    let v4 = conf["EnableIPv4"].as_bool().unwrap_or(true);
     let kube = a.kube.then(|| {
         (1..=a.nodes)
             .map(|n| {
-                let mut cidrs = vec![format!("10.244.{n}.0/24")];
+                let mut cidrs = Vec::new();
+                if v4 {
+                    cidrs.push(format!("10.244.{n}.0/24"));
+                }
                 if v6 {
                     cidrs.push(format!("fd00:244:0:{n}::/64"));
                 }
@@ -104,6 +118,7 @@ fn main() {
     let options = Options {
         kube,
         tag: Some(TAG.into()),
+        underlay: a.underlay,
         ..Options::default()
     };
     let daemon_args: Vec<&str> = a.daemon_args.iter().map(String::as_str).collect();
