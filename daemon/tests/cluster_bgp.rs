@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use trellis_tests::bird::{bird_has, Bird};
+use trellis_tests::bird::bird_has;
 use trellis_tests::cluster::{wait_until, Cluster, UNDERLAY};
 
 fn trellisd() -> PathBuf {
@@ -48,20 +48,6 @@ fn bgp_full_mesh_every_pod_reaches_every_pod() {
     );
 }
 
-/// BIRD in the underlay namespace as route reflector for `n` nodes (AS 64512).
-fn start_bird_rr(c: &Cluster, n: usize) -> Bird {
-    let mut conf = format!("log stderr all;\nrouter id {UNDERLAY}.1;\nprotocol device {{ }}\n");
-    for i in 1..=n {
-        conf += &format!(
-            "protocol bgp node{i} {{\n  local {UNDERLAY}.1 as 64512;\n  neighbor {UNDERLAY}.{} as 64512;\n  \
-             direct;\n  rr client;\n  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 2;\n  \
-             graceful restart on;\n  ipv4 {{ import all; export all; }};\n}}\n",
-            10 + i
-        );
-    }
-    Bird::start(&c.underlay, c.dir.path(), "bird", &conf)
-}
-
 #[test]
 fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
     let backend = format!(
@@ -73,7 +59,7 @@ fn bgp_with_a_bird_route_reflector_every_pod_reaches_every_pod() {
         &trellisd(),
         &["--lease-ttl", "10", "--resync", "5"],
     );
-    let bird = start_bird_rr(&c, 3);
+    let bird = c.start_bird_reflector(&["ipv4"]);
     for node in 0..3 {
         c.add_pod(node);
         c.add_pod(node);

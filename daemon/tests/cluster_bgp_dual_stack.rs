@@ -97,28 +97,13 @@ fn bgp_dual_stack_mesh_over_ipv4_sessions_every_pod_reaches_every_pod_over_ipv4_
     }
 }
 
-/// BIRD in the underlay namespace as route reflector for `n` nodes (AS 64512), IPv4 sessions
-/// with both families.
-fn start_bird_rr(c: &Cluster, n: usize) -> Bird {
-    let mut conf = format!("log stderr all;\nrouter id {UNDERLAY}.1;\nprotocol device {{ }}\n");
-    for i in 1..=n {
-        conf += &format!(
-            "protocol bgp node{i} {{\n  local {UNDERLAY}.1 as 64512;\n  neighbor {UNDERLAY}.{} as 64512;\n  \
-             direct;\n  rr client;\n  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 2;\n  \
-             ipv4 {{ import all; export all; }};\n  ipv6 {{ import all; export all; }};\n}}\n",
-            10 + i
-        );
-    }
-    Bird::start(&c.underlay, c.dir.path(), "bird", &conf)
-}
-
 #[test]
 fn bgp_dual_stack_through_a_bird_route_reflector_every_pod_reaches_every_pod() {
     let backend = format!(
         r#"{{"Type": "bgp", "ASNumber": 64512, "Mesh": false, "RouteReflectors": ["{UNDERLAY}.1"], "HoldTime": 9}}"#
     );
     let mut c = cluster(3, DUAL_POOLS, &backend, dual_stack());
-    let bird = start_bird_rr(&c, 3);
+    let bird = c.start_bird_reflector(&["ipv4", "ipv6"]);
     add_pods(&mut c);
     reach(&c, "dual-stack bgp through BIRD");
     // BIRD's IPv6 table holds each node's IPv6 CIDR via that node's IPv6 underlay address.

@@ -455,6 +455,26 @@ impl Cluster {
         self.nodes[i].ns.exec_ok(&["ip", "route", "show", cidr])
     }
 
+    /// BIRD in the underlay namespace at [`UNDERLAY`].1 as route reflector (AS 64512) for
+    /// every node, over IPv4 sessions with the `channels` given (`["ipv4", "ipv6"]`), graceful
+    /// restart on.
+    pub fn start_bird_reflector(&self, channels: &[&str]) -> crate::bird::Bird {
+        let mut conf = format!("log stderr all;\nrouter id {UNDERLAY}.1;\nprotocol device {{ }}\n");
+        for i in 1..=self.nodes.len() {
+            conf += &format!(
+                "protocol bgp node{i} {{\n  local {UNDERLAY}.1 as 64512;\n  neighbor {UNDERLAY}.{} as 64512;\n  \
+                 direct;\n  rr client;\n  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 2;\n  \
+                 graceful restart on;\n",
+                10 + i
+            );
+            for ch in channels {
+                conf += &format!("  {ch} {{ import all; export all; }};\n");
+            }
+            conf += "}\n";
+        }
+        crate::bird::Bird::start(&self.underlay, self.dir.path(), "bird", &conf)
+    }
+
     /// The first pod CIDR in node `i`'s CNI config.
     pub fn node_cidr(&self, i: usize) -> String {
         self.node_cidr_of(i, 0)
