@@ -9,6 +9,7 @@
 //! - A connection needs both: egress from the source (when it is a pod) and ingress to the
 //!   destination (when it is a pod). Replies of an allowed connection always pass (conntrack:
 //!   not a question asked here).
+//! - A pod reaches itself whatever the policies (its own traffic never leaves it).
 //! - `ipBlock` matches addresses, pods' included (the upstream e2e tests put pod addresses in
 //!   ipBlocks); selectors match pods only.
 //! - A named port is the destination pod's container port of that name and protocol: the
@@ -109,9 +110,16 @@ impl View {
         !isolated
     }
 
-    /// Whether a new connection from `src` to `dst` on `proto`/`port` is allowed.
+    /// Whether a new connection from `src` to `dst` on `proto`/`port` is allowed. A pod
+    /// always reaches itself (the API reference: pods cannot block their own loopback; the
+    /// upstream e2e tests' `AllowLoopback`).
     pub fn allowed(&self, src: IpAddr, dst: IpAddr, proto: Proto, port: u16) -> bool {
         let (sp, dp) = (self.pod_by_ip(src), self.pod_by_ip(dst));
+        if let (Some(s), Some(d)) = (sp, dp) {
+            if s.key() == d.key() {
+                return true;
+            }
+        }
         let egress = sp.is_none_or(|s| self.side_allows(s, Direction::Egress, dst, dp, proto, port));
         let ingress = dp.is_none_or(|d| self.side_allows(d, Direction::Ingress, src, sp, proto, port));
         egress && ingress
@@ -120,8 +128,8 @@ impl View {
 
 /// The upstream e2e model (`test/e2e/network/netpol`): namespaces x, y, z with pods a, b, c
 /// each, labelled `pod=<name>` and `ns=<namespace>`, serving TCP, UDP and SCTP on 80 and 81
-/// (container ports named `serve-80-tcp`, …); shared by the tests here and the traffic tests.
-#[cfg(test)]
+/// (container ports named `serve-80-tcp`, …); shared by the unit tests here and the traffic
+/// tests (`daemon/tests/policy_enforcement.rs`).
 pub mod e2e_model {
     use super::*;
     use crate::policy::model::NamedPort;
@@ -129,6 +137,20 @@ pub mod e2e_model {
     pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
     pub const PODS: [&str; 3] = ["a", "b", "c"];
     pub const PORTS: [u16; 2] = [80, 81];
+
+    /// Every model pod's named ports: `serve-<port>-<protocol>`.
+    pub fn ports() -> Vec<NamedPort> {
+        Proto::ALL
+            .iter()
+            .flat_map(|proto| {
+                PORTS.iter().map(move |port| NamedPort {
+                    name: format!("serve-{port}-{}", proto.name().to_lowercase()),
+                    proto: *proto,
+                    port: *port,
+                })
+            })
+            .collect()
+    }
 
     pub fn ip(ns: usize, pod: usize) -> IpAddr {
         format!("10.244.{}.{}", ns + 1, pod + 10).parse().unwrap()
@@ -140,16 +162,7 @@ pub mod e2e_model {
             v.namespaces
                 .insert(ns.to_string(), [("ns".to_string(), ns.to_string())].into());
             for (p, pod) in PODS.iter().enumerate() {
-                let ports = Proto::ALL
-                    .iter()
-                    .flat_map(|proto| {
-                        PORTS.iter().map(move |port| NamedPort {
-                            name: format!("serve-{port}-{}", proto.name().to_lowercase()),
-                            proto: *proto,
-                            port: *port,
-                        })
-                    })
-                    .collect();
+                let ports = ports();
                 v.pods.push(PodInfo {
                     namespace: ns.to_string(),
                     name: pod.to_string(),
@@ -219,8 +232,18 @@ mod tests {
     fn deny_all_ingress_in_x() {
         let v = with(vec![json!({"metadata": {"namespace": "x", "name": "deny-all"},
                                  "spec": {"podSelector": {}}})]);
-        let want = rows(["XXX ... ..."; 9]);
-        assert_eq!(matrix(&v, Proto::Tcp, 80), want);
+        let want = rows([
+            ".XX ... ...",
+            "X.X ... ...",
+            "XX. ... ...",
+            "XXX ... ...",
+            "XXX ... ...",
+            "XXX ... ...",
+            "XXX ... ...",
+            "XXX ... ...",
+            "XXX ... ...",
+        ]);
+        assert_eq!(matrix(&v, Proto::Tcp, 80), want, "blocked but to itself");
         assert_eq!(matrix(&v, Proto::Udp, 81), want);
     }
 
@@ -228,17 +251,17 @@ mod tests {
     fn deny_all_egress_in_x_with_an_empty_egress_list() {
         let v = with(vec![json!({"metadata": {"namespace": "x", "name": "deny-egress"},
                                  "spec": {"podSelector": {}, "policyTypes": ["Egress"]}})]);
-        let x_blocked = "XXX XXX XXX";
+        let all = "... ... ...";
         let want = rows([
-            x_blocked,
-            x_blocked,
-            x_blocked,
-            "... ... ...",
-            "... ... ...",
-            "... ... ...",
-            "... ... ...",
-            "... ... ...",
-            "... ... ...",
+            ".XX XXX XXX",
+            "X.X XXX XXX",
+            "XX. XXX XXX",
+            all,
+            all,
+            all,
+            all,
+            all,
+            all,
         ]);
         assert_eq!(matrix(&v, Proto::Tcp, 80), want);
     }
@@ -251,7 +274,11 @@ mod tests {
                      "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}})]);
         let m = matrix(&v, Proto::Tcp, 80);
         let cols: Vec<char> = m.lines().map(|l| l.chars().next().unwrap()).collect();
-        assert_eq!(cols.iter().collect::<String>(), "XXX...XXX", "into x/a, by source");
+        assert_eq!(
+            cols.iter().collect::<String>(),
+            ".XX...XXX",
+            "into x/a, by source (itself allowed)"
+        );
         // Both selectors in one peer: only y/b.
         let v = with(vec![json!({"metadata": {"namespace": "x", "name": "from-y-b"},
             "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
@@ -259,7 +286,7 @@ mod tests {
                                              "podSelector": {"matchLabels": {"pod": "b"}}}]}]}})]);
         let m = matrix(&v, Proto::Tcp, 80);
         let cols: String = m.lines().map(|l| l.chars().next().unwrap()).collect();
-        assert_eq!(cols, "XXXX.XXXX");
+        assert_eq!(cols, ".XXX.XXXX");
         // The same selectors as two peers: all of y, and every b in x.
         let v = with(vec![json!({"metadata": {"namespace": "x", "name": "or"},
             "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
@@ -269,7 +296,7 @@ mod tests {
             .lines()
             .map(|l| l.chars().next().unwrap())
             .collect();
-        assert_eq!(cols, "X.X...XXX");
+        assert_eq!(cols, "..X...XXX");
     }
 
     #[test]
