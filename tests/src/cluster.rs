@@ -70,6 +70,9 @@ pub struct Options {
     /// the nodes, `{tag}p…` the pods; `tc` when `None`. The lab uses its own, so that
     /// `./lab down` finds what a crashed lab left.
     pub tag: Option<String>,
+    /// Extra daemon arguments of some nodes (0-based index → arguments), after the common
+    /// ones: a BGP route reflector's `--bgp-route-reflector-cluster-id`.
+    pub node_args: std::collections::BTreeMap<usize, Vec<String>>,
 }
 
 /// The stand-in API server's port.
@@ -201,6 +204,7 @@ impl Cluster {
                 node_dir.join("ipam").to_string_lossy().into_owned(),
             ]);
             args.extend(daemon_args.iter().map(|s| s.to_string()));
+            args.extend(c.options.node_args.get(&(i - 1)).into_iter().flatten().cloned());
             c.nodes.push(Node {
                 name: format!("node{i}"),
                 ns,
