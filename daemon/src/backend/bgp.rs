@@ -8,7 +8,9 @@
 //! source beside the leases: `reconcile::Sources::learned`), not from the leases: what the network says is what is
 //! installed, so routes through route reflectors or top-of-rack routers, and pod CIDRs of nodes
 //! outside this datastore, work the same way. The leases still allocate the CIDRs, name the
-//! mesh peers and their AS numbers ([`peers`]) and carry the VTEP MACs for VXLAN cross-subnet.
+//! mesh peers and their AS numbers ([`peers`]), say which nodes are route reflectors (without
+//! the mesh, the others peer with those: see [`peers`]) and carry the VTEP MACs for VXLAN
+//! cross-subnet.
 //!
 //! The speaker never writes routes itself (BIRD's `kernel` protocol would): the reconciler stays
 //! the one owner of protocol-117 routes, with its diffing, its kernel watch (a deleted route is

@@ -1,5 +1,5 @@
 //! The BGP speaker (Calico-style BGP mode): sessions to the other nodes (full mesh), to route
-//! reflectors and to external routers; it advertises this node's pod CIDRs and learns the
+//! reflectors (or, as one, to its clients) and to external routers; it advertises this node's pod CIDRs and learns the
 //! other nodes' ones, which the rest of the daemon installs in the kernel.
 //!
 //! # Shape
@@ -18,7 +18,8 @@
 //! - `peer`: connect with backoff, accept, collision resolution (RFC 4271 §6.8), graceful
 //!   restart as receiving speaker, Adj-RIB-Out;
 //! - [`rib`]: routes per peer, stale marking, best-route selection;
-//! - [`policy`]: import filter (only inside the cluster CIDRs), exports, UPDATE packing.
+//! - [`policy`]: import filter (only inside the cluster CIDRs), exports, reflection rules,
+//!   UPDATE packing.
 //!
 //! A change travels without any timer on the way: `set_exports` → peer task → UPDATE → the
 //! other speaker's peer task → its core → its watch, in well under a millisecond on one host.
@@ -63,9 +64,29 @@
 //! TCP-AO, no ADD-PATH, no extended messages or extended next hop (RFC 8950), no
 //! RFC 7606 "treat-as-withdraw" (a malformed UPDATE resets the session, as RFC 4271 says), no
 //! RFC 8538 (a NOTIFICATION always flushes the peer's routes), no MED comparison, no outbound
-//! filtering beyond "our pod CIDRs only", and learned routes are never re-advertised (route
-//! reflection is left to a real route reflector). As restarting speaker we do not defer route
-//! selection ourselves; [`Speaker::synced`] tells the daemon when the first complete view is in.
+//! filtering beyond "our pod CIDRs only" and the reflection rules. Learned routes are
+//! re-advertised only by a route reflector ([`BgpConfig::rr_cluster_id`]): only iBGP-learned
+//! ones that passed the import policy (inside the cluster CIDRs), without their unknown
+//! optional transitive attributes (communities), and without AS4_PATH merging for iBGP peers
+//! without 4-octet AS numbers; eBGP-learned routes are never re-advertised. As restarting
+//! speaker we do not defer route selection ourselves; [`Speaker::synced`] tells the daemon
+//! when the first complete view is in.
+//!
+//! # Route reflection (RFC 4456)
+//!
+//! With [`BgpConfig::rr_cluster_id`] the speaker is a route reflector: the core publishes the
+//! best iBGP-learned route to each prefix with its attributes ([`policy::Reflected`], a watch
+//! beside the exports), and each peer task adds to its Adj-RIB-Out what [`policy::reflect_to`]
+//! says goes to its peer: a client's ([`PeerConfig::rr_client`]) route to every other iBGP peer,
+//! a non-client's to the clients; never back to its peer or its originator, never to eBGP
+//! peers. Attributes pass unchanged, next hop included, but ORIGINATOR_ID (the originator's
+//! identifier when absent) and CLUSTER_LIST (our cluster ID prepended). The diff against the
+//! Adj-RIB-Out withdraws what is no longer best and re-announces what changed; the routes of
+//! a peer that restarts gracefully stay best, stale, and so stay reflected. On receipt every
+//! speaker drops a route whose ORIGINATOR_ID is its identifier (`originator_is_us`), a
+//! reflector one whose CLUSTER_LIST holds its cluster ID (`cluster_list_loop`); ties in route
+//! selection go to the shorter CLUSTER_LIST. Which nodes are reflectors, and who is whose
+//! client, the daemon decides from the leases (`backend::bgp::peers`).
 
 mod io;
 mod peer;
