@@ -775,12 +775,12 @@ async fn fanout_round<R>(
 fn bird_reflector_conf(n: usize) -> String {
     let mut c = format!(
         "log stderr {{ warning, error, fatal }};\nrouter id {RR_ADDR};\nprotocol device {{ }}\n\
-         template bgp client {{\n  local {RR_ADDR} as {ASN};\n  direct;\n  rr client;\n  {SHORT_TIMERS}\n  \
+         template bgp rrc {{\n  local {RR_ADDR} as {ASN};\n  direct;\n  rr client;\n  {SHORT_TIMERS}\n  \
          ipv4 {{ import all; export all; }};\n}}\n"
     );
     for i in 0..n {
         c += &format!(
-            "protocol bgp c{i} from client {{ neighbor {} as {ASN}; }}\n",
+            "protocol bgp c{i} from rrc {{ neighbor {} as {ASN}; }}\n",
             client_addr(i)
         );
     }
