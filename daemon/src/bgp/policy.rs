@@ -343,10 +343,10 @@ pub fn updates_for(
         common.push(Attr::LocalPref(100));
     }
     let common = Arc::new(common);
-    // Prefixes with the same family, next hop and attributes go together; a reflected route's
-    // attributes are usually its own (its originator), so the groups are searched linearly.
-    type Group = ((Family, IpAddr, Arc<Vec<Attr>>), Vec<IpNetwork>);
-    let mut groups: Vec<Group> = Vec::new();
+    // Prefixes with the same family, next hop and attributes go together. Per next hop, the
+    // attribute sets are searched linearly: a next hop is one node's, with one set, mostly.
+    type Groups = BTreeMap<(Family, IpAddr), Vec<(Arc<Vec<Attr>>, Vec<IpNetwork>)>>;
+    let mut groups: Groups = BTreeMap::new();
     let mut last_reflected: Option<(&Arc<Reflected>, Arc<Vec<Attr>>)> = None;
     for (p, advert) in announce {
         let attrs = match advert {
@@ -360,12 +360,16 @@ pub fn updates_for(
                 }
             },
         };
-        let key = (Family::of(p), advert.next_hop(), attrs);
-        match groups.iter_mut().rev().find(|(k, _)| *k == key) {
+        let sets = groups.entry((Family::of(p), advert.next_hop())).or_default();
+        match sets.iter_mut().find(|(a, _)| *a == attrs) {
             Some((_, v)) => v.push(*p),
-            None => groups.push((key, vec![*p])),
+            None => sets.push((attrs, vec![*p])),
         }
     }
+    let groups = groups.into_iter().flat_map(|((family, nh), sets)| {
+        sets.into_iter()
+            .map(move |(attrs, prefixes)| ((family, nh, attrs), prefixes))
+    });
     for ((family, nh, attrs), prefixes) in groups {
         match (family, nh) {
             (Family::Ipv4Unicast, IpAddr::V4(nh)) => {
