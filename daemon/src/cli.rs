@@ -127,6 +127,13 @@ pub struct Args {
     /// the node's lease: the mesh peers it in this AS.
     #[arg(long, env = "BGP_AS_NUMBER")]
     pub bgp_as_number: Option<u32>,
+    /// BGP mode: make this node a BGP route reflector (RFC 4456) with this cluster ID (an IPv4
+    /// address, as Calico's `routeReflectorClusterID`). It is published in the node's lease;
+    /// with `"Mesh": false` every other node peers with the reflectors (their clients), and
+    /// the reflectors with every node (see the README's bgp backend). Reflectors should share
+    /// one cluster ID.
+    #[arg(long, env = "TRELLIS_BGP_ROUTE_REFLECTOR_CLUSTER_ID")]
+    pub bgp_route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
     /// Seconds between full resyncs with the kernel.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,
@@ -172,6 +179,9 @@ mod tests {
         assert_eq!(sec.ca_file.as_deref(), Some(std::path::Path::new("/s/ca.pem")));
         assert_eq!(sec.key_file.as_deref(), Some(std::path::Path::new("/s/key.pem")));
         assert_eq!(sec.username.as_deref(), Some("trellis"));
+        let a = Args::try_parse_from(["trellisd", "--bgp-route-reflector-cluster-id", "1.0.0.1"]).unwrap();
+        assert_eq!(a.bgp_route_reflector_cluster_id, Some("1.0.0.1".parse().unwrap()));
+        assert!(Args::try_parse_from(["trellisd", "--bgp-route-reflector-cluster-id", "1.0.0"]).is_err());
         let e = Args::try_parse_from(["trellisd", "--cni-mode", "bogus"]).unwrap_err();
         assert!(e.to_string().contains("bridge or routed"), "{e}");
     }

@@ -2,7 +2,7 @@
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use trellis_net::MacAddr;
 
 /// The backend data a node publishes, so that the others can reach its pods.
@@ -19,12 +19,16 @@ pub enum BackendData {
     HostGw,
     /// IPIP: likewise (the underlay IP is the tunnel's outer destination).
     Ipip,
-    /// BGP: the node's AS number (for the node-to-node mesh) and, with `CrossSubnet: vxlan`, its
-    /// VTEP MAC (the VNI is fixed: `backend::bgp::CROSS_SUBNET_VNI`).
+    /// BGP: the node's AS number (for the node-to-node mesh), with `CrossSubnet: vxlan` its
+    /// VTEP MAC (the VNI is fixed: `backend::bgp::CROSS_SUBNET_VNI`), and its route-reflector
+    /// cluster ID when it is a route reflector (`--bgp-route-reflector-cluster-id`; the other
+    /// nodes peer with it, see `backend::bgp::peers`). Leases without it are no reflectors.
     Bgp {
         asn: u32,
         #[serde(rename = "vtepMAC", default, skip_serializing_if = "Option::is_none")]
         vtep_mac: Option<MacString>,
+        #[serde(rename = "routeReflectorClusterID", default, skip_serializing_if = "Option::is_none")]
+        rr_cluster_id: Option<Ipv4Addr>,
     },
 }
 
@@ -96,14 +100,30 @@ mod tests {
         let plain = BackendData::Bgp {
             asn: 64512,
             vtep_mac: None,
+            rr_cluster_id: None,
         };
         assert_eq!(json(&plain), r#"{"type":"bgp","asn":64512}"#);
         let vx = BackendData::Bgp {
             asn: 64512,
             vtep_mac: Some(MacString("02:11:22:33:44:55".parse().unwrap())),
+            rr_cluster_id: None,
         };
         assert_eq!(json(&vx), r#"{"type":"bgp","asn":64512,"vtepMAC":"02:11:22:33:44:55"}"#);
-        for b in [BackendData::Ipip, plain, vx] {
+        let rr = BackendData::Bgp {
+            asn: 64512,
+            vtep_mac: None,
+            rr_cluster_id: Some("1.0.0.1".parse().unwrap()),
+        };
+        assert_eq!(
+            json(&rr),
+            r#"{"type":"bgp","asn":64512,"routeReflectorClusterID":"1.0.0.1"}"#
+        );
+        // A lease of an older trellisd (no such field) is no reflector's.
+        assert_eq!(
+            serde_json::from_str::<BackendData>(r#"{"type":"bgp","asn":64512}"#).unwrap(),
+            plain
+        );
+        for b in [BackendData::Ipip, plain, vx, rr] {
             assert_eq!(serde_json::from_str::<BackendData>(&json(&b)).unwrap(), b);
         }
     }

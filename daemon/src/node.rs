@@ -340,8 +340,10 @@ pub struct BgpPeers {
     pub backend: crate::config::Backend,
     pub node: String,
     pub underlay_ip: std::net::IpAddr,
-    /// The addresses last given to the speaker.
-    pub current: Option<Vec<std::net::IpAddr>>,
+    /// This node's route-reflector cluster ID (`--bgp-route-reflector-cluster-id`).
+    pub rr_cluster_id: Option<std::net::Ipv4Addr>,
+    /// The peers last given to the speaker.
+    pub current: Option<Vec<crate::backend::bgp::Peer>>,
 }
 
 impl Plane for KernelPlane {
@@ -365,19 +367,19 @@ impl Plane for KernelPlane {
 
     fn leases_changed(&mut self, leases: &BTreeMap<String, Lease>) {
         let Some(b) = &mut self.bgp else { return };
-        let peers = crate::backend::bgp::peers(&b.backend, &b.node, b.underlay_ip, leases);
-        let addrs: Vec<std::net::IpAddr> = peers.iter().map(|p| p.addr).collect();
-        if b.current.as_ref() != Some(&addrs) {
+        let peers = crate::backend::bgp::peers(&b.backend, &b.node, b.underlay_ip, b.rr_cluster_id, leases);
+        if b.current.as_ref() != Some(&peers) {
             b.speaker.set_peers(
                 peers
-                    .into_iter()
+                    .iter()
                     .map(|p| crate::bgp::PeerConfig {
                         addr: p.addr,
                         asn: p.asn,
+                        rr_client: p.rr_client,
                     })
                     .collect(),
             );
-            b.current = Some(addrs);
+            b.current = Some(peers);
         }
     }
 

@@ -88,10 +88,19 @@ pub async fn run(args: Args) -> Result<(), String> {
             pod_cidrs: args.pod_cidr.clone(),
         }),
     };
+    let mut backend_data = dp.backend_data();
+    match (&mut backend_data, args.bgp_route_reflector_cluster_id) {
+        (crate::lease::BackendData::Bgp { rr_cluster_id, .. }, Some(id)) => {
+            info!(cluster_id = %id, "this node is a BGP route reflector");
+            *rr_cluster_id = Some(id);
+        }
+        (_, Some(_)) => warn!("--bgp-route-reflector-cluster-id is for the bgp backend only: ignored"),
+        (_, None) => {}
+    }
     let me = NodeInfo {
         name: node.clone(),
         underlay_ip: underlay.ip,
-        backend: dp.backend_data(),
+        backend: backend_data,
     };
     let (own, events) = store
         .start(me, conf.pools.clone(), metrics.clone())
@@ -151,12 +160,13 @@ pub async fn run(args: Args) -> Result<(), String> {
         };
         let router_id = router_id(args.bgp_router_id, &underlay)?;
         let settings = (*as_number, *hold_time, *graceful_restart, waits);
+        let rr_cluster_id = args.bgp_route_reflector_cluster_id;
         let (speaker, rib, synced) = start_bgp(
             &plane.dataplane,
             &own,
             (&underlay, router_id),
             &conf,
-            (settings, password),
+            (settings, password, rr_cluster_id),
             &metrics,
         )
         .await?;
@@ -166,6 +176,7 @@ pub async fn run(args: Args) -> Result<(), String> {
             backend: conf.backend.clone(),
             node: node.clone(),
             underlay_ip: underlay.ip,
+            rr_cluster_id,
             current: None,
         });
     }
@@ -187,16 +198,18 @@ pub async fn run(args: Args) -> Result<(), String> {
 
 /// Starts the BGP speaker: (speaker, its routes, whether it synced with its peers). `settings`:
 /// the AS number, hold time, graceful-restart time, and the restart wait and stale-path time
-/// (`--bgp-restart-wait`, `--bgp-stale-path-time`); and the TCP MD5 password.
+/// (`--bgp-restart-wait`, `--bgp-stale-path-time`); the TCP MD5 password; the route-reflector
+/// cluster ID.
 #[allow(clippy::type_complexity)]
 async fn start_bgp(
     dp: &Dataplane,
     own: &Lease,
     (underlay, router_id): (&crate::reconcile::Underlay, Ipv4Addr),
     conf: &NetConf,
-    ((asn, hold_time, graceful_restart, (restart_wait, stale_path_time)), password): (
+    ((asn, hold_time, graceful_restart, (restart_wait, stale_path_time)), password, rr_cluster_id): (
         (u32, u16, u16, (Duration, Duration)),
         Option<Vec<u8>>,
+        Option<std::net::Ipv4Addr>,
     ),
     metrics: &Metrics,
 ) -> Result<(Speaker, Routes, Synced), String> {
@@ -207,6 +220,7 @@ async fn start_bgp(
     cfg.stale_path_time = stale_path_time;
     cfg.import_within = conf.cluster_cidrs();
     cfg.md5_password = password;
+    cfg.rr_cluster_id = rr_cluster_id;
     // Routes kept in the kernel from the last run: tell the peers we restarted (graceful restart).
     cfg.restarted = dp.installed_routes().await.map_err(|e| e.to_string())? > 0;
     let (speaker, rib) = Speaker::start(cfg, metrics.clone())

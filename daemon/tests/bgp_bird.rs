@@ -107,6 +107,7 @@ async fn ipv6_peer_connecting_in_establishes() {
             vec![PeerConfig {
                 addr: bird_v6,
                 asn: ASN,
+                rr_client: false,
             }],
         )
         .await;
@@ -213,6 +214,7 @@ async fn ebgp_top_of_rack_learns_every_node() {
     let tor = PeerConfig {
         addr: BIRD_V4.parse().unwrap(),
         asn: tor_asn,
+        rr_client: false,
     };
     let mut speakers = Vec::new();
     for i in 1..=3 {
@@ -388,6 +390,7 @@ async fn import_policy_drops_are_counted_by_reason() {
     let tor = PeerConfig {
         addr: BIRD_V4.parse().unwrap(),
         asn: tor_asn,
+        rr_client: false,
     };
     let (_s1, mut rx1) = lab.speaker(1, vec![tor.clone()]).await;
     let (_s2, _rx2) = lab.speaker(2, vec![tor]).await;

@@ -135,6 +135,7 @@ async fn a_session_over_ipv6() {
         let peer = PeerConfig {
             addr: node_v6(other),
             asn: ASN,
+            rr_client: false,
         };
         sp.push(lab.speaker_with(cfg, i, vec![peer]).await);
     }

@@ -151,8 +151,8 @@ fn bgp_dual_stack_through_an_ebgp_top_of_rack_router_over_ipv4_and_ipv6_sessions
              "Peers": [{{"IP": "{UNDERLAY}.1", "ASNumber": 65000}}, {{"IP": "{UNDERLAY6}1", "ASNumber": 65000}}]}}"#
     );
     let options = Options {
-        node_args: (1..=3)
-            .map(|i| vec!["--bgp-as-number".to_string(), (65000 + i).to_string()])
+        node_args: (0..3)
+            .map(|i| (i, vec!["--bgp-as-number".to_string(), (65001 + i).to_string()]))
             .collect(),
         ..dual_stack()
     };

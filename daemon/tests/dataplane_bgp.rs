@@ -94,7 +94,8 @@ async fn learned_routes_reach_the_pods_and_nothing_moves_before_the_first_rib() 
         dps[0].backend_data(),
         BackendData::Bgp {
             asn: 64512,
-            vtep_mac: None
+            vtep_mac: None,
+            rr_cluster_id: None
         }
     );
     assert_eq!(dps[0].pod_mtu(), 1480, "room for the cross-subnet IPIP tunnel");

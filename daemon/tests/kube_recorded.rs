@@ -63,6 +63,36 @@ fn no_api_server_our_annotations_are_read_back_by_us_and_in_flannels_names() {
     assert_eq!(lease.underlay_ip, me.underlay_ip);
 }
 
+/// A BGP route-reflector node's cluster ID travels in the backend data, and reads back; a
+/// node without it (an older trellisd) is no reflector.
+#[test]
+fn no_api_server_a_reflector_nodes_cluster_id_is_read_back() {
+    for rr_cluster_id in [Some("1.0.0.1".parse().unwrap()), None] {
+        let me = NodeInfo {
+            name: "worker-3".into(),
+            underlay_ip: "192.168.56.23".parse().unwrap(),
+            backend: BackendData::Bgp {
+                asn: 64512,
+                vtep_mac: None,
+                rr_cluster_id,
+            },
+        };
+        let ann = annotations(&me);
+        let data: serde_json::Value = serde_json::from_str(&ann[BACKEND_DATA]).unwrap();
+        match rr_cluster_id {
+            Some(_) => assert_eq!(
+                data,
+                serde_json::json!({"ASNumber": 64512, "RouteReflectorClusterID": "1.0.0.1"})
+            ),
+            None => assert_eq!(data, serde_json::json!({"ASNumber": 64512})),
+        }
+        let mut n = node("node-new-without-cidr.json");
+        n.metadata.annotations.get_or_insert_default().extend(ann);
+        n.spec.get_or_insert_default().pod_cidrs = Some(vec!["10.244.3.0/24".into()]);
+        assert_eq!(lease_from_node(&n).unwrap().backend, me.backend);
+    }
+}
+
 #[test]
 fn no_api_server_a_recorded_watch_stream_becomes_lease_events() {
     let mut t = Translator::default();

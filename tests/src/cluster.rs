@@ -89,9 +89,9 @@ pub struct Options {
     pub tag: Option<String>,
     /// The underlay's families (IPv4 unless set).
     pub underlay: Stack,
-    /// Extra daemon arguments per node (0-based; after the cluster's own): `--bgp-as-number`
-    /// for an AS per node, say.
-    pub node_args: Vec<Vec<String>>,
+    /// Extra daemon arguments of some nodes (0-based index → arguments), after the common
+    /// ones: a BGP route reflector's `--bgp-route-reflector-cluster-id`.
+    pub node_args: std::collections::BTreeMap<usize, Vec<String>>,
 }
 
 /// The stand-in API server's port.
@@ -228,7 +228,7 @@ impl Cluster {
                 node_dir.join("ipam").to_string_lossy().into_owned(),
             ]);
             args.extend(daemon_args.iter().map(|s| s.to_string()));
-            args.extend(c.options.node_args.get(i - 1).into_iter().flatten().cloned());
+            args.extend(c.options.node_args.get(&(i - 1)).into_iter().flatten().cloned());
             c.nodes.push(Node {
                 name: format!("node{i}"),
                 ns,

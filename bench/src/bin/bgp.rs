@@ -14,6 +14,14 @@
 //!    `trellisd` node (cluster CIDR 10.0.0.0/8, `Mesh: false`, BIRD as a `Peers` entry); from
 //!    BIRD's start until the node's kernel holds all of them. Next to it BIRD → BIRD with the
 //!    same routes. Then one more static added by `birdc configure` on top of the 10,000.
+//! 4. Route-reflector fan-out to 100 clients: 100 client speakers (the speaker `trellisd` runs,
+//!    in-process: 100 BIRDs would not fit in 2 cores) on 100 addresses of one namespace, each
+//!    exporting a /24, all route-reflector clients of one reflector in another namespace: the
+//!    speaker as `trellisd --bgp-route-reflector-cluster-id` runs it (in-process), then BIRD
+//!    (`rr client` ×100), each with fresh clients. Times: the reflector's start until every
+//!    client has the 99 others' routes (includes connection timers: 1 s retries on both
+//!    sides); one client announcing a new /24 until all 99 others have it in their RIBs; its
+//!    withdrawal until it is gone from all. Only this section: `--only reflector`.
 //!
 //! The kernels are polled every 10 ms for start-up figures and every 1 ms for changes, from a
 //! thread inside the namespace: the FIB prefix count (`fib_triestat`, cheap), and a netlink dump
@@ -21,16 +29,21 @@
 //!
 //! Run (as root): `cargo build --release -p trellisd -p trellis -p trellis-ipam -p trellis-bench
 //! && target/release/bgp` (options: `--trellisd PATH`, `--runs R` (default 3), `--prefixes N`
-//! (default 10000)).
+//! (default 10000), `--only reflector`, `--clients N` (default 100)).
 
+use ipnetwork::IpNetwork;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use trellis_bench::{cleanup, fib_prefixes, runtime};
 use trellis_net::route::RT_TABLE_MAIN;
 use trellis_net::{Netlink, RouteFilter};
 use trellis_tests::bird::Bird;
 use trellis_tests::cluster::{Cluster, UNDERLAY};
 use trellis_tests::{Netns, TempDir};
+use trellisd::bgp::{BgpConfig, PeerConfig, Routes, Speaker};
+use trellisd::metrics::Metrics;
 
 /// Name prefixes of what the benchmark creates, for the panic clean-up (the harness's too).
 const PAIR_NS: &str = "bbp";
@@ -47,6 +60,9 @@ struct Opts {
     trellisd: PathBuf,
     runs: usize,
     prefixes: usize,
+    /// Only the reflector fan-out.
+    reflector_only: bool,
+    clients: usize,
 }
 
 fn opts() -> Opts {
@@ -54,6 +70,8 @@ fn opts() -> Opts {
         trellisd: PathBuf::from("target/release/trellisd"),
         runs: 3,
         prefixes: 10_000,
+        reflector_only: false,
+        clients: 100,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -62,12 +80,14 @@ fn opts() -> Opts {
             "--trellisd" => o.trellisd = v.into(),
             "--runs" => o.runs = v.parse().expect("--runs R"),
             "--prefixes" => o.prefixes = v.parse().expect("--prefixes N"),
+            "--only" if v == "reflector" => o.reflector_only = true,
+            "--clients" => o.clients = v.parse().expect("--clients N"),
             other => panic!("unknown option {other}"),
         }
     }
     assert!(
-        o.runs > 0 && (1..=60_000).contains(&o.prefixes),
-        "bad --runs or --prefixes"
+        o.runs > 0 && (1..=60_000).contains(&o.prefixes) && (2..=1000).contains(&o.clients),
+        "bad --runs, --prefixes or --clients"
     );
     o.trellisd = o
         .trellisd
@@ -293,12 +313,16 @@ fn mesh_converged(c: &Cluster, t0: Instant, every: Duration) -> Result<Duration,
 fn main() {
     trellis_tests::require_root();
     let o = opts();
-    cleanup::on_panic(&["tcu", "tcn", "tcp", PAIR_NS], &[DIR, "cluster"]);
+    cleanup::on_panic(&["tcu", "tcn", "tcp", PAIR_NS, RR_NS], &[DIR, "cluster"]);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "trellisd BGP mode vs BIRD 2 — {cpus} CPUs, {} run(s) per figure",
         o.runs
     );
+    if o.reflector_only {
+        reflector_fanout(&o);
+        return;
+    }
     let mut errors = Vec::new();
     let mut rows = Vec::new();
 
@@ -620,9 +644,230 @@ fn main() {
             println!("- {e}");
         }
     }
+    println!();
+    reflector_fanout(&o);
 }
 
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+// ---- Route-reflector fan-out --------------------------------------------------------------------
+
+const RR_NS: &str = "bbr";
+const RR_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+/// Announce/withdraw samples per reflector.
+const FANOUT_SAMPLES: usize = 10;
+
+fn client_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 31, 1 + (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+fn client_prefix(i: usize) -> IpNetwork {
+    format!("10.{}.{}.0/24", 200 + i / 256, i % 256)
+        .parse()
+        .expect("prefix")
+}
+
+/// The reflector's namespace (`172.31.0.1/16`) and the clients' (100 addresses from
+/// `172.31.1.1/16`), on a veth pair.
+struct FanoutNet {
+    r: Netns,
+    c: Netns,
+    dir: TempDir,
+}
+
+impl FanoutNet {
+    fn new(clients: usize) -> FanoutNet {
+        let (r, c) = (Netns::new(RR_NS), Netns::new(RR_NS));
+        r.exec_ok(&[
+            "ip", "link", "add", "rr0", "type", "veth", "peer", "name", "cl0", "netns", &c.name,
+        ]);
+        r.exec_ok(&["ip", "addr", "add", &format!("{RR_ADDR}/16"), "dev", "rr0"]);
+        let mut batch = String::new();
+        for i in 0..clients {
+            batch += &format!("addr add {}/16 dev cl0\n", client_addr(i));
+        }
+        let file = TempDir::new(DIR);
+        let path = file.path().join("addrs");
+        std::fs::write(&path, batch).expect("ip batch file");
+        c.exec_ok(&["ip", "-batch", &path.to_string_lossy()]);
+        r.exec_ok(&["ip", "link", "set", "rr0", "up"]);
+        c.exec_ok(&["ip", "link", "set", "cl0", "up"]);
+        FanoutNet { r, c, dir: file }
+    }
+}
+
+type Client = (Speaker, watch::Receiver<Routes>);
+
+async fn start_clients(net: &FanoutNet, n: usize) -> Vec<Client> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let addr = client_addr(i);
+        let mut cfg = BgpConfig::new(ASN, addr);
+        cfg.listen = SocketAddr::new(addr.into(), 179);
+        cfg.connect_retry = Duration::from_secs(1);
+        cfg.import_within = vec!["10.0.0.0/8".parse().expect("cidr")];
+        cfg.netns = Some(net.c.path().to_path_buf());
+        let (s, rx) = Speaker::start(cfg, Metrics::new()).await.expect("client speaker");
+        s.set_exports(vec![client_prefix(i)], Some(addr.into()), None);
+        s.set_peers(vec![PeerConfig::new(RR_ADDR.into(), ASN)]);
+        out.push((s, rx));
+    }
+    out
+}
+
+/// How long until every client but `skip` satisfies `ok`.
+async fn all_clients(
+    clients: &[Client],
+    skip: Option<usize>,
+    t0: Instant,
+    ok: impl Fn(&Routes) -> bool + Copy,
+) -> Result<Duration, String> {
+    let rxs: Vec<watch::Receiver<Routes>> = clients
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, (s, _))| s.routes())
+        .collect();
+    // Each wait ends with its guard dropped: a held one would block that speaker's publisher.
+    let waits = futures::future::join_all(
+        rxs.into_iter()
+            .map(|mut rx| async move { rx.wait_for(move |r| ok(r)).await.is_ok() }),
+    );
+    match tokio::time::timeout(Duration::from_secs(60), waits).await {
+        Ok(_) => Ok(t0.elapsed()),
+        Err(_) => {
+            let behind = clients.iter().filter(|(s, _)| !ok(&s.routes().borrow())).count();
+            Err(format!("{behind} clients not there after 60 s"))
+        }
+    }
+}
+
+/// Fan-out figures with one kind of reflector (started by `start`): (all up, announce samples,
+/// withdraw samples).
+async fn fanout_round<R>(
+    net: &FanoutNet,
+    n: usize,
+    start: impl FnOnce() -> R,
+) -> Result<(Duration, Vec<Duration>, Vec<Duration>), String> {
+    let clients = start_clients(net, n).await;
+    let t0 = Instant::now();
+    let reflector = start();
+    let up = all_clients(&clients, None, t0, move |r| r.len() == n - 1).await?;
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    let origin = &clients[0].0;
+    let addr = IpAddr::V4(client_addr(0));
+    for k in 0..FANOUT_SAMPLES {
+        let extra: IpNetwork = format!("10.250.{k}.0/24").parse().expect("prefix");
+        let t0 = Instant::now();
+        origin.set_exports(vec![client_prefix(0), extra], Some(addr), None);
+        add.push(all_clients(&clients, Some(0), t0, move |r| r.contains_key(&extra)).await?);
+        let t0 = Instant::now();
+        origin.set_exports(vec![client_prefix(0)], Some(addr), None);
+        del.push(all_clients(&clients, Some(0), t0, move |r| !r.contains_key(&extra)).await?);
+    }
+    drop(reflector);
+    Ok((up, add, del))
+}
+
+fn bird_reflector_conf(n: usize) -> String {
+    let mut c = format!(
+        "log stderr {{ warning, error, fatal }};\nrouter id {RR_ADDR};\nprotocol device {{ }}\n\
+         template bgp rrc {{\n  local {RR_ADDR} as {ASN};\n  direct;\n  rr client;\n  {SHORT_TIMERS}\n  \
+         ipv4 {{ import all; export all; }};\n}}\n"
+    );
+    for i in 0..n {
+        c += &format!(
+            "protocol bgp c{i} from rrc {{ neighbor {} as {ASN}; }}\n",
+            client_addr(i)
+        );
+    }
+    c
+}
+
+/// Section 4: the speaker as reflector, then BIRD, for the same number of clients.
+fn reflector_fanout(o: &Opts) {
+    let n = o.clients;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut errors = Vec::new();
+    let ours = {
+        let net = FanoutNet::new(n);
+        rt.block_on(async {
+            let peers: Vec<PeerConfig> = (0..n)
+                .map(|i| PeerConfig {
+                    rr_client: true,
+                    ..PeerConfig::new(client_addr(i).into(), ASN)
+                })
+                .collect();
+            let mut cfg = BgpConfig::new(ASN, RR_ADDR);
+            cfg.listen = SocketAddr::new(RR_ADDR.into(), 179);
+            cfg.connect_retry = Duration::from_secs(1);
+            cfg.import_within = vec!["10.0.0.0/8".parse().expect("cidr")];
+            cfg.netns = Some(net.r.path().to_path_buf());
+            cfg.rr_cluster_id = Some(RR_ADDR);
+            let (rr, _) = Speaker::start(cfg, Metrics::new()).await.expect("reflector");
+            fanout_round(&net, n, move || {
+                rr.set_peers(peers);
+                rr
+            })
+            .await
+        })
+        .map_err(|e| errors.push(format!("trellisd reflector: {e}")))
+        .ok()
+    };
+    let bird = {
+        let net = FanoutNet::new(n);
+        let conf = bird_reflector_conf(n);
+        rt.block_on(fanout_round(&net, n, || {
+            Bird::start(&net.r, net.dir.path(), "rr", &conf)
+        }))
+        .map_err(|e| errors.push(format!("BIRD reflector: {e}")))
+        .ok()
+    };
+    let up = |r: &Option<(Duration, Vec<Duration>, Vec<Duration>)>| {
+        r.as_ref().map(|x| show(&[x.0])).unwrap_or("failed".into())
+    };
+    let add = |r: &Option<(Duration, Vec<Duration>, Vec<Duration>)>| {
+        r.as_ref().map(|x| show(&x.1)).unwrap_or("failed".into())
+    };
+    let del = |r: &Option<(Duration, Vec<Duration>, Vec<Duration>)>| {
+        r.as_ref().map(|x| show(&x.2)).unwrap_or("failed".into())
+    };
+    println!("route-reflector fan-out: {n} clients (in-process speakers), one reflector; times until the clients' RIBs have it");
+    println!(
+        "{:<78} | {:<30} | {:<30}",
+        "figure", "trellisd reflector", "BIRD reflector"
+    );
+    let rows = [
+        (
+            format!("reflector start → every client has the {} others' routes", n - 1),
+            up(&ours),
+            up(&bird),
+        ),
+        (
+            format!("a client announces a /24 → all {} others have it", n - 1),
+            add(&ours),
+            add(&bird),
+        ),
+        (
+            format!("it withdraws the /24 → gone from all {} others", n - 1),
+            del(&ours),
+            del(&bird),
+        ),
+    ];
+    for (what, a, b) in rows {
+        println!("{what:<78} | {a:<30} | {b:<30}");
+    }
+    if !errors.is_empty() {
+        println!("\nerrors:");
+        for e in &errors {
+            println!("- {e}");
+        }
+    }
 }

@@ -8,7 +8,9 @@
 //! source beside the leases: `reconcile::Sources::learned`), not from the leases: what the network says is what is
 //! installed, so routes through route reflectors or top-of-rack routers, and pod CIDRs of nodes
 //! outside this datastore, work the same way. The leases still allocate the CIDRs, name the
-//! mesh peers and their AS numbers ([`peers`]) and carry the VTEP MACs for VXLAN cross-subnet.
+//! mesh peers and their AS numbers ([`peers`]), say which nodes are route reflectors (without
+//! the mesh, the others peer with those: see [`peers`]) and carry the VTEP MACs for VXLAN
+//! cross-subnet.
 //!
 //! The speaker never writes routes itself (BIRD's `kernel` protocol would): the reconciler stays
 //! the one owner of protocol-117 routes, with its diffing, its kernel watch (a deleted route is
@@ -83,13 +85,29 @@ pub struct BgpRoute {
 pub struct Peer {
     pub addr: IpAddr,
     pub asn: u32,
+    /// A route-reflector client of this node (this node is a reflector, the peer is not).
+    pub rr_client: bool,
 }
 
-/// The peers of this node (`me`, at `own_ip`): with `Mesh`, every other node whose lease is a BGP
-/// one (in its AS); the route reflectors (in our AS); the configured `Peers`. One per address
-/// (a configured peer wins over the mesh), never ourselves, sorted by address. Empty when the
-/// backend is not BGP.
-pub fn peers(cfg: &BackendConfig, me: &str, own_ip: IpAddr, leases: &BTreeMap<String, Lease>) -> Vec<Peer> {
+/// The peers of this node (`me`, at `own_ip`, a route reflector when `own_cluster_id`):
+/// - with `Mesh`: every other node whose lease is a BGP one (in its AS), a full mesh; the
+///   route-reflector nodes are plain members (no clients);
+/// - without `Mesh`, when some leases are route-reflector nodes (`--bgp-route-reflector-cluster-id`,
+///   [`BackendData::Bgp`]'s `rr_cluster_id`): a node that is none peers with every reflector
+///   node; a reflector node peers with every other BGP node: the non-reflectors are its clients,
+///   the other reflectors non-clients (as Calico's reflectors peer among themselves; with one
+///   cluster ID, CLUSTER_LIST stops a route going round them);
+/// - the configured `RouteReflectors` (in our AS) and `Peers`, never clients.
+///
+/// One per address (a configured peer wins over a node), never ourselves, sorted by address.
+/// Empty when the backend is not BGP.
+pub fn peers(
+    cfg: &BackendConfig,
+    me: &str,
+    own_ip: IpAddr,
+    own_cluster_id: Option<std::net::Ipv4Addr>,
+    leases: &BTreeMap<String, Lease>,
+) -> Vec<Peer> {
     let BackendConfig::Bgp {
         as_number,
         mesh,
@@ -100,22 +118,33 @@ pub fn peers(cfg: &BackendConfig, me: &str, own_ip: IpAddr, leases: &BTreeMap<St
     else {
         return vec![];
     };
-    let mut out = BTreeMap::new();
-    if *mesh {
-        for l in leases.values().filter(|l| l.node != me) {
-            if let BackendData::Bgp { asn, .. } = l.backend {
-                out.insert(l.underlay_ip, asn);
-            }
+    let mut out: BTreeMap<IpAddr, (u32, bool)> = BTreeMap::new();
+    let nodes = leases
+        .values()
+        .filter(|l| l.node != me)
+        .filter_map(|l| match l.backend {
+            BackendData::Bgp { asn, rr_cluster_id, .. } => Some((l.underlay_ip, asn, rr_cluster_id.is_some())),
+            _ => None,
+        });
+    for (addr, asn, reflector) in nodes {
+        if *mesh {
+            out.insert(addr, (asn, false));
+        } else if own_cluster_id.is_some() {
+            out.insert(addr, (asn, !reflector));
+        } else if reflector {
+            out.insert(addr, (asn, false));
         }
     }
     for rr in route_reflectors {
-        out.insert(*rr, *as_number);
+        out.insert(*rr, (*as_number, false));
     }
     for p in peers {
-        out.insert(p.ip, p.as_number);
+        out.insert(p.ip, (p.as_number, false));
     }
     out.remove(&own_ip);
-    out.into_iter().map(|(addr, asn)| Peer { addr, asn }).collect()
+    out.into_iter()
+        .map(|(addr, (asn, rr_client))| Peer { addr, asn, rr_client })
+        .collect()
 }
 
 /// What this node announces (`Speaker::set_exports`): each pod CIDR with the node's underlay
@@ -241,6 +270,7 @@ impl Bgp {
         BackendData::Bgp {
             asn: self.asn,
             vtep_mac,
+            rr_cluster_id: None,
         }
     }
 
@@ -428,6 +458,7 @@ mod tests {
         let backend = BackendData::Bgp {
             asn: 64512,
             vtep_mac: vtep.then(|| MacString(vtep_mac(node))),
+            rr_cluster_id: None,
         };
         crate::backend::fixtures::lease(node, ip, cidrs, backend)
     }
@@ -635,7 +666,8 @@ mod tests {
             bgp.backend_data(),
             BackendData::Bgp {
                 asn: 64512,
-                vtep_mac: None
+                vtep_mac: None,
+                rr_cluster_id: None
             }
         );
     }
@@ -665,6 +697,7 @@ mod tests {
                 backend: BackendData::Bgp {
                     asn: 65002,
                     vtep_mac: None,
+                    rr_cluster_id: None,
                 },
                 ..lease("n3", "10.1.0.13", &["10.244.3.0/24"], false)
             },
@@ -680,7 +713,7 @@ mod tests {
         let own_ip = "192.168.0.11".parse().unwrap();
         let show = |ps: Vec<Peer>| ps.iter().map(|p| format!("{} {}", p.addr, p.asn)).collect::<Vec<_>>();
         assert_eq!(
-            show(peers(&bgp_config(true), "me", own_ip, &leases)),
+            show(peers(&bgp_config(true), "me", own_ip, None, &leases)),
             [
                 "10.1.0.13 65002",
                 "192.168.0.1 65000",
@@ -689,10 +722,64 @@ mod tests {
             ]
         );
         assert_eq!(
-            show(peers(&bgp_config(false), "me", own_ip, &leases)),
+            show(peers(&bgp_config(false), "me", own_ip, None, &leases)),
             ["192.168.0.1 65000", "192.168.0.2 64512"]
         );
-        assert!(peers(&BackendConfig::HostGw, "me", own_ip, &leases).is_empty());
+        assert!(peers(&BackendConfig::HostGw, "me", own_ip, None, &leases).is_empty());
+    }
+
+    /// `Mesh: false` with reflector nodes: clients peer with the reflectors only, reflectors
+    /// with everyone (clients flagged, the other reflectors not); `Mesh: true` stays a mesh.
+    #[test]
+    fn reflector_nodes_make_the_topology_without_the_mesh() {
+        let id: std::net::Ipv4Addr = "1.0.0.1".parse().unwrap();
+        let reflector = |node: &str, ip: &str, cidr: &str| {
+            let mut l = lease(node, ip, &[cidr], false);
+            l.backend = BackendData::Bgp {
+                asn: 64512,
+                vtep_mac: None,
+                rr_cluster_id: Some(id),
+            };
+            l
+        };
+        let mut leases = BTreeMap::new();
+        for l in [
+            reflector("rr1", "192.168.0.11", "10.244.1.0/24"),
+            reflector("rr2", "192.168.0.12", "10.244.2.0/24"),
+            lease("c3", "192.168.0.13", &["10.244.3.0/24"], false),
+            lease("c4", "192.168.0.14", &["10.244.4.0/24"], false),
+        ] {
+            leases.insert(l.node.clone(), l);
+        }
+        let mut cfg = bgp_config(false);
+        if let BackendConfig::Bgp {
+            peers,
+            route_reflectors,
+            ..
+        } = &mut cfg
+        {
+            peers.clear();
+            route_reflectors.clear();
+        }
+        let show = |ps: Vec<Peer>| {
+            ps.iter()
+                .map(|p| format!("{}{}", p.addr, if p.rr_client { " client" } else { "" }))
+                .collect::<Vec<_>>()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            show(peers(&cfg, "rr1", ip("192.168.0.11"), Some(id), &leases)),
+            ["192.168.0.12", "192.168.0.13 client", "192.168.0.14 client"]
+        );
+        assert_eq!(
+            show(peers(&cfg, "c3", ip("192.168.0.13"), None, &leases)),
+            ["192.168.0.11", "192.168.0.12"]
+        );
+        let mesh = bgp_config(true);
+        assert!(peers(&mesh, "rr1", ip("192.168.0.11"), Some(id), &leases)
+            .iter()
+            .all(|p| !p.rr_client));
+        assert_eq!(peers(&mesh, "c3", ip("192.168.0.13"), None, &leases).len(), 3 + 2);
     }
 
     #[test]

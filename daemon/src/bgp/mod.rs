@@ -1,5 +1,5 @@
 //! The BGP speaker (Calico-style BGP mode): sessions to the other nodes (full mesh), to route
-//! reflectors and to external routers; it advertises this node's pod CIDRs and learns the
+//! reflectors (or, as one, to its clients) and to external routers; it advertises this node's pod CIDRs and learns the
 //! other nodes' ones, which the rest of the daemon installs in the kernel.
 //!
 //! # Shape
@@ -18,7 +18,8 @@
 //! - `peer`: connect with backoff, accept, collision resolution (RFC 4271 §6.8), graceful
 //!   restart as receiving speaker, Adj-RIB-Out;
 //! - [`rib`]: routes per peer, stale marking, best-route selection;
-//! - [`policy`]: import filter (only inside the cluster CIDRs), exports, UPDATE packing.
+//! - [`policy`]: import filter (only inside the cluster CIDRs), exports, reflection rules,
+//!   UPDATE packing.
 //!
 //! A change travels without any timer on the way: `set_exports` → peer task → UPDATE → the
 //! other speaker's peer task → its core → its watch, in well under a millisecond on one host.
@@ -63,9 +64,29 @@
 //! TCP-AO, no ADD-PATH, no extended messages or extended next hop (RFC 8950), no
 //! RFC 7606 "treat-as-withdraw" (a malformed UPDATE resets the session, as RFC 4271 says), no
 //! RFC 8538 (a NOTIFICATION always flushes the peer's routes), no MED comparison, no outbound
-//! filtering beyond "our pod CIDRs only", and learned routes are never re-advertised (route
-//! reflection is left to a real route reflector). As restarting speaker we do not defer route
-//! selection ourselves; [`Speaker::synced`] tells the daemon when the first complete view is in.
+//! filtering beyond "our pod CIDRs only" and the reflection rules. Learned routes are
+//! re-advertised only by a route reflector ([`BgpConfig::rr_cluster_id`]): only iBGP-learned
+//! ones that passed the import policy (inside the cluster CIDRs), without their unknown
+//! optional transitive attributes (communities), and without AS4_PATH merging for iBGP peers
+//! without 4-octet AS numbers; eBGP-learned routes are never re-advertised. As restarting
+//! speaker we do not defer route selection ourselves; [`Speaker::synced`] tells the daemon
+//! when the first complete view is in.
+//!
+//! # Route reflection (RFC 4456)
+//!
+//! With [`BgpConfig::rr_cluster_id`] the speaker is a route reflector: the core publishes the
+//! best iBGP-learned route to each prefix with its attributes ([`policy::Reflected`], a watch
+//! beside the exports), and each peer task adds to its Adj-RIB-Out what [`policy::reflect_to`]
+//! says goes to its peer: a client's ([`PeerConfig::rr_client`]) route to every other iBGP peer,
+//! a non-client's to the clients; never back to its peer or its originator, never to eBGP
+//! peers. Attributes pass unchanged, next hop included, but ORIGINATOR_ID (the originator's
+//! identifier when absent) and CLUSTER_LIST (our cluster ID prepended). The diff against the
+//! Adj-RIB-Out withdraws what is no longer best and re-announces what changed; the routes of
+//! a peer that restarts gracefully stay best, stale, and so stay reflected. On receipt every
+//! speaker drops a route whose ORIGINATOR_ID is its identifier (`originator_is_us`), a
+//! reflector one whose CLUSTER_LIST holds its cluster ID (`cluster_list_loop`); ties in route
+//! selection go to the shorter CLUSTER_LIST. Which nodes are reflectors, and who is whose
+//! client, the daemon decides from the leases (`backend::bgp::peers`).
 
 mod io;
 mod peer;
@@ -78,7 +99,7 @@ use crate::metrics::Metrics;
 use io::AbortOnDrop;
 use ipnetwork::IpNetwork;
 use peer::{PeerCmd, PeerTask};
-use policy::{Exports, Throttle};
+use policy::{Exports, Reflected, ReflectedRoutes, Throttle};
 use rib::{Path, Rib};
 use session::Local;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -136,6 +157,10 @@ pub struct BgpConfig {
     /// The network namespace the sockets live in (`/run/netns/NAME`); `None`: the calling
     /// thread's. Tests run several speakers in one process this way.
     pub netns: Option<PathBuf>,
+    /// Be a route reflector (RFC 4456) with this cluster ID: reflect the best iBGP-learned
+    /// routes to the other iBGP peers (see [`policy`]; clients: [`PeerConfig::rr_client`]), and
+    /// drop routes whose CLUSTER_LIST holds it. `None` (default): no reflection.
+    pub rr_cluster_id: Option<Ipv4Addr>,
 }
 
 impl BgpConfig {
@@ -154,6 +179,7 @@ impl BgpConfig {
             import_within: Vec::new(),
             md5_password: None,
             netns: None,
+            rr_cluster_id: None,
         }
     }
 }
@@ -164,6 +190,20 @@ impl BgpConfig {
 pub struct PeerConfig {
     pub addr: IpAddr,
     pub asn: u32,
+    /// A route-reflector client of ours (only meaningful when we are a reflector,
+    /// [`BgpConfig::rr_cluster_id`], and the peer is in our AS).
+    pub rr_client: bool,
+}
+
+impl PeerConfig {
+    /// A peer that is no client of ours.
+    pub fn new(addr: IpAddr, asn: u32) -> PeerConfig {
+        PeerConfig {
+            addr,
+            asn,
+            rr_client: false,
+        }
+    }
 }
 
 /// The best route to a prefix, as learned from `peer`.
@@ -346,6 +386,7 @@ impl Speaker {
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports::default()));
         let (routes_tx, routes_rx) = watch::channel(Routes::new());
+        let (reflected_tx, reflected_rx) = watch::channel(Arc::new(ReflectedRoutes::new()));
         let accept_map = Arc::new(RwLock::new(HashMap::new()));
         let (peers_known_tx, peers_known) = watch::channel(false);
         let (synced_tx, synced_rx) = watch::channel(false);
@@ -358,6 +399,8 @@ impl Speaker {
             rx: core_rx,
             exports: exports_rx,
             routes: routes_tx,
+            reflected: reflected_tx,
+            reflected_rx,
             peers_known: peers_known_tx,
             synced: synced_tx,
             sync_deadline: Instant::now() + shared.sync_wait(),
@@ -487,6 +530,9 @@ struct Core {
     rx: mpsc::UnboundedReceiver<CoreMsg>,
     exports: watch::Receiver<Arc<Exports>>,
     routes: watch::Sender<Routes>,
+    /// What a route reflector passes on (empty when we are none); the peer tasks watch it.
+    reflected: watch::Sender<Arc<ReflectedRoutes>>,
+    reflected_rx: watch::Receiver<Arc<ReflectedRoutes>>,
     /// Set once the first peer list is in.
     peers_known: watch::Sender<bool>,
     /// See [`Speaker::synced`].
@@ -530,6 +576,9 @@ impl Core {
             }
             if self.rib.take_changed() {
                 self.routes.send_replace(self.rib.best().clone());
+            }
+            if self.rib.take_paths_changed() {
+                self.publish_reflected();
             }
             if sync_pending && (*self.peers_known.borrow() || Instant::now() >= self.sync_deadline) {
                 let all_in = self
@@ -633,6 +682,7 @@ impl Core {
                 generation,
                 self.core_tx.clone(),
                 self.exports.clone(),
+                self.reflected_rx.clone(),
                 rx,
             );
             let task = tokio::spawn(task.run());
@@ -652,6 +702,40 @@ impl Core {
             );
         }
         self.peers_known.send_replace(true);
+    }
+
+    /// A route reflector: the best iBGP-learned route to each prefix, for the peer tasks to
+    /// pass on (each as [`policy::reflect_to`] says).
+    fn publish_reflected(&mut self) {
+        if self.shared.cfg.rr_cluster_id.is_none() {
+            return;
+        }
+        let best = self.rib.best();
+        let next: ReflectedRoutes = self
+            .rib
+            .best_paths()
+            .iter()
+            .filter(|(_, path)| !path.ebgp)
+            .filter_map(|(prefix, path)| {
+                let peer = best.get(prefix)?.peer;
+                let from_client = self.peers.get(&peer).is_some_and(|e| e.cfg.rr_client);
+                let r = Reflected {
+                    next_hop: path.next_hop,
+                    peer,
+                    from_client,
+                    local_pref: path.local_pref,
+                    attrs: path.attrs.clone(),
+                };
+                Some((*prefix, Arc::new(r)))
+            })
+            .collect();
+        self.reflected.send_if_modified(|old| {
+            if **old == next {
+                return false;
+            }
+            *old = Arc::new(next);
+            true
+        });
     }
 
     /// With a BGP password: adds (`on`) or removes `peer`'s TCP MD5 key on the listening

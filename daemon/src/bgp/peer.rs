@@ -21,8 +21,8 @@
 //! configured connect-retry time (with ±20% jitter), reset once a session is established.
 
 use super::io::{self, AbortOnDrop, ConnHandle, IoEvent};
-use super::policy::{self, Exports, Rejected, Throttle};
-use super::rib::Path;
+use super::policy::{self, Advert, Exports, ReflectTarget, ReflectedRoutes, Rejected, Throttle};
+use super::rib::{Path, PathAttrs};
 use super::session::{CloseReason, Output, Session, State};
 use super::wire::{err, Attr, Family, Message, Notification, Update};
 use super::{CoreMsg, PeerConfig, PeerEvent, Shared};
@@ -68,6 +68,8 @@ pub struct PeerTask {
     generation: u64,
     core: mpsc::UnboundedSender<CoreMsg>,
     exports: watch::Receiver<Arc<Exports>>,
+    /// A route reflector's routes to pass on ([`policy::reflect_to`] picks ours).
+    reflected: watch::Receiver<Arc<ReflectedRoutes>>,
     cmds: mpsc::UnboundedReceiver<PeerCmd>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -76,8 +78,8 @@ pub struct PeerTask {
     connecting: Option<AbortOnDrop>,
     retry_at: Option<Instant>,
     failures: u32,
-    /// What the established session was sent: prefix → next hop.
-    advertised: BTreeMap<IpNetwork, IpAddr>,
+    /// What the established session was sent (the Adj-RIB-Out).
+    advertised: BTreeMap<IpNetwork, Advert>,
     /// One log throttle per reason for dropped routes.
     dropped: BTreeMap<Rejected, Throttle>,
     rng: u64,
@@ -92,6 +94,7 @@ impl PeerTask {
         generation: u64,
         core: mpsc::UnboundedSender<CoreMsg>,
         exports: watch::Receiver<Arc<Exports>>,
+        reflected: watch::Receiver<Arc<ReflectedRoutes>>,
         cmds: mpsc::UnboundedReceiver<PeerCmd>,
     ) -> PeerTask {
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -102,6 +105,7 @@ impl PeerTask {
             generation,
             core,
             exports,
+            reflected,
             cmds,
             events_tx,
             events,
@@ -136,6 +140,12 @@ impl PeerTask {
                 },
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 r = self.exports.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.send_exports();
+                }
+                r = self.reflected.changed() => {
                     if r.is_err() {
                         return;
                     }
@@ -475,7 +485,8 @@ impl PeerTask {
         }
     }
 
-    /// Brings the established session's Adj-RIB-Out to the current exports.
+    /// Brings the established session's Adj-RIB-Out to the current exports and, on a route
+    /// reflector, the routes it reflects to this peer.
     fn send_exports(&mut self) {
         let Some(c) = self.established() else { return };
         let (id, local_addr) = (c.id, c.local_addr);
@@ -485,22 +496,45 @@ impl PeerTask {
             .cloned()
             .expect("established sessions negotiated");
         let exports = Arc::clone(&self.exports.borrow_and_update());
-        let want = exports.for_session(&n.families, local_addr);
+        let reflected = Arc::clone(&self.reflected.borrow_and_update());
+        let mut want: BTreeMap<IpNetwork, Advert> = BTreeMap::new();
+        if self.shared.cfg.rr_cluster_id.is_some() {
+            let target = ReflectTarget {
+                addr: self.cfg.addr,
+                router_id: n.remote_id,
+                ebgp: n.ebgp,
+                rr_client: self.cfg.rr_client,
+            };
+            want.extend(
+                reflected
+                    .iter()
+                    .filter(|(p, r)| n.families.contains(&Family::of(p)) && policy::reflect_to(r, &target))
+                    .map(|(p, r)| (*p, Advert::Reflected(Arc::clone(r)))),
+            );
+        }
+        // Our own prefixes win over anything reflected.
+        want.extend(
+            exports
+                .for_session(&n.families, local_addr)
+                .into_iter()
+                .map(|(p, nh)| (p, Advert::Own(nh))),
+        );
         let withdraw: Vec<IpNetwork> = self
             .advertised
             .keys()
             .filter(|p| !want.contains_key(p))
             .copied()
             .collect();
-        let announce: BTreeMap<IpNetwork, IpAddr> = want
+        let announce: BTreeMap<IpNetwork, Advert> = want
             .iter()
-            .filter(|(p, nh)| self.advertised.get(p) != Some(nh))
-            .map(|(p, nh)| (*p, *nh))
+            .filter(|(p, a)| self.advertised.get(p) != Some(a))
+            .map(|(p, a)| (*p, a.clone()))
             .collect();
         if !announce.is_empty() || !withdraw.is_empty() {
             tracing::debug!(peer = %self.cfg.addr, announce = announce.len(), withdraw = withdraw.len(), "sending exports");
         }
-        for u in policy::updates(&announce, &withdraw, self.shared.cfg.asn, &n) {
+        let cluster_id = self.shared.cfg.rr_cluster_id;
+        for u in policy::updates_for(&announce, &withdraw, self.shared.cfg.asn, &n, cluster_id) {
             self.send_to(id, u);
         }
         self.advertised = want;
@@ -517,13 +551,14 @@ impl PeerTask {
             return;
         };
         tracing::debug!(peer = %self.cfg.addr, ?family, "ROUTE-REFRESH: sending our routes again");
-        let again: BTreeMap<IpNetwork, IpAddr> = self
+        let again: BTreeMap<IpNetwork, Advert> = self
             .advertised
             .iter()
             .filter(|(p, _)| Family::of(p) == family)
-            .map(|(p, nh)| (*p, *nh))
+            .map(|(p, a)| (*p, a.clone()))
             .collect();
-        for u in policy::updates(&again, &[], self.shared.cfg.asn, &n) {
+        let cluster_id = self.shared.cfg.rr_cluster_id;
+        for u in policy::updates_for(&again, &[], self.shared.cfg.asn, &n, cluster_id) {
             self.send_to(id, u);
         }
         self.send_to(id, Update::end_of_rib(family));
@@ -549,11 +584,19 @@ impl PeerTask {
         let mut announced: Vec<(IpNetwork, IpAddr)> = Vec::new();
         let mut next_hop_v4 = None;
         let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, None);
+        let mut attrs = PathAttrs {
+            originator_id: n.remote_id,
+            ..PathAttrs::default()
+        };
+        let cluster_id = self.shared.cfg.rr_cluster_id.map(u32::from);
         for a in &u.attrs {
             match a {
                 Attr::NextHop(ip) => next_hop_v4 = Some(IpAddr::V4(*ip)),
+                Attr::Origin(o) => attrs.origin = *o,
+                Attr::Med(m) => attrs.med = Some(*m),
                 Attr::AsPath(p) => {
                     as_path_len = p.len() as u32;
+                    attrs.as_path = p.clone();
                     if n.ebgp && p.contains(self.shared.cfg.asn) {
                         looped = looped.or(Some(Rejected::AsLoop));
                     }
@@ -563,8 +606,20 @@ impl PeerTask {
                 }
                 // LOCAL_PREF from an external peer is ignored (RFC 4271 §5.1.5).
                 Attr::LocalPref(lp) if !n.ebgp => local_pref = *lp,
-                // Our own routes reflected back to us (RFC 4456 §8).
-                Attr::OriginatorId(id) if *id == self.shared.cfg.router_id => looped = Some(Rejected::OriginatorIsUs),
+                // Our own routes reflected back to us (RFC 4456 §8). ORIGINATOR_ID and
+                // CLUSTER_LIST from an external peer are ignored (RFC 7606 §7.9, §7.10).
+                Attr::OriginatorId(id) if !n.ebgp => {
+                    attrs.originator_id = *id;
+                    if *id == self.shared.cfg.router_id {
+                        looped = Some(Rejected::OriginatorIsUs);
+                    }
+                }
+                Attr::ClusterList(list) if !n.ebgp => {
+                    attrs.cluster_list = list.clone();
+                    if cluster_id.is_some_and(|c| list.contains(&c)) {
+                        looped = looped.or(Some(Rejected::ClusterListLoop));
+                    }
+                }
                 Attr::MpUnreach(m) if n.families.contains(&m.family) => withdraw.extend(&m.withdrawn),
                 Attr::MpReach(m) if n.families.contains(&m.family) => {
                     announced.extend(m.nlri.iter().map(|p| (*p, m.next_hop)));
@@ -599,6 +654,7 @@ impl PeerTask {
                         local_pref,
                         as_path_len,
                         ebgp: n.ebgp,
+                        attrs: attrs.clone(),
                     },
                 )),
                 Err(why) => {
@@ -677,10 +733,7 @@ mod tests {
         cfg.peer_port = 9; // it never reaches us; we connect to it
         cfg.import_within = vec!["10.244.0.0/16".parse().unwrap()];
         let (b, mut routes) = Speaker::start(cfg, Metrics::new()).await.unwrap();
-        b.set_peers(vec![PeerConfig {
-            addr: a_addr,
-            asn: 64512,
-        }]);
+        b.set_peers(vec![PeerConfig::new(a_addr, 64512)]);
 
         // Us: one peer task, driven directly.
         let mut cfg = BgpConfig::new(64512, "127.0.0.1".parse().unwrap());
@@ -691,11 +744,9 @@ mod tests {
         let (_exports_tx, exports) = watch::channel(Arc::new(Exports::new(vec![prefix], Some(a_addr), None)));
         let (core_tx, _core_rx) = mpsc::unbounded_channel();
         let (cmds_tx, cmds) = mpsc::unbounded_channel();
-        let peer = PeerConfig {
-            addr: "127.0.0.2".parse().unwrap(),
-            asn: 64512,
-        };
-        let task = tokio::spawn(PeerTask::new(shared, peer, 1, core_tx, exports, cmds).run());
+        let (_reflected_tx, reflected) = watch::channel(Arc::new(ReflectedRoutes::new()));
+        let peer = PeerConfig::new("127.0.0.2".parse().unwrap(), 64512);
+        let task = tokio::spawn(PeerTask::new(shared, peer, 1, core_tx, exports, reflected, cmds).run());
         let within = Duration::from_secs(20);
         tokio::time::timeout(within, routes.wait_for(|r| r.get(&prefix).is_some_and(|x| !x.stale)))
             .await

@@ -8,16 +8,25 @@
 //!   and reason at most once per 10 s (warning; loops, normal with a ToR or a reflector, as
 //!   information), naming the peer, the reason, the prefixes of that UPDATE and how many
 //!   drops were held back since the last line.
-//! - Export: exactly the node's pod CIDRs, next hop = the node's underlay address (per family),
+//! - Export: the node's pod CIDRs, next hop = the node's underlay address (per family),
 //!   ORIGIN IGP, an empty AS_PATH to iBGP peers (with LOCAL_PREF 100) and our AS to eBGP peers.
-//!   We never re-advertise what we learned: each node speaks for itself (a route reflector
-//!   does the reflecting).
+//!   A node that is not a route reflector never re-advertises what it learned. A route
+//!   reflector ([`super::BgpConfig::rr_cluster_id`]) also passes on the best route to each
+//!   prefix learned over iBGP ([`Reflected`], RFC 4456 §8): from a client to every other iBGP
+//!   peer, from a non-client to the clients only, never back to the peer it came from (nor to
+//!   its originator), never to eBGP peers; its attributes unchanged (NEXT_HOP included) but
+//!   ORIGINATOR_ID (set to the originator's identifier when absent) and CLUSTER_LIST (our
+//!   cluster ID prepended). Unknown optional transitive attributes (communities) are not
+//!   carried. eBGP-learned routes are not re-advertised at all: RFC 4456 concerns the iBGP
+//!   mesh, and a cluster's external routers peer with every node that needs their routes.
 
+use super::rib::PathAttrs;
 use super::session::Negotiated;
 use super::wire::{AsPath, AsSegment, Attr, Family, MpReach, MpUnreach, Update, AS_SEQUENCE};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -32,16 +41,20 @@ pub enum Rejected {
     AsLoop,
     /// Our own route reflected back to us (ORIGINATOR_ID is our identifier, RFC 4456 §8).
     OriginatorIsUs,
+    /// A route reflector's: our cluster ID in the CLUSTER_LIST (RFC 4456 §8), the route went
+    /// round the reflectors of our cluster.
+    ClusterListLoop,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 6] = [
+    pub const ALL: [Rejected; 7] = [
         Rejected::OutsideClusterCidrs,
         Rejected::DefaultRoute,
         Rejected::NextHopIsThisNode,
         Rejected::NextHopUnusable,
         Rejected::AsLoop,
         Rejected::OriginatorIsUs,
+        Rejected::ClusterListLoop,
     ];
 
     /// The `reason` label of `trellisd_bgp_routes_dropped_total`.
@@ -53,13 +66,17 @@ impl Rejected {
             Rejected::NextHopUnusable => "next_hop_unusable",
             Rejected::AsLoop => "as_loop",
             Rejected::OriginatorIsUs => "originator_is_us",
+            Rejected::ClusterListLoop => "cluster_list_loop",
         }
     }
 
     /// A loop: expected where routes come back around (a ToR that sends every node's routes to
     /// every node, a route reflector), so logged as information, not as a warning.
     pub fn is_loop(self) -> bool {
-        matches!(self, Rejected::AsLoop | Rejected::OriginatorIsUs)
+        matches!(
+            self,
+            Rejected::AsLoop | Rejected::OriginatorIsUs | Rejected::ClusterListLoop
+        )
     }
 }
 
@@ -72,6 +89,7 @@ impl std::fmt::Display for Rejected {
             Rejected::NextHopUnusable => "next hop unusable (link-local or unspecified)",
             Rejected::AsLoop => "our AS in the AS path (a loop)",
             Rejected::OriginatorIsUs => "our own route reflected back (ORIGINATOR_ID is us)",
+            Rejected::ClusterListLoop => "our cluster ID in the CLUSTER_LIST (a reflection loop)",
         })
     }
 }
@@ -195,6 +213,54 @@ impl Exports {
     }
 }
 
+/// A learned route a route reflector passes on (the best one to its prefix, learned over iBGP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reflected {
+    pub next_hop: IpAddr,
+    /// The peer it was learned from: never sent back there.
+    pub peer: IpAddr,
+    /// That peer is a route-reflector client of ours.
+    pub from_client: bool,
+    pub local_pref: u32,
+    pub attrs: PathAttrs,
+}
+
+/// What a reflector reflects, per prefix.
+pub type ReflectedRoutes = BTreeMap<IpNetwork, Arc<Reflected>>;
+
+/// One route of an Adj-RIB-Out: one of our exports (next hop), or a reflected route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Advert {
+    Own(IpAddr),
+    Reflected(Arc<Reflected>),
+}
+
+impl Advert {
+    pub fn next_hop(&self) -> IpAddr {
+        match self {
+            Advert::Own(nh) => *nh,
+            Advert::Reflected(r) => r.next_hop,
+        }
+    }
+}
+
+/// The peer a reflected route may go to, as [`reflect_to`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ReflectTarget {
+    pub addr: IpAddr,
+    /// Its BGP identifier.
+    pub router_id: Ipv4Addr,
+    pub ebgp: bool,
+    pub rr_client: bool,
+}
+
+/// RFC 4456 §6: whether a reflector passes `r` on to `to`. From a client: to every other iBGP
+/// peer; from a non-client: to the clients only; never to the peer it came from, nor to its
+/// originator (who would drop it), never to an eBGP peer.
+pub fn reflect_to(r: &Reflected, to: &ReflectTarget) -> bool {
+    !to.ebgp && r.peer != to.addr && r.attrs.originator_id != to.router_id && (r.from_client || to.rr_client)
+}
+
 /// Prefixes per UPDATE, so that one stays well under 4096 bytes (5 bytes per IPv4 prefix,
 /// 17 per IPv6 one, plus at most about 100 bytes of attributes).
 const V4_PER_UPDATE: usize = 700;
@@ -206,6 +272,43 @@ pub fn updates(
     withdraw: &[IpNetwork],
     local_asn: u32,
     session: &Negotiated,
+) -> Vec<Update> {
+    let adverts: BTreeMap<IpNetwork, Advert> = announce.iter().map(|(p, nh)| (*p, Advert::Own(*nh))).collect();
+    updates_for(&adverts, withdraw, local_asn, session, None)
+}
+
+/// The attributes (but the next hop) of a reflected route: as learned, ORIGINATOR_ID set,
+/// `cluster_id` prepended to CLUSTER_LIST (RFC 4456 §8).
+fn reflected_attrs(r: &Reflected, cluster_id: Option<Ipv4Addr>, session: &Negotiated) -> Vec<Attr> {
+    let a = &r.attrs;
+    let mut attrs = vec![Attr::Origin(a.origin), Attr::AsPath(a.as_path.clone())];
+    let wide = a
+        .as_path
+        .0
+        .iter()
+        .any(|s| s.asns.iter().any(|x| *x > u32::from(u16::MAX)));
+    if !session.four_octet_as && wide {
+        attrs.push(Attr::As4Path(a.as_path.clone()));
+    }
+    if let Some(med) = a.med {
+        attrs.push(Attr::Med(med));
+    }
+    attrs.push(Attr::LocalPref(r.local_pref));
+    attrs.push(Attr::OriginatorId(a.originator_id));
+    let mut list: Vec<u32> = cluster_id.map(u32::from).into_iter().collect();
+    list.extend(&a.cluster_list);
+    attrs.push(Attr::ClusterList(list));
+    attrs
+}
+
+/// The UPDATEs that withdraw `withdraw` and announce `announce` to a peer; reflected routes
+/// get `cluster_id` in their CLUSTER_LIST.
+pub fn updates_for(
+    announce: &BTreeMap<IpNetwork, Advert>,
+    withdraw: &[IpNetwork],
+    local_asn: u32,
+    session: &Negotiated,
+    cluster_id: Option<Ipv4Addr>,
 ) -> Vec<Update> {
     let mut out = Vec::new();
     let (w4, w6): (Vec<IpNetwork>, Vec<IpNetwork>) = withdraw.iter().partition(|p| p.is_ipv4());
@@ -239,15 +342,39 @@ pub fn updates(
         common.push(Attr::AsPath(AsPath::default()));
         common.push(Attr::LocalPref(100));
     }
-    let mut groups: BTreeMap<(Family, IpAddr), Vec<IpNetwork>> = BTreeMap::new();
-    for (p, nh) in announce {
-        groups.entry((Family::of(p), *nh)).or_default().push(*p);
+    let common = Arc::new(common);
+    // Prefixes with the same family, next hop and attributes go together. Per next hop, the
+    // attribute sets are searched linearly: a next hop is one node's, with one set, mostly.
+    type Groups = BTreeMap<(Family, IpAddr), Vec<(Arc<Vec<Attr>>, Vec<IpNetwork>)>>;
+    let mut groups: Groups = BTreeMap::new();
+    let mut last_reflected: Option<(&Arc<Reflected>, Arc<Vec<Attr>>)> = None;
+    for (p, advert) in announce {
+        let attrs = match advert {
+            Advert::Own(_) => Arc::clone(&common),
+            Advert::Reflected(r) => match &last_reflected {
+                Some((prev, a)) if Arc::ptr_eq(prev, r) => Arc::clone(a),
+                _ => {
+                    let a = Arc::new(reflected_attrs(r, cluster_id, session));
+                    last_reflected = Some((r, Arc::clone(&a)));
+                    a
+                }
+            },
+        };
+        let sets = groups.entry((Family::of(p), advert.next_hop())).or_default();
+        match sets.iter_mut().find(|(a, _)| *a == attrs) {
+            Some((_, v)) => v.push(*p),
+            None => sets.push((attrs, vec![*p])),
+        }
     }
-    for ((family, nh), prefixes) in groups {
+    let groups = groups.into_iter().flat_map(|((family, nh), sets)| {
+        sets.into_iter()
+            .map(move |(attrs, prefixes)| ((family, nh, attrs), prefixes))
+    });
+    for ((family, nh, attrs), prefixes) in groups {
         match (family, nh) {
             (Family::Ipv4Unicast, IpAddr::V4(nh)) => {
                 for chunk in prefixes.chunks(V4_PER_UPDATE) {
-                    let mut attrs = common.clone();
+                    let mut attrs = Vec::clone(&attrs);
                     attrs.push(Attr::NextHop(nh));
                     out.push(Update {
                         attrs,
@@ -265,7 +392,7 @@ pub fn updates(
                     IpAddr::V4(a) => a.to_ipv6_mapped(),
                 };
                 for chunk in prefixes.chunks(V6_PER_UPDATE) {
-                    let mut attrs = common.clone();
+                    let mut attrs = Vec::clone(&attrs);
                     attrs.push(Attr::MpReach(MpReach {
                         family,
                         next_hop: IpAddr::V6(next_hop),
@@ -285,7 +412,7 @@ pub fn updates(
 
 #[cfg(test)]
 mod tests {
-    use super::super::wire::{decode_update, Message, HEADER_LEN, MAX_MESSAGE_LEN};
+    use super::super::wire::{attr, decode_update, Message, HEADER_LEN, MAX_MESSAGE_LEN};
     use super::*;
 
     fn net(s: &str) -> IpNetwork {
@@ -396,5 +523,90 @@ mod tests {
             }
             assert_eq!((announced, withdrawn), (4000, 4000));
         }
+    }
+
+    fn reflected(peer: &str, from_client: bool, originator: &str) -> Reflected {
+        Reflected {
+            next_hop: ip(originator),
+            peer: ip(peer),
+            from_client,
+            local_pref: 150,
+            attrs: PathAttrs {
+                origin: 0,
+                as_path: AsPath::default(),
+                med: Some(7),
+                originator_id: originator.parse().unwrap(),
+                cluster_list: vec![0x0200_0002],
+            },
+        }
+    }
+
+    fn target(addr: &str, ebgp: bool, rr_client: bool) -> ReflectTarget {
+        ReflectTarget {
+            addr: ip(addr),
+            router_id: addr.parse().unwrap(),
+            ebgp,
+            rr_client,
+        }
+    }
+
+    /// RFC 4456 §6: client routes to every other iBGP peer, non-client routes to clients
+    /// only; never back to where it came from or to its originator, never to eBGP peers.
+    #[test]
+    fn reflection_rules() {
+        let from_client = reflected("10.0.0.3", true, "10.0.0.3");
+        let from_non_client = reflected("10.0.0.2", false, "10.0.0.2");
+        let client = target("10.0.0.4", false, true);
+        let non_client = target("10.0.0.5", false, false);
+        let external = target("10.0.0.6", true, true);
+        assert!(reflect_to(&from_client, &client));
+        assert!(reflect_to(&from_client, &non_client));
+        assert!(!reflect_to(&from_client, &external));
+        assert!(
+            !reflect_to(&from_client, &target("10.0.0.3", false, true)),
+            "back to its peer"
+        );
+        assert!(reflect_to(&from_non_client, &client));
+        assert!(!reflect_to(&from_non_client, &non_client));
+        assert!(!reflect_to(&from_non_client, &external));
+        // Learned from another reflector, originated by a client: not back to the originator.
+        let via_rr = reflected("10.0.0.2", false, "10.0.0.4");
+        assert!(!reflect_to(&via_rr, &client));
+        assert!(reflect_to(&via_rr, &target("10.0.0.7", false, true)));
+    }
+
+    #[test]
+    fn reflected_routes_keep_their_attributes_and_get_originator_and_cluster_list() {
+        let cluster: std::net::Ipv4Addr = "1.0.0.1".parse().unwrap();
+        let r = Arc::new(reflected("10.0.0.3", true, "10.0.0.3"));
+        let mut announce = BTreeMap::new();
+        announce.insert(net("10.244.3.0/24"), Advert::Reflected(Arc::clone(&r)));
+        announce.insert(net("10.244.33.0/24"), Advert::Reflected(r));
+        announce.insert(net("10.244.1.0/24"), Advert::Own(ip("10.0.0.1")));
+        let s = session(false, true);
+        let ups = updates_for(&announce, &[], 64512, &s, Some(cluster));
+        assert_eq!(ups.len(), 2, "one UPDATE per attribute set: {ups:#?}");
+        let own = ups.iter().find(|u| u.nlri == [net("10.244.1.0/24")]).unwrap();
+        assert!(own.get(attr::ORIGINATOR_ID).is_none() && own.get(attr::CLUSTER_LIST).is_none());
+        let refl = ups.iter().find(|u| u.nlri.len() == 2).unwrap();
+        assert_eq!(refl.nlri, [net("10.244.3.0/24"), net("10.244.33.0/24")]);
+        let bytes = Message::Update(refl.clone()).encode(true);
+        let d = decode_update(&bytes[HEADER_LEN..], true).unwrap();
+        assert_eq!(
+            d.get(attr::NEXT_HOP),
+            Some(&Attr::NextHop("10.0.0.3".parse().unwrap())),
+            "next hop unchanged"
+        );
+        assert_eq!(d.get(attr::LOCAL_PREF), Some(&Attr::LocalPref(150)));
+        assert_eq!(d.get(attr::MED), Some(&Attr::Med(7)));
+        assert_eq!(
+            d.get(attr::ORIGINATOR_ID),
+            Some(&Attr::OriginatorId("10.0.0.3".parse().unwrap()))
+        );
+        assert_eq!(
+            d.get(attr::CLUSTER_LIST),
+            Some(&Attr::ClusterList(vec![u32::from(cluster), 0x0200_0002])),
+            "our cluster ID first"
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! stale for graceful restart, and the best route per prefix that the rest of the daemon sees.
 //!
 //! Best route, in order: a fresh route over a stale one; the higher LOCAL_PREF; the shorter
-//! AS_PATH; eBGP over iBGP; the lower peer address (so that every run picks the same one).
+//! AS_PATH; eBGP over iBGP; the shorter CLUSTER_LIST (RFC 4456 §9); the lower peer address (so
+//! that every run picks the same one).
 //! Except that the route in use stays in use when its peer restarts (RFC 4724 §4.2: the
 //! receiving speaker retains the forwarding state): stale, until the peer announces it again
 //! (then the usual order decides), withdraws it, or its stale routes go (End-of-RIB without
@@ -11,12 +12,12 @@
 //! Prefixes this node exports itself are never in the result: a peer cannot take over this
 //! node's own pod CIDR.
 
-use super::wire::Family;
+use super::wire::{AsPath, Family};
 use super::LearnedRoute;
 use ipnetwork::IpNetwork;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use tokio::time::Instant;
 
 /// A route as a peer gave it, after import policy.
@@ -26,6 +27,32 @@ pub struct Path {
     pub local_pref: u32,
     pub as_path_len: u32,
     pub ebgp: bool,
+    /// What a route reflector passes on unchanged (RFC 4456 §8).
+    pub attrs: PathAttrs,
+}
+
+/// The attributes of a learned route that only reflection needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathAttrs {
+    pub origin: u8,
+    pub as_path: AsPath,
+    pub med: Option<u32>,
+    /// The route's ORIGINATOR_ID, or the identifier of the peer it came from when it had none
+    /// (what a reflector sets, RFC 4456 §8).
+    pub originator_id: Ipv4Addr,
+    pub cluster_list: Vec<u32>,
+}
+
+impl Default for PathAttrs {
+    fn default() -> PathAttrs {
+        PathAttrs {
+            origin: 0,
+            as_path: AsPath::default(),
+            med: None,
+            originator_id: Ipv4Addr::UNSPECIFIED,
+            cluster_list: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -47,7 +74,11 @@ pub struct Rib {
     peers: HashMap<IpAddr, PeerState>,
     own: BTreeSet<IpNetwork>,
     best: BTreeMap<IpNetwork, LearnedRoute>,
+    /// The path of each best route (a reflector passes it on).
+    best_paths: BTreeMap<IpNetwork, Path>,
     changed: bool,
+    /// A best route's path changed (its attributes, not only next hop or peer).
+    paths_changed: bool,
 }
 
 impl Rib {
@@ -163,9 +194,19 @@ impl Rib {
         &self.best
     }
 
+    /// The path of the best route to each prefix.
+    pub fn best_paths(&self) -> &BTreeMap<IpNetwork, Path> {
+        &self.best_paths
+    }
+
     /// Whether the best routes changed since the last call.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
+    }
+
+    /// Whether the best routes or their paths' attributes changed since the last call.
+    pub fn take_paths_changed(&mut self) -> bool {
+        std::mem::take(&mut self.paths_changed)
     }
 
     fn drop_stale(&mut self, peer: IpAddr, family: Family) {
@@ -204,23 +245,42 @@ impl Rib {
                 kept.or_else(|| {
                     paths.iter().max_by_key(|(peer, e)| {
                         let p = &e.path;
-                        (!e.stale, p.local_pref, Reverse(p.as_path_len), p.ebgp, Reverse(**peer))
+                        (
+                            !e.stale,
+                            p.local_pref,
+                            Reverse(p.as_path_len),
+                            p.ebgp,
+                            Reverse(p.attrs.cluster_list.len()),
+                            Reverse(**peer),
+                        )
                     })
                 })
-                .map(|(peer, e)| LearnedRoute {
-                    prefix,
-                    next_hop: e.path.next_hop,
-                    peer: *peer,
-                    stale: e.stale,
+                .map(|(peer, e)| {
+                    let r = LearnedRoute {
+                        prefix,
+                        next_hop: e.path.next_hop,
+                        peer: *peer,
+                        stale: e.stale,
+                    };
+                    (r, e.path.clone())
                 })
             })
         };
+        let (best, path) = best.unzip();
         let old = match &best {
             Some(r) => self.best.insert(prefix, r.clone()),
             None => self.best.remove(&prefix),
         };
         if old != best {
             self.changed = true;
+            self.paths_changed = true;
+        }
+        let old_path = match &path {
+            Some(p) => self.best_paths.insert(prefix, p.clone()),
+            None => self.best_paths.remove(&prefix),
+        };
+        if old_path != path {
+            self.paths_changed = true;
         }
     }
 }
@@ -242,6 +302,7 @@ mod tests {
             local_pref,
             as_path_len,
             ebgp: false,
+            attrs: PathAttrs::default(),
         }
     }
 
@@ -374,5 +435,27 @@ mod tests {
         rib.peer_down(a, &[Family::Ipv4Unicast], t0 + Duration::from_secs(120));
         rib.expire(t0 + Duration::from_secs(120));
         assert_eq!(rib.best()[&p].peer, b);
+    }
+
+    /// RFC 4456 §9: the shorter CLUSTER_LIST wins a tie; a change of attributes alone (same
+    /// next hop, same peer) is a change of the paths a reflector passes on.
+    #[test]
+    fn shorter_cluster_list_wins_and_attribute_changes_are_seen() {
+        let p = net("10.244.3.0/24");
+        let mut rib = Rib::default();
+        let mut long = path("10.0.0.3", 100, 0);
+        long.attrs.cluster_list = vec![1, 2];
+        let mut short = path("10.0.0.3", 100, 0);
+        short.attrs.cluster_list = vec![1];
+        rib.announce(ip("10.0.0.1"), p, long.clone());
+        rib.announce(ip("10.0.0.2"), p, short.clone());
+        assert_eq!(rib.best()[&p].peer, ip("10.0.0.2"));
+        assert!(rib.take_changed() && rib.take_paths_changed());
+        let mut again = short.clone();
+        again.attrs.originator_id = "10.0.0.3".parse().unwrap();
+        rib.announce(ip("10.0.0.2"), p, again.clone());
+        assert!(!rib.take_changed(), "the route is the same");
+        assert!(rib.take_paths_changed(), "its attributes are not");
+        assert_eq!(rib.best_paths()[&p], again);
     }
 }

@@ -79,14 +79,20 @@ pub fn annotations(me: &NodeInfo) -> BTreeMap<String, String> {
         ),
         BackendData::HostGw => ("host-gw", "null".to_string()),
         BackendData::Ipip => ("ipip", "null".to_string()),
-        BackendData::Bgp { asn, vtep_mac } => (
-            "bgp",
-            match vtep_mac {
-                Some(mac) => serde_json::json!({"ASNumber": asn, "VtepMAC": mac.0.to_string()}),
-                None => serde_json::json!({"ASNumber": asn}),
+        BackendData::Bgp {
+            asn,
+            vtep_mac,
+            rr_cluster_id,
+        } => {
+            let mut d = serde_json::json!({"ASNumber": asn});
+            if let Some(mac) = vtep_mac {
+                d["VtepMAC"] = mac.0.to_string().into();
             }
-            .to_string(),
-        ),
+            if let Some(id) = rr_cluster_id {
+                d["RouteReflectorClusterID"] = id.to_string().into();
+            }
+            ("bgp", d.to_string())
+        }
     };
     a.insert(BACKEND_TYPE.into(), ty.into());
     a.insert(BACKEND_DATA.into(), data);
@@ -134,6 +140,8 @@ pub fn lease_from_node(node: &Node) -> Result<Lease, Skip> {
                 asn: u32,
                 #[serde(rename = "VtepMAC")]
                 vtep_mac: Option<String>,
+                #[serde(rename = "RouteReflectorClusterID", default)]
+                rr_cluster_id: Option<std::net::Ipv4Addr>,
             }
             let raw = ann
                 .get(BACKEND_DATA)
@@ -147,7 +155,11 @@ pub fn lease_from_node(node: &Node) -> Result<Lease, Skip> {
                         .map_err(|e| Skip::Invalid(format!("VtepMAC {m}: {e}")))
                 })
                 .transpose()?;
-            BackendData::Bgp { asn: d.asn, vtep_mac }
+            BackendData::Bgp {
+                asn: d.asn,
+                vtep_mac,
+                rr_cluster_id: d.rr_cluster_id,
+            }
         }
         Some("vxlan") => {
             #[derive(serde::Deserialize)]

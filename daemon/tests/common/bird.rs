@@ -151,6 +151,7 @@ pub fn bird_peer() -> PeerConfig {
     PeerConfig {
         addr: BIRD_V4.parse().unwrap(),
         asn: ASN,
+        rr_client: false,
     }
 }
 
@@ -158,6 +159,7 @@ pub fn node_peer(i: usize) -> PeerConfig {
     PeerConfig {
         addr: node_v4(i),
         asn: ASN,
+        rr_client: false,
     }
 }
 

@@ -292,4 +292,61 @@ fn update_errors() {
         e(body(&with(&[&ok, &bad]), &NLRI)),
         Notification::new(3, 9, bad.to_vec())
     );
+
+    // Route reflection (RFC 4456, RFC 7606 §7.9-7.10): ORIGINATOR_ID of 4 bytes, CLUSTER_LIST
+    // a multiple of 4; both optional non-transitive.
+    let good = [0x80, 9, 4, 192, 168, 77, 12, 0x80, 10, 8, 1, 0, 0, 1, 1, 0, 0, 2];
+    let u = decode_update(&body(&with(&[&ok, &good]), &NLRI), true).unwrap();
+    assert_eq!(
+        u.get(attr::ORIGINATOR_ID),
+        Some(&Attr::OriginatorId("192.168.77.12".parse().unwrap()))
+    );
+    assert_eq!(
+        u.get(attr::CLUSTER_LIST),
+        Some(&Attr::ClusterList(vec![0x0100_0001, 0x0100_0002]))
+    );
+    let bad = [0x80, 9, 3, 192, 168, 77];
+    assert_eq!(
+        e(body(&with(&[&ok, &bad]), &NLRI)),
+        Notification::new(3, 5, bad.to_vec())
+    );
+    let bad = [0x80, 10, 6, 1, 0, 0, 1, 1, 0];
+    assert_eq!(
+        e(body(&with(&[&ok, &bad]), &NLRI)),
+        Notification::new(3, 5, bad.to_vec())
+    );
+    let bad = [0xc0, 9, 4, 192, 168, 77, 12];
+    assert_eq!(
+        e(body(&with(&[&ok, &bad]), &NLRI)),
+        Notification::new(3, 4, bad.to_vec())
+    );
+    let bad = [0x40, 10, 4, 1, 0, 0, 1];
+    assert_eq!(
+        e(body(&with(&[&ok, &bad]), &NLRI)),
+        Notification::new(3, 4, bad.to_vec())
+    );
+}
+
+#[test]
+fn reflection_attributes_round_trip() {
+    let u = Update {
+        attrs: vec![
+            Attr::Origin(0),
+            Attr::AsPath(AsPath::default()),
+            Attr::NextHop("192.168.77.13".parse().unwrap()),
+            Attr::LocalPref(100),
+            Attr::OriginatorId("192.168.77.13".parse().unwrap()),
+            Attr::ClusterList(vec![0x0100_0001]),
+        ],
+        nlri: vec![net("10.244.3.0/24")],
+        ..Default::default()
+    };
+    round_trip(Message::Update(u.clone()), true);
+    round_trip(Message::Update(u), false);
+    // An empty CLUSTER_LIST is well-formed.
+    let empty = Update {
+        attrs: vec![Attr::ClusterList(vec![])],
+        ..Default::default()
+    };
+    round_trip(Message::Update(empty), true);
 }
