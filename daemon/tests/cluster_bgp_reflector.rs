@@ -1,12 +1,12 @@
 //! Route reflection end to end: six real `trellisd` processes in BGP mode without the mesh,
 //! two of them route reflectors (`--bgp-route-reflector-cluster-id`, one cluster ID), the four
 //! others their clients, pods wired by the real plugins, traffic over the reflected routes; one
-//! reflector's daemon killed.
+//! reflector's daemon killed. Dual stack: IPv4 and IPv6 pod CIDRs, each with its next hop.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use trellis_tests::cluster::{wait_until, Cluster, Options, UNDERLAY};
+use trellis_tests::cluster::{wait_until, Cluster, Options, Stack, UNDERLAY, UNDERLAY6};
 
 const NODES: usize = 6;
 /// Node indexes (0-based) of the reflectors.
@@ -55,13 +55,17 @@ fn route_via_node(c: &Cluster, i: usize, j: usize) -> bool {
 #[test]
 fn bgp_two_reflector_nodes_four_clients_one_reflector_killed() {
     let backend = r#"{"Type": "bgp", "ASNumber": 64512, "Mesh": false, "HoldTime": 9, "GracefulRestartSeconds": 60}"#;
-    let net_conf = format!(r#"{{"Network": "10.244.0.0/16", "Backend": {backend}}}"#);
+    let net_conf = format!(
+        r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56", "Backend": {backend}}}"#
+    );
     let node_args: BTreeMap<usize, Vec<String>> = REFLECTORS
         .iter()
         .map(|i| (*i, vec!["--bgp-route-reflector-cluster-id".into(), "1.0.0.1".into()]))
         .collect();
+    // Dual stack: the reflectors pass on each node's IPv6 CIDR with its IPv6 next hop too.
     let options = Options {
         node_args,
+        underlay: Stack::DualStack,
         ..Options::default()
     };
     let mut c = Cluster::with_options(
@@ -85,8 +89,11 @@ fn bgp_two_reflector_nodes_four_clients_one_reflector_killed() {
     for i in 0..NODES {
         let routes = c.nodes[i].ns.exec_ok(&["ip", "route", "show", "proto", "117"]);
         assert_eq!(routes.lines().count(), NODES - 1, "node{}: {routes}", i + 1);
+        let routes6 = c.nodes[i].ns.exec_ok(&["ip", "-6", "route", "show", "proto", "117"]);
+        assert_eq!(routes6.lines().count(), NODES - 1, "node{}: {routes6}", i + 1);
         for j in (0..NODES).filter(|j| *j != i) {
             assert!(route_via_node(&c, i, j), "node{} to node{}: {routes}", i + 1, j + 1);
+            assert!(routes6.contains(&format!("via {UNDERLAY6}{} ", 11 + j)), "{routes6}");
         }
     }
     // The reflectors share a cluster ID: what one reflects to the other comes back as a loop.
