@@ -83,6 +83,45 @@ impl Conn {
         first
     }
 
+    /// Room for a batch of `bytes` in one send, and for its `messages` acknowledgements, which
+    /// the kernel queues before `send` returns (as nft(8) does: a batch larger than the send
+    /// buffer is refused with EMSGSIZE, acknowledgements beyond the receive buffer are lost).
+    /// The `FORCE` options pass `net.core.[rw]mem_max` with CAP_NET_ADMIN; without it the
+    /// plain ones get what the limits allow.
+    fn fit_buffers(&self, bytes: usize, messages: usize) {
+        use std::os::fd::AsRawFd;
+        let fd = self.sock.as_raw_fd();
+        let want = [
+            (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, bytes + 4096),
+            // An acknowledgement's share of the receive buffer, with its socket buffer.
+            (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE, messages * 1024),
+        ];
+        for (get, force, size) in want {
+            let mut have: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt/setsockopt on our own socket with a c_int of the right size.
+            unsafe {
+                if libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    get,
+                    (&mut have as *mut libc::c_int).cast(),
+                    &mut len,
+                ) != 0
+                    || have as usize >= size
+                {
+                    continue;
+                }
+                let v = size.min(i32::MAX as usize) as libc::c_int;
+                let p = (&v as *const libc::c_int).cast();
+                let l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                if libc::setsockopt(fd, libc::SOL_SOCKET, force, p, l) != 0 {
+                    libc::setsockopt(fd, libc::SOL_SOCKET, get, p, l);
+                }
+            }
+        }
+    }
+
     fn send(&self, buf: &[u8], context: &str) -> Result<(), NftError> {
         let sent = self.sock.send(buf, 0).map_err(|e| NftError::socket(context, e))?;
         if sent != buf.len() {
@@ -122,6 +161,7 @@ impl Conn {
             contexts.push(context);
         }
         out.extend_from_slice(&Msg::batch_delimiter(NFNL_MSG_BATCH_END).finish(end));
+        self.fit_buffers(out.len(), n);
         self.send(&out, "sending nftables batch")?;
 
         let mut acked = vec![false; n];

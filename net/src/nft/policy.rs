@@ -132,6 +132,10 @@ const NF_BR_LOCAL_OUT: u32 = 3;
 /// Bump when the base chains' rules change.
 const VERSION: &str = "v1";
 const INGRESS_MAP: &str = "ingress";
+/// Elements per NEWSETELEM/DELSETELEM: their list is one netlink attribute, whose length is 16
+/// bits, so a message must stay under 64 KiB (a map element with its chain name is about 100
+/// bytes).
+const ELEMS_PER_MESSAGE: usize = 256;
 const EGRESS_MAP: &str = "egress";
 
 fn family_suffix(fam: Family) -> &'static str {
@@ -365,10 +369,12 @@ impl PolicyTable {
                             (fam.key(b.key), flags)
                         })
                         .collect();
-                    batch.push(
-                        elems_msg(&t, MsgType::NewSetElem, &set, &elems),
-                        format!("adding {} element(s) to set {d} {set}", elems.len()),
-                    );
+                    for chunk in elems.chunks(ELEMS_PER_MESSAGE) {
+                        batch.push(
+                            elems_msg(&t, MsgType::NewSetElem, &set, chunk),
+                            format!("adding {} element(s) to set {d} {set}", chunk.len()),
+                        );
+                    }
                 }
             }
         }
@@ -398,10 +404,12 @@ impl PolicyTable {
                     })
                     .collect();
                 if !elems.is_empty() {
-                    batch.push(
-                        elems_msg(&t, MsgType::NewSetElem, &set, &elems),
-                        format!("adding {} element(s) to set {d} {set}", elems.len()),
-                    );
+                    for chunk in elems.chunks(ELEMS_PER_MESSAGE) {
+                        batch.push(
+                            elems_msg(&t, MsgType::NewSetElem, &set, chunk),
+                            format!("adding {} element(s) to set {d} {set}", chunk.len()),
+                        );
+                    }
                 }
             }
         }
@@ -440,17 +448,21 @@ impl PolicyTable {
                 .map(|(k, _)| (ifname_key(k), 0))
                 .collect();
             if !gone.is_empty() {
-                batch.push(
-                    elems_msg(&t, MsgType::DelSetElem, map, &gone),
-                    format!("deleting {} element(s) from map {d} {map}", gone.len()),
-                );
+                for chunk in gone.chunks(ELEMS_PER_MESSAGE) {
+                    batch.push(
+                        elems_msg(&t, MsgType::DelSetElem, map, chunk),
+                        format!("deleting {} element(s) from map {d} {map}", chunk.len()),
+                    );
+                }
             }
             let added: Vec<(&String, &String)> = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).collect();
             if !added.is_empty() {
-                batch.push(
-                    jump_elems(&t, map, &added),
-                    format!("adding {} element(s) to map {d} {map}", added.len()),
-                );
+                for chunk in added.chunks(ELEMS_PER_MESSAGE) {
+                    batch.push(
+                        jump_elems(&t, map, chunk),
+                        format!("adding {} element(s) to map {d} {map}", chunk.len()),
+                    );
+                }
             }
         }
         for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
