@@ -540,3 +540,61 @@ async fn ten_thousand_prefixes_from_bird() {
         eprintln!("{}", lab.bird().log_text());
     }
 }
+
+/// Issue 13, per-peer metrics: BIRD announces three prefixes, one outside the cluster CIDRs; we
+/// advertise one. Then BIRD is killed (a flap), and the peer is removed (its series go).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_peer_metrics_follow_the_session() {
+    let mut lab = Lab::new(1);
+    let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
+    conf.statics = vec![
+        "10.244.100.0/24".into(),
+        "10.244.101.0/24".into(),
+        "172.16.5.0/24".into(),
+    ];
+    lab.start_bird(&conf);
+    let exports = vec!["10.244.1.0/24".parse().unwrap()];
+    let (s, mut rx) = lab
+        .speaker_exporting(lab.config(1), exports, 1, vec![bird_peer()])
+        .await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    wait_routes(&mut rx, T, "BIRD's two cluster prefixes", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4) && has(r, "10.244.101.0/24", BIRD_V4)
+    })
+    .await;
+    let m = lab.metrics(1).clone();
+    wait_peer_metrics(&m, BIRD_V4, T, "the established session's figures", |get| {
+        get("state") == Some(6.0)
+            && get("established") == Some(1.0)
+            && get("prefixes_received") == Some(3.0)
+            && get("prefixes_accepted") == Some(2.0)
+            && get("prefixes_advertised") == Some(1.0)
+            && get("updates_received_total").is_some_and(|n| n >= 1.0)
+            && get("updates_sent_total").is_some_and(|n| n >= 1.0)
+            && get("flaps_total") == Some(0.0)
+    })
+    .await;
+    let text = m.render();
+    let line = format!("trellisd_bgp_peer_state{{peer=\"{BIRD_V4}\",asn=\"{ASN}\"}} 6");
+    assert!(text.contains(&line), "{line} in\n{text}");
+
+    // BIRD killed: the session goes down from Established, once.
+    lab.bird.as_mut().unwrap().stop(true);
+    wait_peer_metrics(&m, BIRD_V4, T, "the session down", |get| {
+        get("established") == Some(0.0)
+            && get("state").is_some_and(|s| s < 6.0)
+            && get("flaps_total") == Some(1.0)
+            && get("prefixes_received") == Some(0.0)
+            && get("prefixes_accepted") == Some(0.0)
+            && get("prefixes_advertised") == Some(0.0)
+    })
+    .await;
+
+    // De-configured: its series go.
+    s.set_peers(vec![]);
+    let t = Instant::now();
+    while m.render().contains(&format!("peer=\"{BIRD_V4}\"")) {
+        assert!(t.elapsed() < T, "the removed peer's series stay:\n{}", m.render());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

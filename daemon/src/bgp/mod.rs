@@ -617,6 +617,7 @@ impl Core {
             let _ = e.cmds.send(PeerCmd::Stop);
             self.set_md5(addr, false);
             self.rib.remove_peer(addr);
+            self.shared.metrics.remove_bgp_peer(addr, e.cfg.asn);
             tracing::info!(peer = %addr, "BGP peer removed");
         }
         for (addr, p) in want {
