@@ -140,6 +140,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             None => None,
         };
         let settings = (*as_number, *hold_time, *graceful_restart, waits);
+        // The peers' own passwords: read now (a file that cannot be used stops the start),
+        // handed to the speaker before its first peers (`node::KernelPlane`).
+        let passwords =
+            crate::passwords::PeerPasswords::load(crate::backend::bgp::password_files(&conf.backend), metrics.clone())?;
         let (speaker, rib, synced) =
             start_bgp(&plane.dataplane, &own, &underlay, &conf, (settings, password), &metrics).await?;
         tokio::spawn(node::forward_bgp_routes(rib, synced, tx.clone()));
@@ -149,6 +153,7 @@ pub async fn run(args: Args) -> Result<(), String> {
             node: node.clone(),
             underlay_ip: underlay.ip,
             current: None,
+            passwords,
         });
     }
     // Last: the CNI config tells the kubelet the node is ready for pods, so it is written once
@@ -207,21 +212,7 @@ async fn start_bgp(
 /// The BGP password from `--bgp-password-file`: the file's bytes, one trailing newline (`\n` or
 /// `\r\n`) dropped.
 fn read_password(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let mut p = std::fs::read(path).map_err(|e| format!("--bgp-password-file {}: {e}", path.display()))?;
-    if p.ends_with(b"\n") {
-        p.pop();
-        if p.ends_with(b"\r") {
-            p.pop();
-        }
-    }
-    if p.is_empty() || p.len() > 80 {
-        return Err(format!(
-            "--bgp-password-file {}: the password must have 1 to 80 bytes, not {}",
-            path.display(),
-            p.len()
-        ));
-    }
-    Ok(p)
+    crate::passwords::read(path).map_err(|(_, why)| format!("--bgp-password-file {why}"))
 }
 
 type Routes = tokio::sync::watch::Receiver<crate::bgp::Routes>;

@@ -598,3 +598,74 @@ async fn per_peer_metrics_follow_the_session() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Issue 13, per-peer TCP MD5 passwords (Calico's BGPPeer `password.secretKeyRef`): BIRD has a
+/// password per session. Node 1 uses its peer's password and establishes; node 2 first has a
+/// wrong one (no session), then the right one (re-keyed, it establishes), then both sides
+/// rotate to a new one and the session comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_peer_passwords_wrong_one_refused_rotation_reconnects() {
+    let mut lab = Lab::new(2);
+    let mut conf = bird_with_statics(ASN)
+        .neighbor(node_v4(1), ASN, false)
+        .neighbor(node_v4(2), ASN, false);
+    conf.neighbor_passwords.insert(node_v4(1), "alpha-X".into());
+    conf.neighbor_passwords.insert(node_v4(2), "bravo-Y".into());
+    lab.start_bird(&conf);
+    let bird_ip: std::net::IpAddr = BIRD_V4.parse().unwrap();
+    let password = |p: &str| std::collections::HashMap::from([(bird_ip, p.as_bytes().to_vec())]);
+
+    // Passwords before peers: the first connection is already signed.
+    let (s1, mut rx1) = lab.speaker_with(lab.config(1), 1, vec![]).await;
+    s1.set_passwords(password("alpha-X"));
+    s1.set_peers(vec![bird_peer()]);
+    let (s2, mut rx2) = lab.speaker_with(lab.config(2), 2, vec![]).await;
+    s2.set_passwords(password("not-bravo"));
+    s2.set_peers(vec![bird_peer()]);
+    wait_established(&s1, &[bird_ip], T).await;
+    wait_routes(&mut rx1, T, "BIRD's routes over node 1's session", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    // Several connection attempts each way (BIRD retries every 2 s, we every second or so).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(s2.established().is_empty());
+    assert!(rx2.borrow().is_empty());
+    assert_eq!(peer_metric(lab.metrics(2), "established", BIRD_V4), Some(0.0));
+    assert!(!lab.bird().routes().contains_key("10.244.2.0/24"));
+
+    // The right password: the listening socket is re-keyed and the peer reconnects.
+    s2.set_passwords(password("bravo-Y"));
+    wait_established(&s2, &[bird_ip], T).await;
+    wait_routes(&mut rx2, T, "BIRD's routes over node 2's session", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    lab.bird()
+        .wait_routes(T, "both nodes' routes", |r| {
+            bird_has(r, "10.244.1.0/24", "192.168.77.11") && bird_has(r, "10.244.2.0/24", "192.168.77.12")
+        })
+        .await;
+
+    // Rotation: BIRD's side first (it restarts its session to node 2, which stays down: the
+    // passwords differ), then ours.
+    let flaps = peer_metric(lab.metrics(2), "flaps_total", BIRD_V4).unwrap();
+    conf.neighbor_passwords.insert(node_v4(2), "charlie-Z".into());
+    lab.bird().reconfigure(&conf.render());
+    wait_peer_metrics(lab.metrics(2), BIRD_V4, T, "node 2's session down", |get| {
+        get("established") == Some(0.0) && get("flaps_total") == Some(flaps + 1.0)
+    })
+    .await;
+    s2.set_passwords(password("charlie-Z"));
+    wait_peer_metrics(lab.metrics(2), BIRD_V4, T, "node 2 back with the new password", |get| {
+        get("established") == Some(1.0)
+    })
+    .await;
+    wait_routes(&mut rx2, T, "BIRD's routes again", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    // Node 1's session was never touched.
+    assert_eq!(peer_metric(lab.metrics(1), "flaps_total", BIRD_V4), Some(0.0));
+    assert_eq!(s1.established(), [bird_ip]);
+}

@@ -118,6 +118,17 @@ pub fn peers(cfg: &BackendConfig, me: &str, own_ip: IpAddr, leases: &BTreeMap<St
     out.into_iter().map(|(addr, asn)| Peer { addr, asn }).collect()
 }
 
+/// The configured peers' own password files (`PasswordFile`), by address.
+pub fn password_files(cfg: &BackendConfig) -> BTreeMap<IpAddr, std::path::PathBuf> {
+    match cfg {
+        BackendConfig::Bgp { peers, .. } => peers
+            .iter()
+            .filter_map(|p| Some((p.ip, p.password_file.clone()?)))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
 /// What this node announces (`Speaker::set_exports`): its pod CIDRs that have a next hop of
 /// their family (the underlay address; an IPv6 CIDR over an IPv4 underlay has none and is left
 /// out), and the IPv4 and IPv6 next hops.
@@ -615,6 +626,7 @@ mod tests {
             peers: vec![BgpPeer {
                 ip: "192.168.0.1".parse().unwrap(),
                 as_number: 65000,
+                password_file: None,
             }],
             route_reflectors: vec!["192.168.0.2".parse().unwrap()],
             cross_subnet: CrossSubnet::Ipip,

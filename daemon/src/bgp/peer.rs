@@ -84,6 +84,9 @@ pub struct PeerTask {
     rng: u64,
     /// Rate-limits the warning that a session with TCP MD5 does not come up.
     md5_warning: Throttle,
+    /// The TCP MD5 key of our connections, and where it comes from (for the log).
+    md5: Option<Vec<u8>>,
+    md5_source: &'static str,
     /// This peer's series (`trellisd_bgp_peer_*`); detached once the peer is de-configured.
     metrics: BgpPeerMetrics,
     /// What the established session announced, before import policy: prefix → accepted.
@@ -103,6 +106,7 @@ impl PeerTask {
         let (events_tx, events) = mpsc::unbounded_channel();
         let seed = u64::from(u32::from(shared.cfg.router_id)) ^ generation.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
         let metrics = shared.metrics.bgp_peer(cfg.addr, cfg.asn);
+        let md5 = shared.cfg.md5_password.clone();
         PeerTask {
             shared,
             cfg,
@@ -124,7 +128,16 @@ impl PeerTask {
             metrics,
             adj_in: BTreeMap::new(),
             accepted: 0,
+            md5,
+            md5_source: "--bgp-password-file",
         }
+    }
+
+    /// The peer's own TCP MD5 key (`PasswordFile`; `None`: unsigned) instead of the speaker's.
+    pub fn with_md5(mut self, key: Option<Vec<u8>>) -> PeerTask {
+        self.md5 = key;
+        self.md5_source = "the peer's PasswordFile";
+        self
     }
 
     pub async fn run(mut self) {
@@ -238,11 +251,11 @@ impl PeerTask {
         let peer = SocketAddr::new(self.cfg.addr, shared.cfg.peer_port);
         let events = self.events_tx.clone();
         let timeout = shared.cfg.connect_retry.max(Duration::from_secs(2));
+        let md5 = self.md5.clone();
         tracing::debug!(%peer, "connecting");
         self.connecting = Some(AbortOnDrop(tokio::spawn(async move {
             let source = Some(shared.cfg.listen.ip());
-            let md5 = shared.cfg.md5_password.as_deref();
-            let r = io::connect(shared.netns.as_ref(), peer, source, md5, timeout).await;
+            let r = io::connect(shared.netns.as_ref(), peer, source, md5.as_deref(), timeout).await;
             let _ = events.send(Event::Connected(r));
         })));
     }
@@ -281,11 +294,12 @@ impl PeerTask {
                 tracing::debug!(peer = %self.cfg.addr, error = %e, "connection attempt failed");
                 // With TCP MD5 the kernel drops what a peer with another (or no) password sends,
                 // silently: our SYNs go unanswered, its own never reach us. Say so, rate-limited.
-                if self.shared.cfg.md5_password.is_some() {
+                if self.md5.is_some() {
                     if let Some(held_back) = self.md5_warning.allow(Instant::now()) {
                         tracing::warn!(
                             peer = %self.cfg.addr,
                             error = %e,
+                            password = self.md5_source,
                             held_back,
                             "BGP session not established, and TCP MD5 is configured: the kernel drops segments \
                              of a peer whose password differs (or that has none) without a word; check that \
