@@ -246,6 +246,35 @@ impl Bgp {
         }
     }
 
+    /// Whether a learned route's kernel objects depend on that route alone (and on this node's
+    /// lease and underlay), so that a change of a few learned routes can be applied without
+    /// working out the others again (the reconciler's incremental runs). Not with VXLAN
+    /// cross-subnet: its neighbours and FDB entries are per next hop, shared by routes, and come
+    /// from the other nodes' leases.
+    pub fn per_route(&self) -> bool {
+        !matches!(self.cross, CrossPath::Vxlan(_))
+    }
+
+    /// What installing the one learned route `prefix via next_hop` takes, as [`Bgp::desired`]
+    /// would add it; only where [`Bgp::per_route`].
+    pub fn desired_one(
+        &self,
+        prefix: IpNetwork,
+        next_hop: IpAddr,
+        own: Option<&Lease>,
+        underlay: &Underlay,
+        out: &mut Desired,
+        notices: &mut Notices,
+    ) {
+        let ctx = Context {
+            cross: &self.cross,
+            underlay,
+            own,
+            remotes: &[],
+        };
+        ctx.route(prefix, next_hop, out, notices);
+    }
+
     /// Adds what installing `learned` takes (two routes to one prefix: the last one wins);
     /// `false` (nothing computed) while there are none yet: the speaker has not synced.
     pub fn desired(
@@ -299,7 +328,8 @@ impl Context<'_> {
     /// Adds to `out` what installing `prefix via next_hop` takes, or notes why it is not
     /// installed (keyed by prefix: logged once per prefix and reason).
     pub fn route(&self, prefix: IpNetwork, next_hop: IpAddr, out: &mut Desired, notices: &mut Notices) {
-        let key = prefix.to_string();
+        // Formatted only for a notice: most routes have none.
+        let key = || prefix.to_string();
         let underlay = self.underlay;
         if self
             .own
@@ -311,7 +341,7 @@ impl Context<'_> {
             let msg = format!(
                 "bgp: learned route {prefix} via {next_hop}: the next hop is of the other family: not installed"
             );
-            return notices.note(&key, "family", msg);
+            return notices.note(&key(), "family", msg);
         }
         if underlay.on_link(next_hop) {
             let route = Route::new(prefix)
@@ -327,12 +357,12 @@ impl Context<'_> {
         );
         match self.cross {
             CrossPath::Refused => notices.note(
-                &key,
+                &key(),
                 "subnet",
                 format!("{off} and CrossSubnet is \"none\": not installed (the underlay routers must route pod CIDRs)"),
             ),
             CrossPath::Unavailable(why) => notices.note(
-                &key,
+                &key(),
                 "subnet",
                 format!("{off} and the cross-subnet tunnel is unavailable ({why}): not installed"),
             ),
@@ -342,7 +372,7 @@ impl Context<'_> {
                         .insert(prefix, ipip::tunnel_route(prefix, nh, tunnel.index()));
                 }
                 _ => notices.note(
-                    &key,
+                    &key(),
                     "subnet",
                     format!("{off} and IPIP carries IPv4 over IPv4 only: not installed"),
                 ),
