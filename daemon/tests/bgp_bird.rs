@@ -443,8 +443,21 @@ async fn our_graceful_restart_bird_keeps_our_routes() {
 
     // The daemon goes away (as on SIGTERM or a crash): the sessions close without a
     // NOTIFICATION.
+    // Waited for, not slept on: how soon BIRD reads the closed connection depends on the load.
     drop(s);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    loop {
+        let protocol = bird.birdc(&["show", "protocols", "all", "n0"]);
+        if protocol.contains("Neighbor graceful restart active") {
+            break;
+        }
+        assert!(
+            t.elapsed() < T,
+            "BIRD did not see our restart: {protocol}\n{}",
+            bird.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let during = bird.routes();
     assert!(
         bird_has(&during, "10.244.1.0/24", "192.168.77.11"),
