@@ -603,7 +603,7 @@ impl Dataplane {
             let old = l.programmed.remove(prefix);
             if let Some(id) = old.as_ref().and_then(|r| r.nexthop_id) {
                 if let Some(n) = l.users.get_mut(&id) {
-                    *n -= 1;
+                    *n = n.saturating_sub(1);
                 }
             }
             match (new, old) {
