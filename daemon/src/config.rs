@@ -10,7 +10,8 @@
 //! - `{"Type": "vxlan", "VNI": 1, "Port": 8472, "DirectRouting": false, "ChecksumOffload": "auto"}`
 //! - `{"Type": "host-gw"}`
 //! - `{"Type": "ipip"}`: IPv4 pods only (IPIP carries IPv4)
-//! - `{"Type": "bgp", "ASNumber": 64512, "Mesh": true, "Peers": [{"IP": "192.168.0.1", "ASNumber": 64513}],
+//! - `{"Type": "bgp", "ASNumber": 64512, "Mesh": true, "Peers": [{"IP": "192.168.0.1", "ASNumber": 64513,
+//!   "PasswordFile": "/etc/trellis/bgp/tor1"}],
 //!   "RouteReflectors": ["192.168.0.2"], "CrossSubnet": "ipip", "HoldTime": 90, "GracefulRestartSeconds": 120}`
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -91,6 +92,12 @@ pub struct BgpPeer {
     pub ip: IpAddr,
     #[serde(rename = "ASNumber")]
     pub as_number: u32,
+    /// A file holding the peer's own TCP MD5 password (a mounted Secret key, as Calico's
+    /// BGPPeer `password.secretKeyRef`); re-read on every resync (see `crate::passwords`).
+    /// Without one, the peer's sessions use `--bgp-password-file`'s, as the mesh and the route
+    /// reflectors do.
+    #[serde(rename = "PasswordFile", default)]
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 /// In BGP mode, how a route whose next hop is off this node's L2 subnet is installed (Calico's
@@ -413,7 +420,7 @@ mod tests {
         let c = NetConf::parse(
             r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56",
                 "Backend": {"Type": "bgp", "ASNumber": 65001, "Mesh": false,
-                "Peers": [{"IP": "192.168.0.1", "ASNumber": 65000}, {"IP": "fd00::1", "ASNumber": 65000}],
+                "Peers": [{"IP": "192.168.0.1", "ASNumber": 65000}, {"IP": "fd00::1", "ASNumber": 65000, "PasswordFile": "/etc/trellis/bgp/tor2"}],
                 "RouteReflectors": ["192.168.0.2"], "CrossSubnet": "none", "HoldTime": 0,
                 "GracefulRestartSeconds": 300}}"#,
         )
@@ -439,11 +446,13 @@ mod tests {
             &[
                 BgpPeer {
                     ip: "192.168.0.1".parse().unwrap(),
-                    as_number: 65000
+                    as_number: 65000,
+                    password_file: None,
                 },
                 BgpPeer {
                     ip: "fd00::1".parse().unwrap(),
-                    as_number: 65000
+                    as_number: 65000,
+                    password_file: Some("/etc/trellis/bgp/tor2".into()),
                 }
             ]
         );

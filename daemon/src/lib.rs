@@ -20,6 +20,7 @@ pub mod install;
 pub mod lease;
 pub mod metrics;
 pub mod node;
+pub mod passwords;
 pub mod policy;
 pub mod reconcile;
 pub mod start;

@@ -6,9 +6,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The `reason`s of `trellisd_bgp_password_errors_total`: the file cannot be read, or what it
+/// holds is no password (empty, or more than 80 bytes).
+pub const PASSWORD_PROBLEMS: [&str; 2] = ["unreadable", "invalid"];
 
 /// What a `/healthz` failure concerns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,12 +52,109 @@ struct Inner {
     leases_refused: ByReason,
     /// Routes the BGP import policy dropped, by why (`bgp::policy::Rejected::label`).
     bgp_routes_dropped: ByReason,
+    /// Per configured BGP peer (see [`BgpPeerMetrics`]).
+    bgp_peers: BgpPeerFamilies,
+    /// Per-peer BGP password files that could not be used on a re-read, by why.
+    bgp_password_errors: ByReason,
     ready: AtomicBool,
     /// What is wrong now, by what it concerns ([`Problem`]): `/healthz` fails while any is set.
     problems: Mutex<std::collections::BTreeMap<Problem, String>>,
 }
 
 type ByReason = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// The labels of a BGP peer's series: `peer` (its address) and `asn`.
+type PeerLabels = [(&'static str, String); 2];
+
+fn peer_labels(peer: IpAddr, asn: u32) -> PeerLabels {
+    [("peer", peer.to_string()), ("asn", asn.to_string())]
+}
+
+/// The families of the per-peer BGP series, registered once.
+struct BgpPeerFamilies {
+    state: Family<PeerLabels, Gauge>,
+    established: Family<PeerLabels, Gauge>,
+    prefixes_received: Family<PeerLabels, Gauge>,
+    prefixes_accepted: Family<PeerLabels, Gauge>,
+    prefixes_advertised: Family<PeerLabels, Gauge>,
+    updates_received: Family<PeerLabels, Counter>,
+    updates_sent: Family<PeerLabels, Counter>,
+    flaps: Family<PeerLabels, Counter>,
+}
+
+impl BgpPeerFamilies {
+    fn register(registry: &mut Registry) -> BgpPeerFamilies {
+        fn add<M: Default>(registry: &mut Registry, name: &str, help: &str) -> Family<PeerLabels, M>
+        where
+            Family<PeerLabels, M>: prometheus_client::registry::Metric + Clone,
+        {
+            let family = Family::<PeerLabels, M>::default();
+            registry.register(name, help, family.clone());
+            family
+        }
+        BgpPeerFamilies {
+            state: add(
+                registry,
+                "bgp_peer_state",
+                "BGP session state per configured peer, as BGP4-MIB bgpPeerState: 1 idle, 2 connect, 3 active, 4 opensent, 5 openconfirm, 6 established",
+            ),
+            established: add(
+                registry,
+                "bgp_peer_established",
+                "1 while the session with the configured BGP peer is established, else 0",
+            ),
+            prefixes_received: add(
+                registry,
+                "bgp_peer_prefixes_received",
+                "Prefixes the BGP peer announces on the current session, before import policy",
+            ),
+            prefixes_accepted: add(
+                registry,
+                "bgp_peer_prefixes_accepted",
+                "Prefixes of the BGP peer's current session that passed import policy",
+            ),
+            prefixes_advertised: add(
+                registry,
+                "bgp_peer_prefixes_advertised",
+                "Prefixes advertised to the BGP peer on the current session",
+            ),
+            updates_received: add(registry, "bgp_peer_updates_received", "BGP UPDATE messages received from the peer"),
+            updates_sent: add(registry, "bgp_peer_updates_sent", "BGP UPDATE messages sent to the peer"),
+            flaps: add(
+                registry,
+                "bgp_peer_flaps",
+                "Sessions with the BGP peer that went down from Established (not counting de-configuration or re-keying)",
+            ),
+        }
+    }
+
+    fn remove(&self, labels: &PeerLabels) {
+        self.state.remove(labels);
+        self.established.remove(labels);
+        self.prefixes_received.remove(labels);
+        self.prefixes_accepted.remove(labels);
+        self.prefixes_advertised.remove(labels);
+        self.updates_received.remove(labels);
+        self.updates_sent.remove(labels);
+        self.flaps.remove(labels);
+    }
+}
+
+/// One configured BGP peer's series (`trellisd_bgp_peer_*{peer, asn}`, README): the registered
+/// metrics themselves (shared), so that its task updates them without a lookup. Once the peer is
+/// removed ([`Metrics::remove_bgp_peer`]) they are no longer encoded; [`Default`] gives a set
+/// that never is.
+#[derive(Clone, Debug, Default)]
+pub struct BgpPeerMetrics {
+    pub state: Gauge,
+    pub established: Gauge,
+    pub prefixes_received: Gauge,
+    pub prefixes_accepted: Gauge,
+    pub prefixes_advertised: Gauge,
+    pub updates_received: Counter,
+    pub updates_sent: Counter,
+    pub flaps: Counter,
+}
 
 /// A counter per `reason`, registered as `name`; every reason shows from the start (at 0), so
 /// that an alert can be written on any.
@@ -133,6 +234,13 @@ impl Metrics {
             "Routes from BGP peers the import policy dropped (outside the cluster CIDRs, default route, next hop, AS loop)",
             crate::bgp::policy::Rejected::ALL.iter().map(|r| r.label()),
         );
+        let bgp_peers = BgpPeerFamilies::register(&mut registry);
+        let bgp_password_errors = by_reason(
+            &mut registry,
+            "bgp_password_errors",
+            "Re-reads of a BGP peer's PasswordFile that failed (the last password read stays in use)",
+            PASSWORD_PROBLEMS.iter().copied(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -147,6 +255,8 @@ impl Metrics {
                 datastore_credential_errors,
                 leases_refused,
                 bgp_routes_dropped,
+                bgp_peers,
+                bgp_password_errors,
                 ready: AtomicBool::new(false),
                 problems: Mutex::new(Default::default()),
             }),
@@ -194,6 +304,35 @@ impl Metrics {
         self.inner
             .bgp_routes_dropped
             .get_or_create(&[("reason", reason.label())])
+            .clone()
+    }
+
+    /// The series of BGP peer `peer` in AS `asn`, created at 0 if new.
+    pub fn bgp_peer(&self, peer: IpAddr, asn: u32) -> BgpPeerMetrics {
+        let l = peer_labels(peer, asn);
+        let f = &self.inner.bgp_peers;
+        BgpPeerMetrics {
+            state: f.state.get_or_create(&l).clone(),
+            established: f.established.get_or_create(&l).clone(),
+            prefixes_received: f.prefixes_received.get_or_create(&l).clone(),
+            prefixes_accepted: f.prefixes_accepted.get_or_create(&l).clone(),
+            prefixes_advertised: f.prefixes_advertised.get_or_create(&l).clone(),
+            updates_received: f.updates_received.get_or_create(&l).clone(),
+            updates_sent: f.updates_sent.get_or_create(&l).clone(),
+            flaps: f.flaps.get_or_create(&l).clone(),
+        }
+    }
+
+    /// The peer is no longer configured: its series go.
+    pub fn remove_bgp_peer(&self, peer: IpAddr, asn: u32) {
+        self.inner.bgp_peers.remove(&peer_labels(peer, asn));
+    }
+
+    /// A BGP peer's password file could not be used (`reason`: one of [`PASSWORD_PROBLEMS`]).
+    pub fn bgp_password_errors(&self, reason: &'static str) -> Counter {
+        self.inner
+            .bgp_password_errors
+            .get_or_create(&[("reason", reason)])
             .clone()
     }
 

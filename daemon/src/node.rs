@@ -344,6 +344,18 @@ pub struct BgpPeers {
     pub rr_cluster_id: Option<std::net::Ipv4Addr>,
     /// The peers last given to the speaker.
     pub current: Option<Vec<crate::backend::bgp::Peer>>,
+    /// The configured peers' own passwords, re-read on every peer-set change and resync.
+    pub passwords: crate::passwords::PeerPasswords,
+}
+
+impl BgpPeers {
+    /// Re-reads the peers' password files; the speaker learns of a change (and of them all the
+    /// first time, before its first peers).
+    fn refresh_passwords(&mut self) {
+        if self.passwords.refresh() {
+            self.speaker.set_passwords(self.passwords.current());
+        }
+    }
 }
 
 impl Plane for KernelPlane {
@@ -353,6 +365,9 @@ impl Plane for KernelPlane {
         routes: Option<&[BgpRoute]>,
         read_kernel: bool,
     ) -> Result<(), String> {
+        if let (true, Some(b)) = (read_kernel, &mut self.bgp) {
+            b.refresh_passwords();
+        }
         let sources = crate::reconcile::Sources {
             leases,
             learned: routes,
@@ -367,6 +382,7 @@ impl Plane for KernelPlane {
 
     fn leases_changed(&mut self, leases: &BTreeMap<String, Lease>) {
         let Some(b) = &mut self.bgp else { return };
+        b.refresh_passwords();
         let peers = crate::backend::bgp::peers(&b.backend, &b.node, b.underlay_ip, b.rr_cluster_id, leases);
         if b.current.as_ref() != Some(&peers) {
             b.speaker.set_peers(

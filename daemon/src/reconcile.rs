@@ -29,6 +29,17 @@
 //! change that concerns us since. [`Dataplane::resync`] always reads the kernel (main.rs: on
 //! kernel notifications and periodically), which also catches what the watch does not report.
 //!
+//! In BGP mode a change of a few learned routes among many does not even work out the others
+//! again: an *incremental run* (`Dataplane::incremental`) diffs the new learned routes against
+//! those of the last run (one pass over two sorted lists, no allocation per route), works out
+//! the kernel objects of the changed prefixes only, assigns their nexthop objects, and plans
+//! their routes against what the last run left (kept by destination). It is what a complete run
+//! would do for those prefixes — `dataplane_bgp.rs` checks that a resync finds nothing left to
+//! do after each change — and it only runs when nothing else can differ: no kernel read asked
+//! for, nothing of ours changed in the kernel since, no VXLAN cross-subnet (whose neighbours and
+//! FDB entries are shared per next hop and come from the leases), this node's lease unchanged,
+//! the routes sorted by prefix (the speaker's are). Otherwise the complete run goes.
+//!
 //! In BGP mode, while [`Sources::learned`] is `None` (the speaker has not synced) a run only
 //! makes the device be there and changes no route, neighbour or FDB entry: the desired state is not known yet, and the
 //! routes an earlier run installed keep the pods talking while the BGP sessions come up (see
@@ -118,7 +129,12 @@ pub struct Dataplane {
     nexthops: NexthopSupport,
     /// What the kernel holds of ours after the last run that changed everything it planned,
     /// with the device index it was made for; `None` when unknown (reads the kernel next time).
+    /// While `learned` is set, its routes are there instead.
     applied: Option<(Option<u32>, Actual)>,
+    /// BGP mode: the learned routes of the last complete run and what they were programmed as,
+    /// for incremental runs (see [`Learned`]).
+    learned: Option<Learned>,
+    incremental_runs: u64,
     interest: Arc<kernel_watch::Interest>,
     watcher: tokio::task::JoinHandle<()>,
     /// Wakes the reconciler when someone undoes the masquerade table.
@@ -217,6 +233,8 @@ impl Dataplane {
             notices: Notices::default(),
             nexthops,
             applied: None,
+            learned: None,
+            incremental_runs: 0,
             interest,
             watcher,
             table_watcher,
@@ -263,6 +281,8 @@ impl Dataplane {
             self.masquerade.add_source_prefix(*cidr)?;
         }
         tracing::info!(node = %own.node, cidrs = ?own.pod_cidrs, "this node's lease is in place");
+        // The learned routes overlapping it are not installed: all are looked at again.
+        self.forget_learned();
         self.own = Some(own);
         Ok(())
     }
@@ -426,6 +446,13 @@ impl Dataplane {
         self.backend.ensure(&self.nl, underlay, self.own.as_ref()).await?;
         let device = self.backend.device_index();
         self.interest.set_device(device);
+        if !read_kernel {
+            if let Some(result) = self.incremental(sources.learned, device).await {
+                return result;
+            }
+        }
+        self.forget_learned();
+        let underlay = &self.cfg.underlay;
 
         let (mut desired, mut notices) = (Desired::default(), Notices::default());
         let remotes: Vec<Lease> = sources
@@ -466,9 +493,163 @@ impl Dataplane {
         let plan = plan_routes(&desired, &routes, &actual);
         let result = self.apply(&plan, device).await;
         if result.is_ok() {
-            self.applied = Some((device, settled(&desired, routes, actual, &plan)));
+            let mut actual = settled(&desired, routes, actual, &plan);
+            if let Some(learned) = sources
+                .learned
+                .filter(|_| self.backend.bgp().is_some_and(|b| b.per_route()))
+            {
+                self.learned = Some(Learned::new(learned, &mut actual));
+            }
+            self.applied = Some((device, actual));
         }
         result
+    }
+
+    /// Runs that applied a change of the learned routes incrementally (for tests and benches).
+    pub fn incremental_runs(&self) -> u64 {
+        self.incremental_runs
+    }
+
+    /// Puts the routes of [`Dataplane::learned`] back into `applied`, and forgets them.
+    fn forget_learned(&mut self) {
+        if let Some(l) = self.learned.take() {
+            if let Some((_, actual)) = &mut self.applied {
+                actual.routes = l.programmed.into_values().collect();
+            }
+        }
+    }
+
+    /// A run that works out and applies only what changed in the learned routes since the last
+    /// run (`O(change)`, where a complete run works out every route again): in BGP mode without
+    /// VXLAN cross-subnet (a learned route's kernel objects then depend on it alone), when
+    /// nothing of ours changed in the kernel since the last run and the learned routes come
+    /// sorted by prefix, as the speaker's do. `None` when it cannot be: the complete run goes.
+    /// The result is what a complete run would have done (dataplane_bgp.rs checks it with a
+    /// resync after every change).
+    async fn incremental(
+        &mut self,
+        learned: Option<&[BgpRoute]>,
+        device: Option<u32>,
+    ) -> Option<Result<ReconcileReport, DataplaneError>> {
+        let now = learned?;
+        let bgp = self.backend.bgp().filter(|b| b.per_route())?;
+        let l = self.learned.as_mut()?;
+        if !matches!(&self.applied, Some((index, _)) if *index == device) {
+            return None;
+        }
+        let changes = learned_changes(&l.routes, now)?;
+        if self.interest.take_changed() {
+            // Something of ours changed in the kernel: the complete run reads it.
+            self.applied = None;
+            return None;
+        }
+        let (_, actual) = self.applied.as_mut().expect("checked");
+        let mut desired = Desired::default();
+        let mut notices = Notices::default();
+        for (prefix, next_hop) in &changes {
+            if let Some(nh) = next_hop {
+                bgp.desired_one(
+                    *prefix,
+                    *nh,
+                    self.own.as_ref(),
+                    &self.cfg.underlay,
+                    &mut desired,
+                    &mut notices,
+                );
+            }
+        }
+        for message in notices.fresh(&self.notices) {
+            tracing::warn!("{message}");
+        }
+        for (prefix, _) in &changes {
+            self.notices.forget(&prefix.to_string());
+        }
+        self.notices.extend(notices);
+
+        // The routes to program, by nexthop object where routes go by them (see `nexthop`).
+        let mut plan = Plan::default();
+        let mut want: Vec<Route> = Vec::with_capacity(desired.routes.len());
+        for (_, mut route) in desired.routes {
+            if self.nexthops == NexthopSupport::On {
+                if let Some(key) = nexthop::Key::of_route(&route) {
+                    let id = match l.by_key.get(&key) {
+                        Some(id) => Some(*id),
+                        None => {
+                            let id = NEXTHOP_ID_RANGE.clone().find(|id| !actual.nexthop_ids.contains(id));
+                            if let Some(id) = id {
+                                let nh = key.nexthop(id);
+                                plan.add_nexthops.push(nh.clone());
+                                actual.nexthops.push(nh);
+                                actual.nexthop_ids.insert(id);
+                                l.by_key.insert(key, id);
+                            }
+                            id
+                        }
+                    };
+                    // 16 million IDs in use: the route stays plain rather than fail.
+                    if let Some(id) = id {
+                        *l.users.entry(id).or_default() += 1;
+                        route.nexthop_id = Some(id);
+                    }
+                }
+            }
+            want.push(route);
+        }
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        let mut want = want.into_iter().peekable();
+        for (prefix, _) in &changes {
+            let new = want.next_if(|r| r.destination == *prefix);
+            let old = l.programmed.remove(prefix);
+            if let Some(id) = old.as_ref().and_then(|r| r.nexthop_id) {
+                if let Some(n) = l.users.get_mut(&id) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            match (new, old) {
+                (Some(new), Some(old)) if same_route(&new, &old) => {
+                    l.programmed.insert(*prefix, old);
+                }
+                (Some(mut new), _) => {
+                    // Replaces the old one in place (same destination, default metric).
+                    plan.add_routes.push(new.clone());
+                    if new.metric.is_none() && default_metric(&new) != 0 {
+                        new.metric = Some(default_metric(&new));
+                    }
+                    l.programmed.insert(*prefix, new);
+                    added.push(*prefix);
+                }
+                (None, Some(old)) => {
+                    plan.del_routes.push(old);
+                    removed.push(*prefix);
+                }
+                (None, None) => {}
+            }
+        }
+        // Nexthops no route uses any more go, after the routes moved off them.
+        let unused: Vec<u32> = l.users.iter().filter(|(_, n)| **n == 0).map(|(id, _)| *id).collect();
+        for id in unused {
+            l.users.remove(&id);
+            l.by_key.retain(|_, v| *v != id);
+            actual.nexthops.retain(|n| n.id != id);
+            actual.nexthop_ids.remove(&id);
+            plan.del_nexthops.push(id);
+        }
+        l.routes.clear();
+        l.routes.extend(now.iter().map(|r| BgpRoute {
+            prefix: normalized_prefix(r.prefix),
+            next_hop: r.next_hop,
+        }));
+        self.interest.update_routes(&added, &removed);
+        let result = self.apply(&plan, device).await;
+        if result.is_ok() {
+            self.incremental_runs += 1;
+        } else {
+            // The next run reads the kernel and works everything out again.
+            self.learned = None;
+            self.applied = None;
+        }
+        Some(result)
     }
 
     /// What the kernel holds of ours.
@@ -584,6 +765,82 @@ impl Drop for Dataplane {
         self.watcher.abort();
         self.table_watcher.abort();
     }
+}
+
+/// The learned routes of the last complete run and what the kernel holds for them, kept up to
+/// date by incremental runs ([`Dataplane::incremental`]).
+struct Learned {
+    /// The learned routes, prefixes normalized, sorted by prefix.
+    routes: Vec<BgpRoute>,
+    /// Every route of ours the kernel holds, as `settled` has it, by destination (moved out of
+    /// `applied` while this is kept).
+    programmed: BTreeMap<IpNetwork, Route>,
+    /// Our nexthop objects by what they do, and how many routes use each.
+    by_key: std::collections::HashMap<nexthop::Key, u32>,
+    users: std::collections::HashMap<u32, usize>,
+}
+
+impl Learned {
+    /// After a complete run that left `actual` (whose routes move here) for `learned`.
+    fn new(learned: &[BgpRoute], actual: &mut Actual) -> Learned {
+        // As `Bgp::desired`: normalized, and of two routes to one prefix the last one.
+        let routes: BTreeMap<IpNetwork, IpAddr> = learned
+            .iter()
+            .map(|r| (normalized_prefix(r.prefix), r.next_hop))
+            .collect();
+        let mut by_key = std::collections::HashMap::new();
+        for nh in &actual.nexthops {
+            if let Some(key) = nexthop::Key::of_nexthop(nh) {
+                by_key.entry(key).or_insert(nh.id);
+            }
+        }
+        let mut users = std::collections::HashMap::new();
+        let mut programmed = BTreeMap::new();
+        for r in std::mem::take(&mut actual.routes) {
+            if let Some(id) = r.nexthop_id {
+                *users.entry(id).or_default() += 1;
+            }
+            programmed.insert(r.destination, r);
+        }
+        Learned {
+            routes: routes
+                .into_iter()
+                .map(|(prefix, next_hop)| BgpRoute { prefix, next_hop })
+                .collect(),
+            programmed,
+            by_key,
+            users,
+        }
+    }
+}
+
+fn normalized_prefix(p: IpNetwork) -> IpNetwork {
+    IpNetwork::new(p.network(), p.prefix()).expect("same prefix length")
+}
+
+/// What changed from `old` (normalized, sorted) to `new`: prefix → its new next hop, `None` for
+/// a withdrawn prefix; in prefix order. `None` when `new` is not sorted by prefix (or repeats
+/// one): then the complete run works it out.
+fn learned_changes(old: &[BgpRoute], new: &[BgpRoute]) -> Option<Vec<(IpNetwork, Option<IpAddr>)>> {
+    let mut out = Vec::new();
+    let mut old = old.iter().peekable();
+    let mut last: Option<IpNetwork> = None;
+    for r in new {
+        let prefix = normalized_prefix(r.prefix);
+        if last.is_some_and(|l| l >= prefix) {
+            return None;
+        }
+        last = Some(prefix);
+        while let Some(o) = old.next_if(|o| o.prefix < prefix) {
+            out.push((o.prefix, None));
+        }
+        match old.next_if(|o| o.prefix == prefix) {
+            Some(o) if o.next_hop == r.next_hop => {}
+            _ => out.push((prefix, Some(r.next_hop))),
+        }
+    }
+    out.extend(old.map(|o| (o.prefix, None)));
+    Some(out)
 }
 
 /// The lease with host bits cleared from its CIDRs (`10.244.1.5/24` -> `10.244.1.0/24`), the
@@ -902,6 +1159,36 @@ mod tests {
             assert!(after.nexthop_ids.contains(&3), "someone else's ID stays taken");
             assert!(!after.nexthop_ids.contains(&leftover.id));
         }
+    }
+
+    #[test]
+    fn learned_changes_are_the_difference_of_two_sorted_lists() {
+        let r = |p: &str, nh: &str| BgpRoute {
+            prefix: p.parse().unwrap(),
+            next_hop: nh.parse().unwrap(),
+        };
+        let old = [
+            r("10.1.0.0/24", "192.168.0.1"),
+            r("10.2.0.0/24", "192.168.0.1"),
+            r("10.3.0.0/24", "192.168.0.1"),
+        ];
+        let new = [
+            r("10.0.0.0/24", "192.168.0.2"),
+            r("10.2.0.5/24", "192.168.0.2"), // host bits: the same prefix, moved
+            r("10.3.0.0/24", "192.168.0.1"),
+        ];
+        let got = learned_changes(&old, &new).unwrap();
+        let want: Vec<(IpNetwork, Option<IpAddr>)> = vec![
+            ("10.0.0.0/24".parse().unwrap(), Some("192.168.0.2".parse().unwrap())),
+            ("10.1.0.0/24".parse().unwrap(), None),
+            ("10.2.0.0/24".parse().unwrap(), Some("192.168.0.2".parse().unwrap())),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(learned_changes(&old, &old).unwrap(), []);
+        assert_eq!(learned_changes(&old, &[]).unwrap().len(), 3);
+        // Not sorted, or a prefix twice: left to a complete run.
+        assert!(learned_changes(&old, &[new[1], new[0]]).is_none());
+        assert!(learned_changes(&old, &[new[0], new[0]]).is_none());
     }
 
     /// main.rs runs the dataplane inside spawned tasks.

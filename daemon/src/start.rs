@@ -160,6 +160,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         };
         let router_id = router_id(args.bgp_router_id, &underlay)?;
         let settings = (*as_number, *hold_time, *graceful_restart, waits);
+        // The peers' own passwords: read now (a file that cannot be used stops the start),
+        // handed to the speaker before its first peers (`node::KernelPlane`).
+        let passwords =
+            crate::passwords::PeerPasswords::load(crate::backend::bgp::password_files(&conf.backend), metrics.clone())?;
         let rr_cluster_id = args.bgp_route_reflector_cluster_id;
         let (speaker, rib, synced) = start_bgp(
             &plane.dataplane,
@@ -178,6 +182,7 @@ pub async fn run(args: Args) -> Result<(), String> {
             underlay_ip: underlay.ip,
             rr_cluster_id,
             current: None,
+            passwords,
         });
     }
     // Last: the CNI config tells the kubelet the node is ready for pods, so it is written once
@@ -268,21 +273,7 @@ fn router_id(given: Option<Ipv4Addr>, underlay: &crate::reconcile::Underlay) -> 
 /// The BGP password from `--bgp-password-file`: the file's bytes, one trailing newline (`\n` or
 /// `\r\n`) dropped.
 fn read_password(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let mut p = std::fs::read(path).map_err(|e| format!("--bgp-password-file {}: {e}", path.display()))?;
-    if p.ends_with(b"\n") {
-        p.pop();
-        if p.ends_with(b"\r") {
-            p.pop();
-        }
-    }
-    if p.is_empty() || p.len() > 80 {
-        return Err(format!(
-            "--bgp-password-file {}: the password must have 1 to 80 bytes, not {}",
-            path.display(),
-            p.len()
-        ));
-    }
-    Ok(p)
+    crate::passwords::read(path).map_err(|(_, why)| format!("--bgp-password-file {why}"))
 }
 
 type Routes = tokio::sync::watch::Receiver<crate::bgp::Routes>;

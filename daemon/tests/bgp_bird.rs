@@ -446,8 +446,21 @@ async fn our_graceful_restart_bird_keeps_our_routes() {
 
     // The daemon goes away (as on SIGTERM or a crash): the sessions close without a
     // NOTIFICATION.
+    // Waited for, not slept on: how soon BIRD reads the closed connection depends on the load.
     drop(s);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    loop {
+        let protocol = bird.birdc(&["show", "protocols", "all", "n0"]);
+        if protocol.contains("Neighbor graceful restart active") {
+            break;
+        }
+        assert!(
+            t.elapsed() < T,
+            "BIRD did not see our restart: {protocol}\n{}",
+            bird.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let during = bird.routes();
     assert!(
         bird_has(&during, "10.244.1.0/24", "192.168.77.11"),
@@ -542,4 +555,133 @@ async fn ten_thousand_prefixes_from_bird() {
     if std::env::var_os("TRELLIS_BIRD_DEBUG").is_some() {
         eprintln!("{}", lab.bird().log_text());
     }
+}
+
+/// Issue 13, per-peer metrics: BIRD announces three prefixes, one outside the cluster CIDRs; we
+/// advertise one. Then BIRD is killed (a flap), and the peer is removed (its series go).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_peer_metrics_follow_the_session() {
+    let mut lab = Lab::new(1);
+    let mut conf = BirdConf::new(ASN).neighbor(node_v4(1), ASN, false);
+    conf.statics = vec![
+        "10.244.100.0/24".into(),
+        "10.244.101.0/24".into(),
+        "172.16.5.0/24".into(),
+    ];
+    lab.start_bird(&conf);
+    let exports = vec!["10.244.1.0/24".parse().unwrap()];
+    let (s, mut rx) = lab
+        .speaker_exporting(lab.config(1), exports, 1, vec![bird_peer()])
+        .await;
+    wait_established(&s, &[BIRD_V4.parse().unwrap()], T).await;
+    wait_routes(&mut rx, T, "BIRD's two cluster prefixes", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4) && has(r, "10.244.101.0/24", BIRD_V4)
+    })
+    .await;
+    let m = lab.metrics(1).clone();
+    wait_peer_metrics(&m, BIRD_V4, T, "the established session's figures", |get| {
+        get("state") == Some(6.0)
+            && get("established") == Some(1.0)
+            && get("prefixes_received") == Some(3.0)
+            && get("prefixes_accepted") == Some(2.0)
+            && get("prefixes_advertised") == Some(1.0)
+            && get("updates_received_total").is_some_and(|n| n >= 1.0)
+            && get("updates_sent_total").is_some_and(|n| n >= 1.0)
+            && get("flaps_total") == Some(0.0)
+    })
+    .await;
+    let text = m.render();
+    let line = format!("trellisd_bgp_peer_state{{peer=\"{BIRD_V4}\",asn=\"{ASN}\"}} 6");
+    assert!(text.contains(&line), "{line} in\n{text}");
+
+    // BIRD killed: the session goes down from Established, once.
+    lab.bird.as_mut().unwrap().stop(true);
+    wait_peer_metrics(&m, BIRD_V4, T, "the session down", |get| {
+        get("established") == Some(0.0)
+            && get("state").is_some_and(|s| s < 6.0)
+            && get("flaps_total") == Some(1.0)
+            && get("prefixes_received") == Some(0.0)
+            && get("prefixes_accepted") == Some(0.0)
+            && get("prefixes_advertised") == Some(0.0)
+    })
+    .await;
+
+    // De-configured: its series go.
+    s.set_peers(vec![]);
+    let t = Instant::now();
+    while m.render().contains(&format!("peer=\"{BIRD_V4}\"")) {
+        assert!(t.elapsed() < T, "the removed peer's series stay:\n{}", m.render());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 13, per-peer TCP MD5 passwords (Calico's BGPPeer `password.secretKeyRef`): BIRD has a
+/// password per session. Node 1 uses its peer's password and establishes; node 2 first has a
+/// wrong one (no session), then the right one (re-keyed, it establishes), then both sides
+/// rotate to a new one and the session comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_peer_passwords_wrong_one_refused_rotation_reconnects() {
+    let mut lab = Lab::new(2);
+    let mut conf = bird_with_statics(ASN)
+        .neighbor(node_v4(1), ASN, false)
+        .neighbor(node_v4(2), ASN, false);
+    conf.neighbor_passwords.insert(node_v4(1), "alpha-X".into());
+    conf.neighbor_passwords.insert(node_v4(2), "bravo-Y".into());
+    lab.start_bird(&conf);
+    let bird_ip: std::net::IpAddr = BIRD_V4.parse().unwrap();
+    let password = |p: &str| std::collections::HashMap::from([(bird_ip, p.as_bytes().to_vec())]);
+
+    // Passwords before peers: the first connection is already signed.
+    let (s1, mut rx1) = lab.speaker_with(lab.config(1), 1, vec![]).await;
+    s1.set_passwords(password("alpha-X"));
+    s1.set_peers(vec![bird_peer()]);
+    let (s2, mut rx2) = lab.speaker_with(lab.config(2), 2, vec![]).await;
+    s2.set_passwords(password("not-bravo"));
+    s2.set_peers(vec![bird_peer()]);
+    wait_established(&s1, &[bird_ip], T).await;
+    wait_routes(&mut rx1, T, "BIRD's routes over node 1's session", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    // Several connection attempts each way (BIRD retries every 2 s, we every second or so).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(s2.established().is_empty());
+    assert!(rx2.borrow().is_empty());
+    assert_eq!(peer_metric(lab.metrics(2), "established", BIRD_V4), Some(0.0));
+    assert!(!lab.bird().routes().contains_key("10.244.2.0/24"));
+
+    // The right password: the listening socket is re-keyed and the peer reconnects.
+    s2.set_passwords(password("bravo-Y"));
+    wait_established(&s2, &[bird_ip], T).await;
+    wait_routes(&mut rx2, T, "BIRD's routes over node 2's session", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    lab.bird()
+        .wait_routes(T, "both nodes' routes", |r| {
+            bird_has(r, "10.244.1.0/24", "192.168.77.11") && bird_has(r, "10.244.2.0/24", "192.168.77.12")
+        })
+        .await;
+
+    // Rotation: BIRD's side first (it restarts its session to node 2, which stays down: the
+    // passwords differ), then ours.
+    let flaps = peer_metric(lab.metrics(2), "flaps_total", BIRD_V4).unwrap();
+    conf.neighbor_passwords.insert(node_v4(2), "charlie-Z".into());
+    lab.bird().reconfigure(&conf.render());
+    wait_peer_metrics(lab.metrics(2), BIRD_V4, T, "node 2's session down", |get| {
+        get("established") == Some(0.0) && get("flaps_total") == Some(flaps + 1.0)
+    })
+    .await;
+    s2.set_passwords(password("charlie-Z"));
+    wait_peer_metrics(lab.metrics(2), BIRD_V4, T, "node 2 back with the new password", |get| {
+        get("established") == Some(1.0)
+    })
+    .await;
+    wait_routes(&mut rx2, T, "BIRD's routes again", |r| {
+        has(r, "10.244.100.0/24", BIRD_V4)
+    })
+    .await;
+    // Node 1's session was never touched.
+    assert_eq!(peer_metric(lab.metrics(1), "flaps_total", BIRD_V4), Some(0.0));
+    assert_eq!(s1.established(), [bird_ip]);
 }

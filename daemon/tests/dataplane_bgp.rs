@@ -311,3 +311,116 @@ async fn ipv6_next_hops_on_the_links_ipv6_prefix_are_on_link() {
     );
     assert_full_mesh(&c).await;
 }
+
+/// Issue 13, item 11: a change of a few learned routes among many is worked out and applied
+/// alone (an incremental run), and leaves the kernel exactly as a complete run would: after
+/// every change a resync (which reads the kernel and works everything out) has nothing to do.
+/// Routes added, moved to another next hop, withdrawn, the last route of a next hop withdrawn
+/// (its nexthop object goes), a route via a new next hop (a new nexthop object).
+#[tokio::test]
+async fn learned_route_changes_are_applied_alone_and_as_a_complete_run_would() {
+    let c = cluster(false).await;
+    let (mut dps, leases) = start(&c, &bgp(CrossSubnet::None)).await;
+    let n1 = &c.nodes[0];
+    let (via2, via3): (std::net::IpAddr, std::net::IpAddr) =
+        ("192.168.77.12".parse().unwrap(), "192.168.77.13".parse().unwrap());
+    // 300 prefixes, sorted as the speaker sends them: 10.250.0-199 via node 2, 200-299 via 3.
+    let prefix = |i: u32| -> ipnetwork::IpNetwork { format!("10.{}.{}.0/24", 250 + i / 256, i % 256).parse().unwrap() };
+    let mut rib: std::collections::BTreeMap<ipnetwork::IpNetwork, std::net::IpAddr> = (0..300)
+        .map(|i| (prefix(i), if i < 200 { via2 } else { via3 }))
+        .collect();
+    let as_list = |rib: &std::collections::BTreeMap<ipnetwork::IpNetwork, std::net::IpAddr>| -> Vec<BgpRoute> {
+        rib.iter()
+            .map(|(p, nh)| BgpRoute {
+                prefix: *p,
+                next_hop: *nh,
+            })
+            .collect()
+    };
+    let dp = &mut dps[0];
+    assert_eq!(
+        dp.reconcile(with(&leases, &as_list(&rib))).await.unwrap(),
+        ReconcileReport {
+            added: 300 + 2,
+            removed: 0
+        }
+    );
+    let before = dp.incremental_runs();
+    let count = |s: &str| s.lines().count();
+
+    // What changes, its report, and whether it must be an incremental run: those after a run
+    // that deleted something may not be, as the kernel watch reports our own deletions (then
+    // the complete run goes, reading the kernel).
+    let v = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    type Rib = std::collections::BTreeMap<ipnetwork::IpNetwork, std::net::IpAddr>;
+    type Step = (&'static str, Box<dyn Fn(&mut Rib)>, ReconcileReport, bool);
+    let steps: Vec<Step> = vec![
+        (
+            "one added",
+            Box::new(move |r| {
+                r.insert(prefix(300), via2);
+            }),
+            ReconcileReport { added: 1, removed: 0 },
+            true,
+        ),
+        (
+            "one moved to node 3",
+            Box::new(move |r| {
+                r.insert(prefix(5), via3);
+            }),
+            ReconcileReport { added: 1, removed: 0 },
+            true,
+        ),
+        (
+            "a route via a new next hop: a new nexthop",
+            Box::new(move |r| {
+                r.insert(prefix(400), v("192.168.77.50"));
+            }),
+            ReconcileReport { added: 2, removed: 0 },
+            true,
+        ),
+        (
+            "one withdrawn",
+            Box::new(move |r| {
+                r.remove(&prefix(6));
+            }),
+            ReconcileReport { added: 0, removed: 1 },
+            true,
+        ),
+        (
+            "node 3's routes withdrawn: its nexthop goes",
+            Box::new(move |r| r.retain(|_, nh| *nh != via3)),
+            ReconcileReport {
+                added: 0,
+                removed: 101 + 1,
+            },
+            false,
+        ),
+        ("nothing", Box::new(|_| {}), ReconcileReport::default(), false),
+    ];
+    for (what, change, report, incremental) in steps {
+        change(&mut rib);
+        let list = as_list(&rib);
+        let runs = dp.incremental_runs();
+        assert_eq!(dp.reconcile(with(&leases, &list)).await.unwrap(), report, "{what}");
+        if incremental {
+            assert_eq!(dp.incremental_runs(), runs + 1, "{what}: an incremental run");
+        }
+        assert_eq!(
+            dp.resync(with(&leases, &list)).await.unwrap(),
+            ReconcileReport::default(),
+            "{what}: the kernel holds what a complete run wants"
+        );
+        let routes = n1.routes(&["route", "show", "proto", "117"]);
+        assert_eq!(count(&routes), rib.len(), "{what}: {routes}");
+        for (p, nh) in &rib {
+            assert!(
+                routes.contains(&format!("{p} via {nh} dev ul0")),
+                "{what}: {p} via {nh} in {routes}"
+            );
+        }
+    }
+    assert!(dp.incremental_runs() - before >= 4);
+    let nexthops = run("ip", &["-n", n1.ns.name(), "nexthop", "show", "proto", "117"]);
+    assert_eq!(count(&nexthops), 2, "node 2's and the new one's: {nexthops}");
+}

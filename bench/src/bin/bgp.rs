@@ -522,8 +522,10 @@ fn main() {
     if t_big.is_none() {
         errors.push(format!("trellisd log tail:\n{}", tail(&c.log(0))));
     }
-    // One more on top.
+    // One more on top. How long `birdc configure` takes to return is noted too: the sender's
+    // share of the figure (BIRD re-reading 10,000 statics), the same for both receivers.
     let mut t_big_change = Vec::new();
+    let mut t_big_configure = Vec::new();
     for k in 0..o.runs {
         statics.push(format!("10.250.{k}.0/24"));
         let conf = rr(&statics);
@@ -531,6 +533,7 @@ fn main() {
         let now = fib_prefixes_in(node);
         let t0 = Instant::now();
         bird.reconfigure(&conf);
+        t_big_configure.push(t0.elapsed());
         let w = Wait {
             ns: node,
             proto: PROTO_TRELLIS,
@@ -564,6 +567,7 @@ fn main() {
     };
     let b_big = ok(wait(&w, t0), "BIRD → BIRD 10k", &mut errors);
     let mut b_big_change = Vec::new();
+    let mut b_big_configure = Vec::new();
     for k in 0..o.runs {
         statics.push(format!("10.250.{k}.0/24"));
         let conf = bird_conf(PA, PB, &statics, true, true);
@@ -571,6 +575,7 @@ fn main() {
         let now = fib_prefixes_in(&bpath);
         let t0 = Instant::now();
         pair.birds[0].reconfigure(&conf);
+        b_big_configure.push(t0.elapsed());
         let w = Wait {
             ns: &bpath,
             proto: PROTO_BIRD,
@@ -619,6 +624,13 @@ fn main() {
         bird_short: show(&b_big_change),
         bird_default: "".into(),
         target: "10 ms".into(),
+    });
+    rows.push(Row {
+        what: "  of which the sender's `birdc configure`, until it returned".into(),
+        trellisd: show(&t_big_configure),
+        bird_short: show(&b_big_configure),
+        bird_default: "".into(),
+        target: "".into(),
     });
 
     println!(

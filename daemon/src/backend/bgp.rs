@@ -147,6 +147,17 @@ pub fn peers(
         .collect()
 }
 
+/// The configured peers' own password files (`PasswordFile`), by address.
+pub fn password_files(cfg: &BackendConfig) -> BTreeMap<IpAddr, std::path::PathBuf> {
+    match cfg {
+        BackendConfig::Bgp { peers, .. } => peers
+            .iter()
+            .filter_map(|p| Some((p.ip, p.password_file.clone()?)))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
 /// What this node announces (`Speaker::set_exports`): each pod CIDR with the node's underlay
 /// address of its family as next hop (MP-BGP carries IPv6 prefixes over IPv4 sessions and IPv4
 /// prefixes over IPv6 ones, each with a next hop of its own family).
@@ -297,6 +308,35 @@ impl Bgp {
         }
     }
 
+    /// Whether a learned route's kernel objects depend on that route alone (and on this node's
+    /// lease and underlay), so that a change of a few learned routes can be applied without
+    /// working out the others again (the reconciler's incremental runs). Not with VXLAN
+    /// cross-subnet: its neighbours and FDB entries are per next hop, shared by routes, and come
+    /// from the other nodes' leases.
+    pub fn per_route(&self) -> bool {
+        !matches!(self.cross, CrossPath::Vxlan(_))
+    }
+
+    /// What installing the one learned route `prefix via next_hop` takes, as [`Bgp::desired`]
+    /// would add it; only where [`Bgp::per_route`].
+    pub fn desired_one(
+        &self,
+        prefix: IpNetwork,
+        next_hop: IpAddr,
+        own: Option<&Lease>,
+        underlay: &Underlay,
+        out: &mut Desired,
+        notices: &mut Notices,
+    ) {
+        let ctx = Context {
+            cross: &self.cross,
+            underlay,
+            own,
+            remotes: &[],
+        };
+        ctx.route(prefix, next_hop, out, notices);
+    }
+
     /// Adds what installing `learned` takes (two routes to one prefix: the last one wins);
     /// `false` (nothing computed) while there are none yet: the speaker has not synced.
     pub fn desired(
@@ -350,7 +390,8 @@ impl Context<'_> {
     /// Adds to `out` what installing `prefix via next_hop` takes, or notes why it is not
     /// installed (keyed by prefix: logged once per prefix and reason).
     pub fn route(&self, prefix: IpNetwork, next_hop: IpAddr, out: &mut Desired, notices: &mut Notices) {
-        let key = prefix.to_string();
+        // Formatted only for a notice: most routes have none.
+        let key = || prefix.to_string();
         let underlay = self.underlay;
         if self
             .own
@@ -362,7 +403,7 @@ impl Context<'_> {
             let msg = format!(
                 "bgp: learned route {prefix} via {next_hop}: the next hop is of the other family: not installed"
             );
-            return notices.note(&key, "family", msg);
+            return notices.note(&key(), "family", msg);
         }
         if underlay.on_link(next_hop) {
             let route = Route::new(prefix)
@@ -378,12 +419,12 @@ impl Context<'_> {
         );
         match self.cross {
             CrossPath::Refused => notices.note(
-                &key,
+                &key(),
                 "subnet",
                 format!("{off} and CrossSubnet is \"none\": not installed (the underlay routers must route pod CIDRs)"),
             ),
             CrossPath::Unavailable(why) => notices.note(
-                &key,
+                &key(),
                 "subnet",
                 format!("{off} and the cross-subnet tunnel is unavailable ({why}): not installed"),
             ),
@@ -393,7 +434,7 @@ impl Context<'_> {
                         .insert(prefix, ipip::tunnel_route(prefix, nh, tunnel.index()));
                 }
                 _ => notices.note(
-                    &key,
+                    &key(),
                     "subnet",
                     format!("{off} and IPIP carries IPv4 over IPv4 only: not installed"),
                 ),
@@ -679,6 +720,7 @@ mod tests {
             peers: vec![BgpPeer {
                 ip: "192.168.0.1".parse().unwrap(),
                 as_number: 65000,
+                password_file: None,
             }],
             route_reflectors: vec!["192.168.0.2".parse().unwrap()],
             cross_subnet: CrossSubnet::Ipip,

@@ -98,6 +98,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The BGP backend, in BGP mode.
+    pub fn bgp(&self) -> Option<&bgp::Bgp> {
+        match self {
+            Backend::Bgp(b) => Some(b),
+            _ => None,
+        }
+    }
+
     /// Sets the backend up in the namespace `nl` talks to (VXLAN, IPIP: creates the device).
     pub async fn new(
         cfg: &BackendConfig,

@@ -24,6 +24,24 @@ impl Notices {
             .map(|(_, msg)| msg.as_str())
     }
 
+    /// Forgets what was noted for `node`, whatever the topic.
+    pub fn forget(&mut self, node: &str) {
+        let keys: Vec<(String, &'static str)> = self
+            .current
+            .range((node.to_string(), "")..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.current.remove(&k);
+        }
+    }
+
+    /// Adds `other`'s notes (replacing those of the same node and topic).
+    pub fn extend(&mut self, other: Notices) {
+        self.current.extend(other.current);
+    }
+
     /// Every message of this run.
     pub fn messages(&self) -> impl Iterator<Item = &str> {
         self.current.values().map(String::as_str)

@@ -60,7 +60,8 @@
 //!
 //! # Limitations
 //!
-//! TCP MD5 (RFC 2385) with one password for all sessions ([`BgpConfig::md5_password`]), no
+//! TCP MD5 (RFC 2385) with a default password ([`BgpConfig::md5_password`]) and per-peer ones
+//! ([`Speaker::set_passwords`]), no
 //! TCP-AO, no ADD-PATH, no extended messages or extended next hop (RFC 8950), no
 //! RFC 7606 "treat-as-withdraw" (a malformed UPDATE resets the session, as RFC 4271 says), no
 //! RFC 8538 (a NOTIFICATION always flushes the peer's routes), no MED comparison, no outbound
@@ -149,7 +150,8 @@ pub struct BgpConfig {
     /// Only prefixes inside these (the cluster CIDRs) are learned.
     pub import_within: Vec<IpNetwork>,
     /// The TCP MD5 (RFC 2385) password of every session (the mesh, route reflectors, external
-    /// peers: one password for all, `--bgp-password-file`); at most 80 bytes. `None`: unsigned.
+    /// peers: `--bgp-password-file`), unless the peer has its own ([`Speaker::set_passwords`]);
+    /// at most 80 bytes. `None`: unsigned.
     /// Set on the listening sockets per peer address and on each outgoing connection; a peer
     /// with another password (or none) cannot connect, and the kernel says nothing about the
     /// segments it drops: the peer task warns (rate-limited) while such a session stays down.
@@ -310,6 +312,7 @@ impl Shared {
 
 enum CoreMsg {
     SetPeers(Vec<PeerConfig>),
+    SetPasswords(HashMap<IpAddr, Vec<u8>>),
     Peer {
         peer: IpAddr,
         generation: u64,
@@ -406,6 +409,7 @@ impl Speaker {
             sync_deadline: Instant::now() + shared.sync_wait(),
             next_generation: 0,
             listeners: listeners.clone(),
+            passwords: HashMap::new(),
         };
         let mut tasks = vec![AbortOnDrop(tokio::spawn(core.run()))];
         for listener in listeners {
@@ -432,6 +436,15 @@ impl Speaker {
     /// address in the list (a full mesh from the node list) is skipped.
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
         let _ = self.inner.core.send(CoreMsg::SetPeers(peers));
+    }
+
+    /// The peers' own TCP MD5 passwords (Calico's BGPPeer `password`), by address, from now
+    /// on: they replace [`BgpConfig::md5_password`] for those peers (at most 80 bytes; an empty
+    /// one: unsigned). A peer whose password changes is re-keyed on the listening socket and
+    /// reconnected (Cease, then a new session). Set them before the peers they concern, so that
+    /// the first connection is signed.
+    pub fn set_passwords(&self, passwords: HashMap<IpAddr, Vec<u8>>) {
+        let _ = self.inner.core.send(CoreMsg::SetPasswords(passwords));
     }
 
     /// What this node advertises: its pod CIDRs, with next hop `next_hop_v4` / `next_hop_v6`
@@ -541,6 +554,8 @@ struct Core {
     next_generation: u64,
     /// The listening sockets, for the peers' TCP MD5 keys.
     listeners: Vec<Arc<TcpListener>>,
+    /// The peers' own TCP MD5 passwords, over [`BgpConfig::md5_password`].
+    passwords: HashMap<IpAddr, Vec<u8>>,
 }
 
 impl Core {
@@ -601,6 +616,7 @@ impl Core {
     fn handle(&mut self, m: CoreMsg) {
         match m {
             CoreMsg::SetPeers(list) => self.set_peers(list),
+            CoreMsg::SetPasswords(map) => self.set_passwords(map),
             CoreMsg::Peer {
                 peer,
                 generation,
@@ -660,46 +676,15 @@ impl Core {
             .map(|(addr, _)| *addr)
             .collect();
         for addr in gone {
-            let e = self.peers.remove(&addr).expect("listed");
-            self.accept_map.write().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-            // The task sends Cease and ends by itself; its connections flush on their own.
-            let _ = e.cmds.send(PeerCmd::Stop);
-            self.set_md5(addr, false);
-            self.rib.remove_peer(addr);
+            let e = self.remove_peer(addr);
+            self.shared.metrics.remove_bgp_peer(addr, e.cfg.asn);
             tracing::info!(peer = %addr, "BGP peer removed");
         }
         for (addr, p) in want {
             if self.peers.contains_key(&addr) {
                 continue;
             }
-            self.set_md5(addr, true);
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.next_generation += 1;
-            let generation = self.next_generation;
-            let task = PeerTask::new(
-                Arc::clone(&self.shared),
-                p.clone(),
-                generation,
-                self.core_tx.clone(),
-                self.exports.clone(),
-                self.reflected_rx.clone(),
-                rx,
-            );
-            let task = tokio::spawn(task.run());
-            self.accept_map
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(addr, tx.clone());
-            self.peers.insert(
-                addr,
-                PeerEntry {
-                    cfg: p,
-                    generation,
-                    awaiting_end_of_rib: None,
-                    cmds: tx,
-                    task,
-                },
-            );
+            self.add_peer(p);
         }
         self.peers_known.send_replace(true);
     }
@@ -738,11 +723,81 @@ impl Core {
         });
     }
 
+    /// Stops the peer's task (Cease) and drops its routes and its TCP MD5 key.
+    fn remove_peer(&mut self, addr: IpAddr) -> PeerEntry {
+        let e = self.peers.remove(&addr).expect("listed");
+        self.accept_map.write().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+        // The task sends Cease and ends by itself; its connections flush on their own.
+        let _ = e.cmds.send(PeerCmd::Stop);
+        self.set_md5(addr, false);
+        self.rib.remove_peer(addr);
+        e
+    }
+
+    /// The peers' own passwords from now on; a configured peer whose password changed starts
+    /// over with the new one (re-keyed listening socket, new connection).
+    fn set_passwords(&mut self, map: HashMap<IpAddr, Vec<u8>>) {
+        let map: HashMap<IpAddr, Vec<u8>> = map.into_iter().map(|(a, p)| (a.to_canonical(), p)).collect();
+        let changed: Vec<IpAddr> = self
+            .peers
+            .keys()
+            .filter(|a| self.password(**a) != effective(&map, &self.shared.cfg.md5_password, **a))
+            .copied()
+            .collect();
+        let restart: Vec<PeerConfig> = changed.into_iter().map(|a| self.remove_peer(a).cfg).collect();
+        self.passwords = map;
+        for p in restart {
+            tracing::info!(peer = %p.addr, "the BGP peer's password changed: re-keyed, reconnecting");
+            self.add_peer(p);
+        }
+    }
+
+    /// The TCP MD5 password of the sessions with `peer`.
+    fn password(&self, peer: IpAddr) -> Option<&[u8]> {
+        effective(&self.passwords, &self.shared.cfg.md5_password, peer)
+    }
+
+    /// Starts a task for the configured peer, with its TCP MD5 key on the listening sockets.
+    fn add_peer(&mut self, p: PeerConfig) {
+        let addr = p.addr;
+        self.set_md5(addr, true);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let mut task = PeerTask::new(
+            Arc::clone(&self.shared),
+            p.clone(),
+            generation,
+            self.core_tx.clone(),
+            self.exports.clone(),
+            self.reflected_rx.clone(),
+            rx,
+        );
+        if let Some(own) = self.passwords.get(&addr) {
+            task = task.with_md5(Some(own.clone()).filter(|p| !p.is_empty()));
+        }
+        let task = tokio::spawn(task.run());
+        self.accept_map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, tx.clone());
+        self.peers.insert(
+            addr,
+            PeerEntry {
+                cfg: p,
+                generation,
+                awaiting_end_of_rib: None,
+                cmds: tx,
+                task,
+            },
+        );
+    }
+
     /// With a BGP password: adds (`on`) or removes `peer`'s TCP MD5 key on the listening
     /// sockets of its family, so that its connections in are signed (and unsigned ones from it
     /// dropped).
     fn set_md5(&self, peer: IpAddr, on: bool) {
-        let Some(password) = &self.shared.cfg.md5_password else {
+        let Some(password) = self.password(peer) else {
             return;
         };
         let key: &[u8] = if on { password } else { &[] };
@@ -754,6 +809,14 @@ impl Core {
             }
         }
     }
+}
+
+/// The password of `peer`: its own, else the speaker's; empty is none.
+fn effective<'a>(own: &'a HashMap<IpAddr, Vec<u8>>, default: &'a Option<Vec<u8>>, peer: IpAddr) -> Option<&'a [u8]> {
+    own.get(&peer)
+        .or(default.as_ref())
+        .map(Vec::as_slice)
+        .filter(|p| !p.is_empty())
 }
 
 impl Drop for Core {

@@ -26,6 +26,7 @@ use super::rib::{Path, PathAttrs};
 use super::session::{CloseReason, Output, Session, State};
 use super::wire::{err, Attr, Family, Message, Notification, Update};
 use super::{CoreMsg, PeerConfig, PeerEvent, Shared};
+use crate::metrics::BgpPeerMetrics;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -85,6 +86,14 @@ pub struct PeerTask {
     rng: u64,
     /// Rate-limits the warning that a session with TCP MD5 does not come up.
     md5_warning: Throttle,
+    /// The TCP MD5 key of our connections, and where it comes from (for the log).
+    md5: Option<Vec<u8>>,
+    md5_source: &'static str,
+    /// This peer's series (`trellisd_bgp_peer_*`); detached once the peer is de-configured.
+    metrics: BgpPeerMetrics,
+    /// What the established session announced, before import policy: prefix → accepted.
+    adj_in: BTreeMap<IpNetwork, bool>,
+    accepted: usize,
 }
 
 impl PeerTask {
@@ -99,6 +108,8 @@ impl PeerTask {
     ) -> PeerTask {
         let (events_tx, events) = mpsc::unbounded_channel();
         let seed = u64::from(u32::from(shared.cfg.router_id)) ^ generation.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+        let metrics = shared.metrics.bgp_peer(cfg.addr, cfg.asn);
+        let md5 = shared.cfg.md5_password.clone();
         PeerTask {
             shared,
             cfg,
@@ -118,7 +129,19 @@ impl PeerTask {
             dropped: BTreeMap::new(),
             rng: seed | 1,
             md5_warning: Throttle::new(Duration::from_secs(60)),
+            metrics,
+            adj_in: BTreeMap::new(),
+            accepted: 0,
+            md5,
+            md5_source: "--bgp-password-file",
         }
+    }
+
+    /// The peer's own TCP MD5 key (`PasswordFile`; `None`: unsigned) instead of the speaker's.
+    pub fn with_md5(mut self, key: Option<Vec<u8>>) -> PeerTask {
+        self.md5 = key;
+        self.md5_source = "the peer's PasswordFile";
+        self
     }
 
     pub async fn run(mut self) {
@@ -129,6 +152,8 @@ impl PeerTask {
                 cmd = self.cmds.recv() => match cmd {
                     Some(PeerCmd::Incoming(stream)) => self.accept(stream),
                     Some(PeerCmd::Stop) => {
+                        // De-configured or re-keyed: its series are gone or the next task's.
+                        self.metrics = BgpPeerMetrics::default();
                         self.stop(Notification::cease(err::CEASE_PEER_DECONFIGURED));
                         return;
                     }
@@ -153,7 +178,39 @@ impl PeerTask {
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => self.on_timers(),
             }
+            let state = self.state();
+            // BGP4-MIB's bgpPeerState: idle(1) .. established(6).
+            self.metrics.state.set(state as i64 + 1);
+            self.metrics.established.set(i64::from(state == State::Established));
         }
+    }
+
+    /// The established session's Adj-RIB-In (before policy) changed by one UPDATE.
+    fn note_received(&mut self, withdrawn: &[IpNetwork], announced: &[(IpNetwork, bool)]) {
+        for p in withdrawn {
+            if self.adj_in.remove(p) == Some(true) {
+                self.accepted -= 1;
+            }
+        }
+        for (p, accepted) in announced {
+            if self.adj_in.insert(*p, *accepted) == Some(true) {
+                self.accepted -= 1;
+            }
+            if *accepted {
+                self.accepted += 1;
+            }
+        }
+        self.metrics.prefixes_received.set(self.adj_in.len() as i64);
+        self.metrics.prefixes_accepted.set(self.accepted as i64);
+    }
+
+    /// A new session, or none: nothing received or advertised on it yet.
+    fn reset_session_metrics(&mut self) {
+        self.adj_in.clear();
+        self.accepted = 0;
+        self.metrics.prefixes_received.set(0);
+        self.metrics.prefixes_accepted.set(0);
+        self.metrics.prefixes_advertised.set(0);
     }
 
     fn state(&self) -> State {
@@ -204,11 +261,11 @@ impl PeerTask {
         let peer = SocketAddr::new(self.cfg.addr, shared.cfg.peer_port);
         let events = self.events_tx.clone();
         let timeout = shared.cfg.connect_retry.max(Duration::from_secs(2));
+        let md5 = self.md5.clone();
         tracing::debug!(%peer, "connecting");
         self.connecting = Some(AbortOnDrop(tokio::spawn(async move {
             let source = Some(shared.cfg.listen.ip());
-            let md5 = shared.cfg.md5_password.as_deref();
-            let r = io::connect(shared.netns.as_ref(), peer, source, md5, timeout).await;
+            let r = io::connect(shared.netns.as_ref(), peer, source, md5.as_deref(), timeout).await;
             let _ = events.send(Event::Connected(r));
         })));
     }
@@ -247,11 +304,12 @@ impl PeerTask {
                 tracing::debug!(peer = %self.cfg.addr, error = %e, "connection attempt failed");
                 // With TCP MD5 the kernel drops what a peer with another (or no) password sends,
                 // silently: our SYNs go unanswered, its own never reach us. Say so, rate-limited.
-                if self.shared.cfg.md5_password.is_some() {
+                if self.md5.is_some() {
                     if let Some(held_back) = self.md5_warning.allow(Instant::now()) {
                         tracing::warn!(
                             peer = %self.cfg.addr,
                             error = %e,
+                            password = self.md5_source,
                             held_back,
                             "BGP session not established, and TCP MD5 is configured: the kernel drops segments \
                              of a peer whose password differs (or that has none) without a word; check that \
@@ -316,7 +374,10 @@ impl PeerTask {
                 Output::Send(m) => c.io.send(m.encode(c.session.four_octet_as())),
                 Output::OpenReceived => self.resolve_collision(id),
                 Output::Established => self.on_established(id),
-                Output::Update(u) => self.on_update(id, u),
+                Output::Update(u) => {
+                    self.metrics.updates_received.inc();
+                    self.on_update(id, u)
+                }
                 Output::RouteRefresh(f) => self.refresh(id, f),
                 Output::Closed(reason) => self.on_closed(id, reason),
             }
@@ -418,6 +479,7 @@ impl PeerTask {
             keep_stale: keep,
             families: n.families.clone(),
         });
+        self.reset_session_metrics();
         self.advertised.clear();
         self.send_exports();
         // End-of-RIB after the initial updates (RFC 4724 §2).
@@ -458,6 +520,8 @@ impl PeerTask {
             );
             self.shared.set_established(self.cfg.addr, self.generation, false);
             self.advertised.clear();
+            self.metrics.flaps.inc();
+            self.reset_session_metrics();
             self.to_core(PeerEvent::Down { retain, restart_time });
         } else {
             let collision = matches!(&reason, CloseReason::Sent(n) | CloseReason::Received(n)
@@ -482,6 +546,7 @@ impl PeerTask {
         if let Some(c) = self.conn_mut(id) {
             let m = Message::Update(u);
             c.io.send(m.encode(c.session.four_octet_as()));
+            self.metrics.updates_sent.inc();
         }
     }
 
@@ -538,6 +603,7 @@ impl PeerTask {
             self.send_to(id, u);
         }
         self.advertised = want;
+        self.metrics.prefixes_advertised.set(self.advertised.len() as i64);
     }
 
     /// ROUTE-REFRESH: everything of the family again.
@@ -581,6 +647,7 @@ impl PeerTask {
             return;
         }
         let mut withdraw: Vec<IpNetwork> = u.withdrawn.clone();
+        let mut received: Vec<(IpNetwork, bool)> = Vec::new();
         let mut announced: Vec<(IpNetwork, IpAddr)> = Vec::new();
         let mut next_hop_v4 = None;
         let (mut as_path_len, mut local_pref, mut looped) = (0u32, 100u32, None);
@@ -640,12 +707,14 @@ impl PeerTask {
             .collect();
         let mut accept = Vec::new();
         let mut dropped: BTreeMap<Rejected, Vec<(IpNetwork, IpAddr)>> = BTreeMap::new();
+        let withdrawn = withdraw.len();
         for (prefix, nh) in announced {
             let nh = policy::normalize_next_hop(nh);
             let verdict = match looped {
                 Some(why) => Err(why),
                 None => policy::check_import(&prefix, nh, &self.shared.cfg.import_within, &ours),
             };
+            received.push((prefix, verdict.is_ok()));
             match verdict {
                 Ok(()) => accept.push((
                     prefix,
@@ -664,6 +733,7 @@ impl PeerTask {
                 }
             }
         }
+        self.note_received(&withdraw[..withdrawn], &received);
         for (why, routes) in dropped {
             self.note_dropped(why, &routes);
         }

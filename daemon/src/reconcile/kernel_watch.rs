@@ -50,6 +50,15 @@ impl Interest {
         *self.routes.lock().unwrap_or_else(PoisonError::into_inner) = routes;
     }
 
+    /// Adds and removes destinations of the routes we want (an incremental run).
+    pub fn update_routes(&self, add: &[IpNetwork], remove: &[IpNetwork]) {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        for r in remove {
+            routes.remove(r);
+        }
+        routes.extend(add.iter().copied());
+    }
+
     /// A new receiver; the previous one (if any) receives nothing more.
     pub fn subscribe(&self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);

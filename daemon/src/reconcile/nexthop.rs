@@ -61,7 +61,7 @@ impl Key {
     }
 
     /// What a plain nexthop does; `None` for groups and blackholes.
-    fn of_nexthop(nh: &Nexthop) -> Option<Key> {
+    pub fn of_nexthop(nh: &Nexthop) -> Option<Key> {
         if !nh.group.is_empty() || nh.blackhole {
             return None;
         }
@@ -73,7 +73,7 @@ impl Key {
         })
     }
 
-    fn nexthop(&self, id: u32) -> Nexthop {
+    pub fn nexthop(&self, id: u32) -> Nexthop {
         let mut nh = Nexthop::new(id, self.family).protocol(TRELLISD_PROTO);
         nh.gateway = self.gateway;
         nh.oif = self.oif;

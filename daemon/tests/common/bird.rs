@@ -220,6 +220,8 @@ pub struct BirdConf {
     pub graceful_restart: bool,
     /// `password "..."` (TCP MD5) on every session.
     pub password: Option<String>,
+    /// A session's own password (over [`BirdConf::password`]), by neighbor address.
+    pub neighbor_passwords: std::collections::BTreeMap<IpAddr, String>,
 }
 
 impl BirdConf {
@@ -233,6 +235,7 @@ impl BirdConf {
             neighbors: Vec::new(),
             graceful_restart: false,
             password: None,
+            neighbor_passwords: Default::default(),
         }
     }
 
@@ -271,7 +274,7 @@ impl BirdConf {
                 // recursively and marks our routes unreachable.
                 c += "  direct;\n";
             }
-            if let Some(p) = &self.password {
+            if let Some(p) = self.neighbor_passwords.get(&nb.addr).or(self.password.as_ref()) {
                 c += &format!("  password \"{p}\";\n");
             }
             if nb.rr_client {
@@ -296,5 +299,33 @@ impl BirdConf {
             );
         }
         c
+    }
+}
+
+/// The value of `trellisd_bgp_peer_<name>` for `peer` in `m`'s encoding (`None`: no series).
+pub fn peer_metric(m: &Metrics, name: &str, peer: &str) -> Option<f64> {
+    let prefix = format!("trellisd_bgp_peer_{name}{{peer=\"{peer}\",");
+    m.render()
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until `ok` holds of the per-peer metrics of `peer` (read with [`peer_metric`]); panics
+/// with the whole encoding after `within`.
+pub async fn wait_peer_metrics(
+    m: &Metrics,
+    peer: &str,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&dyn Fn(&str) -> Option<f64>) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        if ok(&|name| peer_metric(m, name, peer)) {
+            return;
+        }
+        assert!(t.elapsed() < within, "{what}: not within {within:?}:\n{}", m.render());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
