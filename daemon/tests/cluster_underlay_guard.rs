@@ -3,12 +3,13 @@
 //! stranger on the underlay network send VXLAN frames to node 2's underlay address whose inner
 //! packet, with a forged source, is addressed to a pod on node 2. Before the underlay guard
 //! (issue 12) every one was delivered — the pod's outer source even masqueraded to node 1's
-//! legitimate address. Now none is, while the pods' own traffic still flows.
+//! legitimate address. Now none is, while the pods' own traffic still flows. Over an IPv4 and an
+//! IPv6 underlay.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use trellis_tests::cluster::{wait_until, Cluster};
+use trellis_tests::cluster::{wait_until, Cluster, Options, Stack};
 use trellis_tests::forge::{mac_of, Receiver};
 
 fn trellisd() -> PathBuf {
@@ -18,8 +19,9 @@ fn trellisd() -> PathBuf {
 const PORT: u16 = 7777;
 const TIMES: usize = 10;
 
-/// A Python one-liner that sends `TIMES` VXLAN datagrams (VNI 1) to `underlay:8472`, each an
-/// inner Ethernet frame to `vtep_mac` with an IPv4 UDP packet `forged -> pod:PORT`.
+/// A Python one-liner that sends `TIMES` VXLAN datagrams (VNI 1) to `underlay:8472` (over IPv4
+/// or IPv6, as `underlay` is), each an inner Ethernet frame to `vtep_mac` with an IPv4 UDP
+/// packet `forged -> pod:PORT`.
 fn vxlan_sender(underlay: &str, vtep_mac: &str, forged: &str, pod: &str) -> String {
     format!(
         r#"
@@ -35,11 +37,12 @@ ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
 ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
 inner = bytes.fromhex('{mac}') + bytes.fromhex('0a580a000001') + b'\x08\x00' + ip + udp
 vxlan = struct.pack('!II', 0x08000000, 1 << 8) + inner
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.{family}, socket.SOCK_DGRAM)
 for _ in range({TIMES}):
     s.sendto(vxlan, ('{underlay}', 8472))
 "#,
-        mac = vtep_mac.replace(':', "")
+        mac = vtep_mac.replace(':', ""),
+        family = if underlay.contains(':') { "AF_INET6" } else { "AF_INET" },
     )
 }
 
@@ -68,23 +71,45 @@ fn python_in(ns: &str, script: &str, unprivileged: bool) {
     );
 }
 
-/// `n` VXLAN nodes (VNI 1, port 8472) on etcd.
-fn vxlan_cluster(n: usize) -> Cluster {
-    Cluster::new(
+/// `n` VXLAN nodes (VNI 1, port 8472) on etcd, on an underlay of `stack`.
+fn vxlan_cluster(n: usize, stack: Stack) -> Cluster {
+    // Over an IPv6 underlay the pods get IPv6 too: the hostile pod sends to the node's IPv6
+    // address.
+    let v6 = if stack == Stack::V6Only {
+        r#""EnableIPv6": true, "IPv6Network": "fd00:244::/56", "#
+    } else {
+        ""
+    };
+    Cluster::with_options(
         n,
-        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}"#,
+        &format!(r#"{{"Network": "10.244.0.0/16", {v6}"Backend": {{"Type": "vxlan", "VNI": 1, "Port": 8472}}}}"#),
         &trellisd(),
         &["--lease-ttl", "10", "--resync", "5"],
+        Options {
+            underlay: stack,
+            ..Options::default()
+        },
     )
 }
 
 #[test]
 fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
-    let mut c = vxlan_cluster(2);
+    forged_frames_are_not_decapsulated(Stack::V4);
+}
+
+/// The same with the tunnel over an IPv6 underlay (the guard's `nodes6` set and IPv6 rules).
+#[test]
+fn vxlan_frames_over_an_ipv6_underlay_from_pods_and_strangers_are_not_decapsulated() {
+    forged_frames_are_not_decapsulated(Stack::V6Only);
+}
+
+fn forged_frames_are_not_decapsulated(stack: Stack) {
+    let mut c = vxlan_cluster(2, stack);
     let (p1, p2) = (c.add_pod(0), c.add_pod(1));
     c.all_reach_all(Duration::from_secs(15)).expect("pods reach each other");
     let pod2 = c.pods[p2].ips[0].clone();
-    let node2_underlay = format!("{}.12", trellis_tests::cluster::UNDERLAY);
+    let node2_underlay = c.node_underlay_ip(1);
+    let nodes_set = if stack == Stack::V6Only { "nodes6" } else { "nodes4" };
     let vtep = mac_of(&c.nodes[1].ns, "trellis.1");
     let vtep = vtep.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let rx = Receiver::bind(c.pods[p2].ns.path(), PORT);
@@ -121,8 +146,10 @@ fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
     // and the pods keep talking.
     c.nodes[1].ns.exec_ok(&["nft", "flush", "ruleset"]);
     wait_until("node 2's underlay guard is back", Duration::from_secs(3), || {
-        let t = c.nodes[1].ns.exec(&["nft", "list", "set", "inet", "trellis", "nodes4"]);
-        String::from_utf8_lossy(&t.stdout).contains(&format!("{}.11", trellis_tests::cluster::UNDERLAY))
+        let t = c.nodes[1]
+            .ns
+            .exec(&["nft", "list", "set", "inet", "trellis", nodes_set]);
+        String::from_utf8_lossy(&t.stdout).contains(&c.node_underlay_ip(0))
     });
     python_in(&c.pods[p1].ns.name, &from_pod, true);
     assert!(rx.sources(Duration::from_millis(500)).is_empty());
@@ -136,7 +163,7 @@ fn vxlan_frames_from_pods_and_strangers_are_not_decapsulated() {
 #[test]
 fn a_flushed_ruleset_gets_the_pods_anti_spoofing_back() {
     use trellis_tests::forge::{send_frames, udp4};
-    let mut c = vxlan_cluster(1);
+    let mut c = vxlan_cluster(1, Stack::V4);
     let (a, b) = (c.add_pod(0), c.add_pod(0));
     let (pa, pb) = (&c.pods[a], &c.pods[b]);
     let b_ip: std::net::Ipv4Addr = pb.ips[0].parse().unwrap();
