@@ -331,7 +331,7 @@ async fn get_and_merge_patch_like_the_real_server() {
         .await;
     assert_status(&stale, 409, "Conflict");
     assert_status(&client.merge("/api/v1/nodes/nope", json!({})).await, 404, "NotFound");
-    assert_status(&client.get("/api/v1/pods").await, 404, "NotFound");
+    assert_status(&client.get("/api/v1/services").await, 404, "NotFound");
     assert_status(
         &client
             .send(client.request("DELETE", "/api/v1/nodes/n1", "", String::new()))
@@ -794,4 +794,87 @@ fn the_binary_serves_the_nodes_it_was_given_until_sigterm() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage:"));
+}
+
+/// Namespaces, Pods and NetworkPolicies (issue 14) as the real server serves them: namespaced
+/// objects by their namespaced path, the cluster-wide lists and watches trellisd reads (in
+/// namespace/name order, the group's apiVersion), and the events of every change.
+#[tokio::test]
+async fn namespaces_pods_and_network_policies_cluster_wide() {
+    use trellis_tests::kube_apiserver::{NAMESPACES, NETWORK_POLICIES, PODS};
+    let server = server();
+    let client = Client::new(&server);
+    server.create(&NAMESPACES, json!({"metadata": {"name": "x", "labels": {"ns": "x"}}}));
+    for (ns, name) in [("y", "b"), ("x", "b"), ("x", "a")] {
+        server.create(
+            &PODS,
+            json!({"metadata": {"namespace": ns, "name": name, "labels": {"pod": name}},
+                   "spec": {"nodeName": "node1"}, "status": {"podIPs": [{"ip": "10.244.1.5"}]}}),
+        );
+    }
+    let policy = server.create(
+        &NETWORK_POLICIES,
+        json!({"metadata": {"namespace": "x", "name": "deny"}, "spec": {"podSelector": {}}}),
+    );
+    assert_eq!(policy["apiVersion"], "networking.k8s.io/v1");
+
+    let (code, pod) = client.get("/api/v1/namespaces/x/pods/a").await;
+    assert_eq!(
+        (code, pod["kind"].as_str(), pod["metadata"]["namespace"].as_str()),
+        (200, Some("Pod"), Some("x"))
+    );
+    assert_status(&client.get("/api/v1/namespaces/z/pods/a").await, 404, "NotFound");
+    assert_status(&client.get("/api/v1/namespaces/x/pods").await, 404, "NotFound");
+    let (code, ns) = client.get("/api/v1/namespaces/x").await;
+    assert_eq!((code, ns["kind"].as_str()), (200, Some("Namespace")));
+
+    let (code, list) = client.get("/api/v1/pods?limit=2").await;
+    assert_eq!((code, list["kind"].as_str()), (200, Some("PodList")));
+    let keys: Vec<String> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str().unwrap(),
+                p["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(keys, ["x/a", "x/b"], "namespace/name order, paginated");
+    let cont = list["metadata"]["continue"]
+        .as_str()
+        .expect("a continue token")
+        .to_string();
+    let (_, rest) = client.get(&format!("/api/v1/pods?limit=2&continue={cont}")).await;
+    assert_eq!(rest["items"][0]["metadata"]["namespace"], "y");
+
+    let (code, policies) = client.get("/apis/networking.k8s.io/v1/networkpolicies").await;
+    assert_eq!(
+        (code, policies["kind"].as_str(), policies["apiVersion"].as_str()),
+        (200, Some("NetworkPolicyList"), Some("networking.k8s.io/v1"))
+    );
+    assert_eq!(names(&policies), ["deny"]);
+    let (code, one) = client
+        .get("/apis/networking.k8s.io/v1/namespaces/x/networkpolicies/deny")
+        .await;
+    assert_eq!((code, one), (200, policy));
+
+    let rv = server.resource_version();
+    let mut watch = client
+        .watch(&format!(
+            "/apis/networking.k8s.io/v1/networkpolicies?watch=true&resourceVersion={rv}"
+        ))
+        .await;
+    server.update(&NETWORK_POLICIES, "x/deny", |p| {
+        p["spec"]["policyTypes"] = json!(["Ingress"])
+    });
+    server.delete(&NETWORK_POLICIES, "x/deny");
+    let (modified, deleted) = (watch.next_change().await, watch.next_change().await);
+    assert_eq!(
+        (modified["type"].as_str(), deleted["type"].as_str()),
+        (Some("MODIFIED"), Some("DELETED"))
+    );
+    assert_eq!(deleted["object"]["metadata"]["namespace"], "x");
 }

@@ -130,14 +130,42 @@ async fn respond(
     }
 }
 
-/// `/api/v1/PLURAL` or `/api/v1/PLURAL/NAME`.
+/// What a path names: a resource, and one object of it (its store key: `NAME`, or
+/// `NAMESPACE/NAME` for namespaced ones).
+/// - `/api/v1/PLURAL[/NAME]` (core group; namespaced ones listed and watched across all
+///   namespaces, as trellisd reads them);
+/// - `/api/v1/namespaces/NS/PLURAL/NAME` (one namespaced object);
+/// - `/apis/networking.k8s.io/v1/networkpolicies` and
+///   `/apis/networking.k8s.io/v1/namespaces/NS/networkpolicies/NAME`.
+///
+/// Lists within one namespace (`/api/v1/namespaces/NS/pods`) are not served: nothing here
+/// reads them, and a 404 says so rather than a wrong answer.
 fn route(path: &str) -> Option<(&'static Resource, Option<String>)> {
-    let mut parts = path.strip_prefix("/api/v1/")?.split('/');
-    let plural = parts.next()?;
-    let res = RESOURCES.iter().copied().find(|r| r.plural == plural)?;
-    match (parts.next(), parts.next()) {
-        (None, _) => Some((res, None)),
-        (Some(name), None) if !name.is_empty() => Some((res, Some(name.to_string()))),
+    let (group, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        ("v1", rest)
+    } else {
+        (
+            "networking.k8s.io/v1",
+            path.strip_prefix("/apis/networking.k8s.io/v1/")?,
+        )
+    };
+    let find = |plural: &str| {
+        RESOURCES
+            .iter()
+            .copied()
+            .find(|r| r.plural == plural && r.api_version == group)
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [plural] => Some((find(plural)?, None)),
+        ["namespaces", ns, plural, name] if !ns.is_empty() && !name.is_empty() => {
+            let res = find(plural).filter(|r| r.namespaced)?;
+            Some((res, Some(format!("{ns}/{name}"))))
+        }
+        [plural, name] if !name.is_empty() => {
+            let res = find(plural).filter(|r| !r.namespaced)?;
+            Some((res, Some(name.to_string())))
+        }
         _ => None,
     }
 }
@@ -195,7 +223,7 @@ fn list(
     if let Some(n) = page.remaining {
         meta["remainingItemCount"] = json!(n);
     }
-    let list = json!({"kind": format!("{}List", res.kind), "apiVersion": "v1", "metadata": meta, "items": page.items});
+    let list = json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version, "metadata": meta, "items": page.items});
     Ok(json_response(200, &list))
 }
 

@@ -2,8 +2,9 @@
 //! `kube::Client`) where no kube-apiserver can run. It is not a cluster and says so: its CA is
 //! "trellis stand-in kube-apiserver CA (not a cluster)", its token starts with `trellis-standin-`.
 //!
-//! It speaks the real wire protocol for what Trellis uses, v1 Nodes, so a client cannot tell it
-//! apart on those calls:
+//! It speaks the real wire protocol for what Trellis uses — v1 Nodes, and for NetworkPolicy
+//! (issue 14) Namespaces, Pods (`/api/v1/pods`, `/api/v1/namespaces/NS/pods/NAME`) and
+//! `networking.k8s.io/v1` NetworkPolicies — so a client cannot tell it apart on those calls:
 //! - HTTPS (HTTP/1.1, ALPN `http/1.1`) with a CA generated per server; bearer-token
 //!   authentication (401 and a `Status` body without the right token);
 //! - `GET /api/v1/nodes/NAME`; `PATCH` of it with a JSON merge patch (a strategic merge patch is
@@ -19,8 +20,9 @@
 //! ([`ApiServer::expire_watches`]), a killed and restarted server ([`ApiServer::stop`],
 //! [`ApiServer::restart`]), and what the client sent ([`ApiServer::requests`] and counters).
 //!
-//! What it does NOT do (a test that needs one of these needs a real cluster): other resources
-//! than Nodes (the store is keyed by resource so namespaced ones can be added), namespaces, create
+//! What it does NOT do (a test that needs one of these needs a real cluster): other resources,
+//! lists and watches within one namespace (namespaced resources are listed and watched across
+//! all namespaces only; `/api/v1/namespaces/NS/pods` is a 404), create
 //! / update / delete over HTTP (tests change objects with the methods here), server-side apply
 //! and JSON patch (415), strategic merge patch's list merging and directives, label selectors
 //! and field selectors other than `metadata.name` (refused with 400, never silently ignored),
@@ -53,7 +55,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use store::{Store, NODES};
+use store::Store;
+pub use store::{Resource, NAMESPACES, NETWORK_POLICIES, NODES, PODS};
 use tokio::runtime::Runtime;
 use tokio_rustls::TlsAcceptor;
 
@@ -277,9 +280,37 @@ impl ApiServer {
         if let Some(first) = pod_cidrs.first() {
             node["spec"] = json!({"podCIDR": first, "podCIDRs": pod_cidrs});
         }
+        self.create(&NODES, node)
+    }
+
+    /// Creates an object of `res` (`metadata.name`, and `metadata.namespace` for namespaced
+    /// ones) with the fields the server sets, sending ADDED. Panics if it exists.
+    pub fn create(&self, res: &'static Resource, obj: Value) -> Value {
         self.shared
             .store()
-            .create(&NODES, node)
+            .create(res, obj)
+            .unwrap_or_else(|e| panic!("{}", e.message))
+    }
+
+    /// Changes the object at `key` (`name`, or `namespace/name`) with `f`, as another client's
+    /// update would, sending MODIFIED if anything changed. Panics if it does not exist. `f` runs
+    /// under the store's lock: it must not call the server.
+    pub fn update(&self, res: &'static Resource, key: &str, f: impl FnOnce(&mut Value)) -> Value {
+        let mut store = self.shared.store();
+        let mut obj = store
+            .get(res, key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {} {key:?} to update", res.kind));
+        f(&mut obj);
+        store.replace(res, key, obj).unwrap_or_else(|e| panic!("{}", e.message))
+    }
+
+    /// Deletes the object at `key`, sending DELETED; returns it as last stored. Panics if it
+    /// does not exist.
+    pub fn delete(&self, res: &'static Resource, key: &str) -> Value {
+        self.shared
+            .store()
+            .delete(res, key)
             .unwrap_or_else(|e| panic!("{}", e.message))
     }
 
@@ -287,23 +318,12 @@ impl ApiServer {
     /// changed; name, uid and resource version are the server's. Returns the Node. Panics if it
     /// does not exist. `f` runs under the store's lock: it must not call the server.
     pub fn update_node(&self, name: &str, f: impl FnOnce(&mut Value)) -> Value {
-        let mut store = self.shared.store();
-        let mut node = store
-            .get(&NODES, name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no node {name:?} to update"));
-        f(&mut node);
-        store
-            .replace(&NODES, name, node)
-            .unwrap_or_else(|e| panic!("{}", e.message))
+        self.update(&NODES, name, f)
     }
 
     /// Deletes a Node, sending DELETED. Returns it as last stored. Panics if it does not exist.
     pub fn delete_node(&self, name: &str) -> Value {
-        self.shared
-            .store()
-            .delete(&NODES, name)
-            .unwrap_or_else(|e| panic!("{}", e.message))
+        self.delete(&NODES, name)
     }
 
     pub fn node(&self, name: &str) -> Option<Value> {

@@ -15,21 +15,57 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// A kind of object the stand-in serves: only cluster-scoped resources of the core group
-/// (`/api/v1/PLURAL`) so far. Serving namespaced ones (pods, networkpolicies) means a row in
-/// [`RESOURCES`], the namespace in the paths (`http.rs`) and in the object key here.
+/// A kind of object the stand-in serves. Namespaced objects are keyed `namespace/name` here
+/// (the order the real server lists them in); cluster-scoped ones by name.
 pub struct Resource {
     pub plural: &'static str,
     pub kind: &'static str,
+    /// `v1`, `networking.k8s.io/v1`.
+    pub api_version: &'static str,
+    pub namespaced: bool,
 }
 
 pub const NODES: Resource = Resource {
     plural: "nodes",
     kind: "Node",
+    api_version: "v1",
+    namespaced: false,
+};
+
+pub const NAMESPACES: Resource = Resource {
+    plural: "namespaces",
+    kind: "Namespace",
+    api_version: "v1",
+    namespaced: false,
+};
+
+pub const PODS: Resource = Resource {
+    plural: "pods",
+    kind: "Pod",
+    api_version: "v1",
+    namespaced: true,
+};
+
+pub const NETWORK_POLICIES: Resource = Resource {
+    plural: "networkpolicies",
+    kind: "NetworkPolicy",
+    api_version: "networking.k8s.io/v1",
+    namespaced: true,
 };
 
 /// Every resource the stand-in serves.
-pub const RESOURCES: &[&Resource] = &[&NODES];
+pub const RESOURCES: &[&Resource] = &[&NODES, &NAMESPACES, &PODS, &NETWORK_POLICIES];
+
+impl Resource {
+    /// The store's key of `obj`: `namespace/name` or `name`.
+    pub fn key_of(&self, obj: &Value) -> String {
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        match (self.namespaced, obj["metadata"]["namespace"].as_str()) {
+            (true, Some(ns)) => format!("{ns}/{name}"),
+            _ => name.to_string(),
+        }
+    }
+}
 
 /// How many paginated-list snapshots stay available for `continue` tokens.
 const SNAPSHOTS: usize = 16;
@@ -129,12 +165,18 @@ impl Store {
 
     /// Stores a new object named by its `metadata.name`, with the fields the server sets.
     pub fn create(&mut self, res: &'static Resource, mut obj: Value) -> Result<Value, ApiError> {
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        if res.namespaced && obj["metadata"]["namespace"].as_str().is_none_or(str::is_empty) {
+            return Err(ApiError::bad_request(format!(
+                "a {} needs metadata.namespace",
+                res.kind
+            )));
+        }
+        let name = res.key_of(&obj);
         if self.get(res, &name).is_some() {
             return Err(ApiError::already_exists(res.plural, &name));
         }
         self.rv += 1;
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(res.api_version);
         obj["kind"] = json!(res.kind);
         let meta = &mut obj["metadata"];
         meta["uid"] = json!(random_uid());
@@ -155,7 +197,7 @@ impl Store {
         for field in ["apiVersion", "kind"] {
             obj[field] = old[field].clone();
         }
-        for field in ["name", "uid", "creationTimestamp", "resourceVersion"] {
+        for field in ["name", "namespace", "uid", "creationTimestamp", "resourceVersion"] {
             obj["metadata"][field] = old["metadata"][field].clone();
         }
         if obj == *old {
@@ -201,6 +243,7 @@ impl Store {
     }
 
     fn emit(&mut self, res: &'static Resource, kind: &str, obj: &Value) {
+        // Watches by name (`fieldSelector=metadata.name=`) match the name, not the key.
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let line = watch_line(kind, obj);
         let rv = self.rv;
@@ -250,7 +293,7 @@ impl Store {
         };
         let mut matching = objects
             .iter()
-            .filter(|o| o["metadata"]["name"].as_str().is_some_and(|n| n >= start.as_str()))
+            .filter(|o| res.key_of(o).as_str() >= start.as_str())
             .filter(|o| name.is_none_or(|n| o["metadata"]["name"] == n));
         let items: Vec<Value> = match limit {
             0 => matching.by_ref().cloned().collect(),
@@ -275,12 +318,9 @@ impl Store {
                 self.snapshots.pop_front();
             }
         }
-        let last = items
-            .last()
-            .and_then(|o| o["metadata"]["name"].as_str())
-            .unwrap_or_default();
+        let last = items.last().map(|o| res.key_of(o)).unwrap_or_default();
         Ok(Page {
-            cont: Some(encode_continue(rv, last)),
+            cont: Some(encode_continue(rv, &last)),
             rv,
             remaining: name.is_none().then_some(left),
             items,
@@ -332,8 +372,7 @@ impl Store {
     /// already queued there (so it never claims a version whose events are still to come).
     pub fn bookmark(&self, id: u64, res: &Resource) {
         if let Some(w) = self.watchers.get(&id) {
-            let obj =
-                json!({"kind": res.kind, "apiVersion": "v1", "metadata": {"resourceVersion": self.rv.to_string()}});
+            let obj = json!({"kind": res.kind, "apiVersion": res.api_version, "metadata": {"resourceVersion": self.rv.to_string()}});
             let _ = w.tx.send(watch_line("BOOKMARK", &obj));
         }
     }
