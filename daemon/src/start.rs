@@ -62,6 +62,20 @@ pub async fn run(args: Args) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
+    // NetworkPolicy needs the Kubernetes API (the objects live there), and routed mode.
+    let policy_client = match (&args.datastore, args.cni_mode) {
+        (DatastoreKind::Kube, trellis_plugin::config::Mode::Routed) => {
+            let kube = crate::datastore::kube::KubeStore {
+                kubeconfig: args.kubeconfig.clone(),
+            };
+            Some(kube.client().await.map_err(|e| e.to_string())?)
+        }
+        (DatastoreKind::Kube, _) => {
+            warn!("NetworkPolicy is not enforced in bridge mode yet (routed mode only; see docs/network-policy.md)");
+            None
+        }
+        _ => None,
+    };
     let store = match args.datastore {
         DatastoreKind::Etcd => Datastore::Etcd(Box::new(
             EtcdStore::new(args.etcd_endpoints.clone())
@@ -135,6 +149,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         ..Default::default()
     };
     dp.restore_anti_spoofing_from(crate::state::pod_records(&args.state_dir));
+    if let Some(client) = policy_client {
+        let records = crate::state::pod_records(&args.state_dir);
+        tokio::spawn(crate::policy::enforce::run(client, metrics.clone(), records));
+    }
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
     let (tx, rx) = tokio::sync::mpsc::channel(1024);

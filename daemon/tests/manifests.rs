@@ -112,20 +112,17 @@ fn rbac_grants_exactly_what_the_daemon_calls() {
     let role: ClusterRole = find(&documents(), "ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role.rules.unwrap() {
-        assert_eq!(
-            rule.api_groups.as_deref(),
-            Some(&[String::new()][..]),
-            "only the core API group"
-        );
-        for r in rule.resources.unwrap() {
-            for v in &rule.verbs {
-                granted.insert((r.clone(), v.clone()));
+        for g in rule.api_groups.unwrap_or_default() {
+            for r in rule.resources.iter().flatten() {
+                for v in &rule.verbs {
+                    granted.insert((g.clone(), r.clone(), v.clone()));
+                }
             }
         }
     }
-    let called: BTreeSet<(String, String)> = trellisd::datastore::kube::API_CALLS
+    let called: BTreeSet<(String, String, String)> = trellisd::datastore::kube::API_CALLS
         .iter()
-        .map(|(r, v)| (r.to_string(), v.to_string()))
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
         .collect();
     assert_eq!(granted, called);
 }

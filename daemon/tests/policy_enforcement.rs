@@ -11,103 +11,27 @@
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
 use trellis_net::nft::{PolicyTable, PortKind};
+use trellis_tests::probe::{Servers, Transport};
 use trellis_tests::{CniCall, Netns, TempDir};
 use trellisd::policy::compile::{compile, LocalPod};
 use trellisd::policy::model::{PodInfo, Policy, Proto};
 use trellisd::policy::semantics::{e2e_model, View};
 
 use e2e_model::{NAMESPACES, PODS, PORTS};
-/// How long a probe waits for an answer. Only blocked probes wait it out (in parallel); an
-/// allowed one answers in microseconds, so it is generous for a loaded machine.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
 fn plugin() -> std::path::PathBuf {
     trellis_tests::cni::sibling_binary(env!("CARGO_BIN_EXE_trellisd"), "trellis-ipam");
     trellis_tests::cni::sibling_binary(env!("CARGO_BIN_EXE_trellisd"), "trellis")
 }
 
-/// A pod's servers: TCP (answering one byte) and UDP (echo) on every port, both families;
-/// stopped and joined on drop.
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Servers {
-    fn start(ns: &Netns) -> Servers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for port in PORTS {
-            let (tcp, udp) = trellis_net::netns::run_in(ns.path(), || {
-                let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-                (TcpListener::bind(any).unwrap(), UdpSocket::bind(any).unwrap())
-            })
-            .unwrap();
-            tcp.set_nonblocking(true).unwrap();
-            udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let s = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut c, _)) => {
-                            let _ = c.write_all(b"k");
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            }));
-            let s = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 16];
-                while !s.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(&buf[..n], from);
-                    }
-                }
-            }));
-        }
-        Servers { stop, threads }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Whether a new connection from the namespace at `from` to `to` gets an answer.
 fn probe(from: &std::path::Path, to: SocketAddr, proto: Proto) -> bool {
-    trellis_net::netns::run_in(from, || match proto {
-        Proto::Tcp => TcpStream::connect_timeout(&to, PROBE_TIMEOUT)
-            .and_then(|mut c| {
-                c.set_read_timeout(Some(PROBE_TIMEOUT))?;
-                let mut b = [0u8; 1];
-                c.read_exact(&mut b)
-            })
-            .is_ok(),
-        Proto::Udp => {
-            let any: SocketAddr = if to.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let s = UdpSocket::bind(any).unwrap();
-            s.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
-            s.send_to(b"ping", to).is_ok() && s.recv_from(&mut [0u8; 16]).is_ok()
-        }
+    let t = match proto {
+        Proto::Tcp => Transport::Tcp,
+        Proto::Udp => Transport::Udp,
         Proto::Sctp => unreachable!("no SCTP traffic on this kernel"),
-    })
-    .unwrap()
+    };
+    trellis_tests::probe::probe(from, to, t)
 }
 
 struct Pod {
@@ -166,7 +90,7 @@ impl Lab {
                     node: "node1".into(),
                     ports,
                 };
-                let servers = Servers::start(&ns);
+                let servers = Servers::start(ns.path(), &PORTS);
                 pods.push(Pod {
                     ns,
                     info,

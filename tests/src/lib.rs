@@ -26,6 +26,7 @@ pub mod forge;
 pub mod kube_apiserver;
 pub mod names;
 pub mod netns;
+pub mod probe;
 pub mod process;
 pub mod tempdir;
 pub mod topology;

@@ -53,10 +53,22 @@ pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 pub const SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 pub const UNDERLAY_IP: &str = "trellis.dev/underlay-ip";
 
-/// Every Kubernetes API call this datastore makes, as RBAC names it (resource, verb): `patch` of
-/// its own Node (whose answer is the Node: no `get` needed), `list` and `watch` of all Nodes by
-/// the watcher. The manifest's ClusterRole must grant exactly these (a test checks it).
-pub const API_CALLS: &[(&str, &str)] = &[("nodes", "patch"), ("nodes", "list"), ("nodes", "watch")];
+/// Every Kubernetes API call trellisd makes, as RBAC names it (API group, resource, verb):
+/// `patch` of its own Node (whose answer is the Node: no `get` needed), `list` and `watch` of
+/// all Nodes by the watcher, and `list` and `watch` of Namespaces, Pods and NetworkPolicies for
+/// NetworkPolicy (`policy::source`). The manifest's ClusterRole must grant exactly these (a test
+/// checks it).
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("", "nodes", "patch"),
+    ("", "nodes", "list"),
+    ("", "nodes", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("networking.k8s.io", "networkpolicies", "list"),
+    ("networking.k8s.io", "networkpolicies", "watch"),
+];
 
 /// Why a Node gives no lease (yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -381,7 +393,8 @@ pub struct KubeStore {
 }
 
 impl KubeStore {
-    async fn client(&self) -> Result<kube::Client, DatastoreError> {
+    /// A client from the kubeconfig given, or the in-cluster config.
+    pub async fn client(&self) -> Result<kube::Client, DatastoreError> {
         use http::header::{HeaderValue, USER_AGENT as UA};
         let err =
             |e: &(dyn std::error::Error + 'static)| DatastoreError::Invalid(format!("kubernetes client: {}", chain(e)));

@@ -4,10 +4,11 @@
 //! nftables table must hold for it ([`compile`], checked against [`semantics`]).
 //!
 //! [`source`] watches the objects (Namespaces, Pods, NetworkPolicies) and folds them into a
-//! view; `trellis_net::nft::PolicyTable` writes compiled state into the kernel. Not yet here
-//! (README's status table says so): the node loop joining the two, so nothing is enforced yet.
+//! view; [`enforce`] compiles each view for this node's pods and writes it with
+//! `trellis_net::nft::PolicyTable`. With the Kubernetes datastore, in routed mode.
 
 pub mod compile;
+pub mod enforce;
 pub mod model;
 pub mod selector;
 pub mod semantics;
