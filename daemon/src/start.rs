@@ -149,9 +149,18 @@ pub async fn run(args: Args) -> Result<(), String> {
         ..Default::default()
     };
     dp.restore_anti_spoofing_from(crate::state::pod_records(&args.state_dir));
-    if let Some(client) = policy_client {
-        let records = crate::state::pod_records(&args.state_dir);
-        tokio::spawn(crate::policy::enforce::run(client, metrics.clone(), records));
+    match policy_client {
+        // The enforcer finds this node's pods by the records the plugin writes when it protects
+        // them from spoofing; without anti-spoofing there are none.
+        Some(_) if args.no_anti_spoofing => warn!(
+            "NetworkPolicy is not enforced: it finds this node's pods by the anti-spoofing records, which \
+             --no-anti-spoofing turns off"
+        ),
+        Some(client) => {
+            let records = crate::state::pod_records(&args.state_dir);
+            tokio::spawn(crate::policy::enforce::run(client, metrics.clone(), records));
+        }
+        None => {}
     }
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
