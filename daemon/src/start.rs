@@ -152,15 +152,20 @@ pub async fn run(args: Args) -> Result<(), String> {
     match policy_client {
         // The enforcer finds this node's pods by the records the plugin writes when it protects
         // them from spoofing; without anti-spoofing there are none.
-        Some(_) if args.no_anti_spoofing => warn!(
-            "NetworkPolicy is not enforced: it finds this node's pods by the anti-spoofing records, which \
-             --no-anti-spoofing turns off"
-        ),
+        Some(_) if args.no_anti_spoofing => {
+            warn!(
+                "NetworkPolicy is not enforced: it finds this node's pods by the anti-spoofing records, which \
+                 --no-anti-spoofing turns off"
+            );
+            remove_stale_policy_table();
+        }
         Some(client) => {
             let records = crate::state::pod_records(&args.state_dir);
             tokio::spawn(crate::policy::enforce::run(client, metrics.clone(), records));
         }
-        None => {}
+        // Not enforced on this run: a table an earlier run (another mode or datastore) left
+        // would go on enforcing stale policy, so it goes, as a stale backend device does.
+        None => remove_stale_policy_table(),
     }
 
     // Every source sends its inputs to the node's one channel; the node decides what runs.
@@ -266,6 +271,15 @@ async fn start_bgp(
     let synced = speaker.synced();
     info!(asn, %router_id, "BGP speaker started");
     Ok((speaker, rib, synced))
+}
+
+/// Removes the NetworkPolicy table (nothing to do when there is none).
+fn remove_stale_policy_table() {
+    use trellis_net::nft::{PolicyTable, PortKind};
+    let removed = PolicyTable::new(crate::policy::enforce::TABLE, PortKind::Routed).and_then(|t| t.remove());
+    if let Err(e) = removed {
+        warn!("removing the NetworkPolicy table an earlier run left: {e}");
+    }
 }
 
 /// The BGP identifier: `--bgp-router-id`, else the underlay's IPv4 address, else an IPv4

@@ -189,7 +189,17 @@ fn sets(kind: PortKind) -> Sets {
     }
 }
 
-fn ifname_key(name: &str) -> Vec<u8> {
+/// nft(8) reads a plain string key as host-endian only when told so (libnftnl's
+/// NFTNL_UDATA_SET_KEYBYTEORDER = BYTEORDER_HOST_ENDIAN); otherwise it prints the names
+/// reversed, as "".
+pub(super) fn host_endian_key(m: &mut Msg) {
+    let mut udata = vec![0u8, 4];
+    udata.extend_from_slice(&1u32.to_ne_bytes());
+    m.bytes(NFTA_SET_USERDATA, &udata);
+}
+
+/// An interface name as an nft `ifname` key (NUL-padded to IFNAMSIZ).
+pub(super) fn ifname_key(name: &str) -> Vec<u8> {
     let mut k = name.as_bytes()[..name.len().min(IFNAMSIZ - 1)].to_vec();
     k.resize(IFNAMSIZ, 0);
     k
@@ -347,12 +357,7 @@ impl AntiSpoof {
         for (id, (set, ty, len)) in (200..).zip(new_sets) {
             let mut m = table.new_set(set, ty, len, None, id);
             if ty == NFT_TYPE_IFNAME {
-                // nft(8) reads a plain string key as host-endian only when told so (libnftnl's
-                // NFTNL_UDATA_SET_KEYBYTEORDER = BYTEORDER_HOST_ENDIAN); otherwise it prints
-                // the names reversed, as "".
-                let mut udata = vec![0u8, 4];
-                udata.extend_from_slice(&1u32.to_ne_bytes());
-                m.bytes(NFTA_SET_USERDATA, &udata);
+                host_endian_key(&mut m);
             }
             batch.push(m, format!("adding set {d} {set}"));
         }

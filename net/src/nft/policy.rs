@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 
-use super::antispoof::PortKind;
+use super::antispoof::{host_endian_key, ifname_key, PortKind};
 use super::conn::{Batch, Conn};
 use super::interval::{Family, Interval};
 use super::objects::expr;
@@ -143,12 +143,6 @@ fn family_suffix(fam: Family) -> &'static str {
         Family::V4 => "4",
         Family::V6 => "6",
     }
-}
-
-fn ifname_key(name: &str) -> Vec<u8> {
-    let mut k = name.as_bytes()[..name.len().min(IFNAMSIZ - 1)].to_vec();
-    k.resize(IFNAMSIZ, 0);
-    k
 }
 
 fn addr_bytes(ip: IpAddr) -> Vec<u8> {
@@ -484,13 +478,6 @@ impl PolicyTable {
 
 fn header_key_type(fam: Family) -> u32 {
     super::objects::header(fam).key_type
-}
-
-/// nft(8) reads an ifname key as host-endian only when told (see `AntiSpoof`).
-fn host_endian_key(m: &mut Msg) {
-    let mut udata = vec![0u8, 4];
-    udata.extend_from_slice(&1u32.to_ne_bytes());
-    m.bytes(NFTA_SET_USERDATA, &udata);
 }
 
 /// `set NAME { type ipv4_addr; flags interval; }` (or IPv6).
