@@ -11,6 +11,8 @@
 //! - [`ethtool`]: TX checksum offload through the `SIOCETHTOOL` ioctl.
 //! - [`sysctl`]: `/proc/sys` parameters (per namespace of the calling thread).
 //! - [`nft`], nftables: masquerade for pod traffic.
+//! - [`conntrack`]: dump the connection tracking table and delete entries (ctnetlink), so
+//!   that a policy change cuts flows it no longer allows.
 //! - [`NetError`]: one error type; netlink errors keep the errno and say which object failed.
 //!
 //! Conventions: adds that are naturally repeatable (addresses, `replace_*`) succeed when the
@@ -27,6 +29,7 @@
 //! ```
 
 pub mod addr;
+pub mod conntrack;
 mod error;
 pub mod ethtool;
 mod family;

@@ -1,0 +1,590 @@
+//! The conntrack table (ctnetlink) of the calling thread's network namespace: dump it, delete
+//! entries.
+//!
+//! Why: `trellisd`'s NetworkPolicy enforcer accepts `ct state established,related` before it
+//! looks at the policy, so a flow that a policy change now denies would stay alive for as long
+//! as it keeps sending (a UDP stream never times out). After a policy change the enforcer dumps
+//! the node namespace's table ([`dump`]) and deletes the entries of flows that the new policy no
+//! longer allows ([`delete_where`]); their next packet is `ct state new` and meets the policy.
+//!
+//! Everything is synchronous and happens in the namespace of the calling thread: wrap calls in
+//! [`crate::netns::run_in`] for another namespace.
+//!
+//! Pitfalls met on the way:
+//! - A delete request *without* a tuple is a flush: `IPCTNL_MSG_CT_DELETE` with no
+//!   `CTA_TUPLE_ORIG`/`CTA_TUPLE_REPLY` empties the whole table of the nfgenmsg family
+//!   (AF_UNSPEC: both). [`delete`] therefore always sends `CTA_TUPLE_ORIG`, never an empty one.
+//! - The kernel parses the tuple's addresses by the nfgenmsg family of the delete request, so it
+//!   must be the tuple's AF_INET/AF_INET6; only the dump takes AF_UNSPEC (both families).
+//! - ICMP entries are keyed by ICMP id, type and code rather than by ports, and an entry can
+//!   carry a directional zone (`CTA_TUPLE_ZONE`) inside its tuple. Rather than model all of
+//!   that, a [`Flow`] keeps the kernel's own `CTA_TUPLE_ORIG` payload and [`delete`] sends it
+//!   back verbatim, which identifies the entry exactly for every protocol.
+//! - The table is filled only once something in the namespace uses conntrack (an nftables
+//!   `ct` expression, NAT, ...): the kernel registers conntrack's hooks per namespace on
+//!   demand. A namespace without such a user dumps an empty table, without error (checked on
+//!   Linux 6.18 with `nf_conntrack` and `nf_conntrack_netlink` built in; where ctnetlink is a
+//!   module, nfnetlink asks for it on the first request).
+//! - The zone attribute (`CTA_ZONE`) is only in a dump when the zone is not the default zone 0;
+//!   a delete must name the entry's zone, or it looks in zone 0 and answers ENOENT.
+//! - The kernel answers a `IPCTNL_MSG_CT_GET` dump with `IPCTNL_MSG_CT_NEW` messages, and a
+//!   large table spans many datagrams (the tests dump 600 entries).
+//! - Deleting an entry that timed out or was deleted meanwhile answers ENOENT: [`delete`]
+//!   returns `Ok(false)`, so that a concurrent expiry is not an error.
+//! - A dump interrupted by a concurrent change of the table carries `NLM_F_DUMP_INTR`: it is
+//!   retried a few times before giving up with [`NetError::DumpInterrupted`].
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+
+use crate::NetError;
+
+// netlink (include/uapi/linux/netlink.h)
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CAPPED: u16 = 0x100;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+// nfnetlink and ctnetlink (nfnetlink.h, nfnetlink_conntrack.h)
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const NFNETLINK_V0: u8 = 0;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+
+const RECV_BUF: usize = 64 * 1024;
+/// A dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is tried this many times.
+const DUMP_TRIES: u32 = 10;
+
+/// One side of a connection as conntrack records it.
+///
+/// Ports are 0 where the protocol has none (ICMP, GRE, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number (`libc::IPPROTO_UDP`, ...).
+    pub proto: u8,
+    /// Source port (0 when the protocol has none).
+    pub sport: u16,
+    /// Destination port (0 when the protocol has none).
+    pub dport: u16,
+}
+
+impl fmt::Display for Tuple {
+    /// `udp 10.0.0.1:5000 -> 10.0.0.2:53`, `icmp 10.0.0.1 -> 10.0.0.2`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match i32::from(self.proto) {
+            libc::IPPROTO_TCP => "tcp".to_string(),
+            libc::IPPROTO_UDP => "udp".to_string(),
+            libc::IPPROTO_SCTP => "sctp".to_string(),
+            libc::IPPROTO_ICMP => "icmp".to_string(),
+            libc::IPPROTO_ICMPV6 => "icmpv6".to_string(),
+            n => format!("proto {n}"),
+        };
+        if self.sport == 0 && self.dport == 0 {
+            write!(f, "{name} {} -> {}", self.src, self.dst)
+        } else {
+            let (s, d) = (
+                SocketAddr::new(self.src, self.sport),
+                SocketAddr::new(self.dst, self.dport),
+            );
+            write!(f, "{name} {s} -> {d}")
+        }
+    }
+}
+
+/// One conntrack entry: its original and reply tuples and its zone.
+///
+/// Obtained from [`dump`] only: it also keeps the kernel's encoding of the original tuple,
+/// which [`delete`] sends back to identify the entry exactly (ICMP id/type/code, directional
+/// zones). Two flows are equal when the kernel described them identically.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Flow {
+    /// The direction of the first packet.
+    pub orig: Tuple,
+    /// The direction of the answers (addresses swapped, NAT applied).
+    pub reply: Tuple,
+    /// The conntrack zone (0: the default zone).
+    pub zone: u16,
+    /// The `CTA_TUPLE_ORIG` payload as the kernel dumped it.
+    raw_orig: Vec<u8>,
+}
+
+impl fmt::Debug for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow")
+            .field("orig", &self.orig)
+            .field("reply", &self.reply)
+            .field("zone", &self.zone)
+            .finish()
+    }
+}
+
+impl fmt::Display for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.orig)?;
+        if self.zone != 0 {
+            write!(f, " zone {}", self.zone)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every flow in the calling thread's namespace, both families.
+pub fn dump() -> Result<Vec<Flow>, NetError> {
+    Conn::open()?.dump()
+}
+
+/// Deletes the entry whose original tuple (and zone) is `flow`'s; `Ok(false)` when it is
+/// already gone (ENOENT).
+///
+/// The tuple sent is the kernel's own encoding kept from the dump (so ICMP ids and directional
+/// zones match exactly), not a re-encoding of `flow.orig`; `flow.zone` is sent as it is.
+pub fn delete(flow: &Flow) -> Result<bool, NetError> {
+    Conn::open()?.delete(flow)
+}
+
+/// Deletes every flow for which `pred` is true; returns how many were deleted (entries that
+/// expired between the dump and the delete are not counted).
+pub fn delete_where(pred: impl Fn(&Flow) -> bool) -> Result<usize, NetError> {
+    let mut conn = Conn::open()?;
+    let mut deleted = 0;
+    for flow in conn.dump()?.iter().filter(|f| pred(f)) {
+        if conn.delete(flow)? {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// A ctnetlink request: netlink header, nfgenmsg, attributes.
+struct Msg {
+    buf: Vec<u8>,
+    open: Vec<usize>,
+}
+
+impl Msg {
+    fn new(msg: u16, flags: u16, family: u8) -> Self {
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set in finish()
+        buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // seq, set in finish()
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+        buf.extend_from_slice(&[family, NFNETLINK_V0]);
+        buf.extend_from_slice(&0u16.to_be_bytes()); // res_id
+        Msg { buf, open: Vec::new() }
+    }
+
+    fn bytes(&mut self, ty: u16, data: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.buf.resize(align4(self.buf.len()), 0);
+        self
+    }
+
+    fn begin(&mut self, ty: u16) -> &mut Self {
+        self.open.push(self.buf.len());
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self
+    }
+
+    fn end(&mut self) -> &mut Self {
+        let start = self.open.pop().expect("Msg::end without Msg::begin");
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self
+    }
+
+    fn finish(mut self, seq: u32) -> Vec<u8> {
+        assert!(self.open.is_empty(), "unclosed nested attribute");
+        let len = self.buf.len() as u32;
+        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+        self.buf
+    }
+}
+
+/// A netlink message read from the socket.
+struct Reply<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    /// Everything after the netlink header.
+    payload: &'a [u8],
+}
+
+/// Splits a datagram into netlink messages.
+fn replies(mut buf: &[u8]) -> impl Iterator<Item = Result<Reply<'_>, String>> {
+    std::iter::from_fn(move || {
+        if buf.is_empty() {
+            return None;
+        }
+        if buf.len() < NLMSG_HDRLEN {
+            buf = &[];
+            return Some(Err("truncated netlink header".into()));
+        }
+        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            buf = &[];
+            return Some(Err(format!("bad netlink message length {len}")));
+        }
+        let reply = Reply {
+            ty: u16::from_ne_bytes(buf[4..6].try_into().unwrap()),
+            flags: u16::from_ne_bytes(buf[6..8].try_into().unwrap()),
+            seq: u32::from_ne_bytes(buf[8..12].try_into().unwrap()),
+            payload: &buf[NLMSG_HDRLEN..len],
+        };
+        buf = &buf[align4(len).min(buf.len())..];
+        Some(Ok(reply))
+    })
+}
+
+/// The attributes in `buf` as (type without flag bits, value); stops at a malformed one.
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let value = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, value))
+    })
+}
+
+fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
+    attrs(buf).find(|(t, _)| *t == ty).map(|(_, v)| v)
+}
+
+/// An NLMSG_ERROR payload: the errno (0 for an ack) and the extended-ack text, if any.
+fn parse_error(reply: &Reply<'_>) -> Result<(i32, Option<String>), String> {
+    let p = reply.payload;
+    if p.len() < 4 + NLMSG_HDRLEN {
+        return Err("truncated NLMSG_ERROR".into());
+    }
+    let errno = -i32::from_ne_bytes(p[0..4].try_into().unwrap());
+    let mut msg = None;
+    if reply.flags & NLM_F_ACK_TLVS != 0 {
+        let orig_len = if reply.flags & NLM_F_CAPPED != 0 {
+            NLMSG_HDRLEN
+        } else {
+            u32::from_ne_bytes(p[4..8].try_into().unwrap()) as usize
+        };
+        let tlvs = p.get(4 + align4(orig_len)..).unwrap_or(&[]);
+        msg = attr(tlvs, NLMSGERR_ATTR_MSG)
+            .map(|m| String::from_utf8_lossy(m.split(|b| *b == 0).next().unwrap_or(&[])).into_owned())
+            .filter(|m| !m.is_empty());
+    }
+    Ok((errno, msg))
+}
+
+/// A tuple (`CTA_TUPLE_ORIG`/`CTA_TUPLE_REPLY` payload).
+fn parse_tuple(buf: &[u8]) -> Result<Tuple, String> {
+    let ip = attr(buf, CTA_TUPLE_IP).ok_or("tuple without CTA_TUPLE_IP")?;
+    let v4 = |b: &[u8]| -> Option<IpAddr> { Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?))) };
+    let v6 = |b: &[u8]| -> Option<IpAddr> { Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))) };
+    let (src, dst) = match (attr(ip, CTA_IP_V4_SRC), attr(ip, CTA_IP_V4_DST)) {
+        (Some(s), Some(d)) => (v4(s), v4(d)),
+        _ => (
+            attr(ip, CTA_IP_V6_SRC).and_then(v6),
+            attr(ip, CTA_IP_V6_DST).and_then(v6),
+        ),
+    };
+    let (Some(src), Some(dst)) = (src, dst) else {
+        return Err("tuple without a pair of IPv4 or IPv6 addresses".into());
+    };
+    let proto = attr(buf, CTA_TUPLE_PROTO).ok_or("tuple without CTA_TUPLE_PROTO")?;
+    let num = attr(proto, CTA_PROTO_NUM)
+        .and_then(|b| b.first().copied())
+        .ok_or("tuple without CTA_PROTO_NUM")?;
+    let port = |ty| {
+        attr(proto, ty)
+            .and_then(|b| <[u8; 2]>::try_from(b).ok())
+            .map_or(0, u16::from_be_bytes)
+    };
+    Ok(Tuple {
+        src,
+        dst,
+        proto: num,
+        sport: port(CTA_PROTO_SRC_PORT),
+        dport: port(CTA_PROTO_DST_PORT),
+    })
+}
+
+/// One conntrack entry from a dump reply's attributes (after the nfgenmsg header).
+fn parse_flow(buf: &[u8]) -> Result<Flow, String> {
+    let orig = attr(buf, CTA_TUPLE_ORIG).ok_or("entry without CTA_TUPLE_ORIG")?;
+    let reply = attr(buf, CTA_TUPLE_REPLY).ok_or("entry without CTA_TUPLE_REPLY")?;
+    let zone = attr(buf, CTA_ZONE)
+        .and_then(|b| <[u8; 2]>::try_from(b).ok())
+        .map_or(0, u16::from_be_bytes);
+    Ok(Flow {
+        orig: parse_tuple(orig)?,
+        reply: parse_tuple(reply)?,
+        zone,
+        raw_orig: orig.to_vec(),
+    })
+}
+
+/// A NETLINK_NETFILTER socket in the calling thread's namespace.
+struct Conn {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn open() -> Result<Self, NetError> {
+        let open = || -> io::Result<Socket> {
+            let mut sock = Socket::new(NETLINK_NETFILTER)?;
+            sock.bind_auto()?;
+            sock.set_ext_ack(true)?;
+            sock.set_cap_ack(true)?;
+            Ok(sock)
+        };
+        let sock = open().map_err(|e| NetError::io("opening conntrack netlink socket", e))?;
+        Ok(Conn {
+            sock,
+            seq: 1,
+            buf: Vec::with_capacity(RECV_BUF),
+        })
+    }
+
+    fn send(&mut self, msg: Msg, what: &str) -> Result<u32, NetError> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let buf = msg.finish(seq);
+        let sent = self.sock.send(&buf, 0).map_err(|e| NetError::io(what, e))?;
+        if sent != buf.len() {
+            return Err(unexpected(what, format!("short send ({sent} of {} bytes)", buf.len())));
+        }
+        Ok(seq)
+    }
+
+    /// Reads one datagram into `self.buf` (blocking).
+    fn recv(&mut self, what: &str) -> Result<(), NetError> {
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
+                Ok(len) if len > RECV_BUF => {
+                    return Err(unexpected(what, format!("reply of {len} bytes truncated")));
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(NetError::io(what, e)),
+            }
+        }
+    }
+
+    fn dump(&mut self) -> Result<Vec<Flow>, NetError> {
+        const WHAT: &str = "dumping conntrack";
+        for _ in 0..DUMP_TRIES {
+            let seq = self.send(
+                Msg::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, libc::AF_UNSPEC as u8),
+                WHAT,
+            )?;
+            let mut flows = Vec::new();
+            let mut interrupted = false;
+            'read: loop {
+                self.recv(WHAT)?;
+                for reply in replies(&self.buf) {
+                    let reply = reply.map_err(|d| unexpected(WHAT, d))?;
+                    if reply.seq != seq {
+                        continue; // a stale answer to an earlier request
+                    }
+                    interrupted |= reply.flags & NLM_F_DUMP_INTR != 0;
+                    match reply.ty {
+                        NLMSG_DONE => {
+                            let errno = reply
+                                .payload
+                                .get(0..4)
+                                .map_or(0, |b| -i32::from_ne_bytes(b.try_into().unwrap()));
+                            if errno > 0 {
+                                return Err(kernel(WHAT, errno, None));
+                            }
+                            break 'read;
+                        }
+                        NLMSG_ERROR => {
+                            let (errno, msg) = parse_error(&reply).map_err(|d| unexpected(WHAT, d))?;
+                            if errno != 0 {
+                                return Err(kernel(WHAT, errno, msg));
+                            }
+                        }
+                        // The kernel answers a GET dump with IPCTNL_MSG_CT_NEW messages.
+                        ty if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
+                            let attrs = reply.payload.get(4..).unwrap_or(&[]);
+                            flows.push(parse_flow(attrs).map_err(|d| unexpected(WHAT, d))?);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if !interrupted {
+                return Ok(flows);
+            }
+        }
+        Err(NetError::DumpInterrupted {
+            what: WHAT.into(),
+            attempts: DUMP_TRIES,
+        })
+    }
+
+    fn delete(&mut self, flow: &Flow) -> Result<bool, NetError> {
+        let what = format!("deleting conntrack entry {flow}");
+        let family = match flow.orig.src {
+            IpAddr::V4(_) => libc::AF_INET,
+            IpAddr::V6(_) => libc::AF_INET6,
+        } as u8;
+        if flow.raw_orig.is_empty() {
+            // Never send a delete without a tuple: that flushes the whole table.
+            return Err(NetError::InvalidArgument(format!("{what}: no original tuple")));
+        }
+        let mut msg = Msg::new(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family);
+        msg.begin(CTA_TUPLE_ORIG);
+        msg.buf.extend_from_slice(&flow.raw_orig);
+        msg.buf.resize(align4(msg.buf.len()), 0);
+        msg.end();
+        msg.bytes(CTA_ZONE, &flow.zone.to_be_bytes());
+        let seq = self.send(msg, &what)?;
+        loop {
+            self.recv(&what)?;
+            for reply in replies(&self.buf) {
+                let reply = reply.map_err(|d| unexpected(&what, d))?;
+                if reply.seq != seq || reply.ty != NLMSG_ERROR {
+                    continue;
+                }
+                let (errno, msg) = parse_error(&reply).map_err(|d| unexpected(&what, d))?;
+                return match errno {
+                    0 => Ok(true),
+                    libc::ENOENT => Ok(false),
+                    errno => Err(kernel(&what, errno, msg)),
+                };
+            }
+        }
+    }
+}
+
+fn kernel(what: &str, errno: i32, extack: Option<String>) -> NetError {
+    NetError::Netlink {
+        what: what.into(),
+        errno,
+        extack,
+    }
+}
+
+fn unexpected(what: &str, detail: impl Into<String>) -> NetError {
+    NetError::UnexpectedReply {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dumped entry as the kernel encodes it: orig udp 10.0.0.1:5000 -> 10.0.0.2:53, zone 7.
+    fn entry() -> Vec<u8> {
+        let mut m = Msg::new(IPCTNL_MSG_CT_NEW, 0, libc::AF_INET as u8);
+        for (ty, (s, d, sp, dp)) in [
+            (CTA_TUPLE_ORIG, ([10, 0, 0, 1], [10, 0, 0, 2], 5000u16, 53u16)),
+            (CTA_TUPLE_REPLY, ([10, 0, 0, 2], [10, 0, 0, 1], 53, 5000)),
+        ] {
+            m.begin(ty);
+            m.begin(CTA_TUPLE_IP)
+                .bytes(CTA_IP_V4_SRC, &s)
+                .bytes(CTA_IP_V4_DST, &d)
+                .end();
+            m.begin(CTA_TUPLE_PROTO)
+                .bytes(CTA_PROTO_NUM, &[17])
+                .bytes(CTA_PROTO_SRC_PORT, &sp.to_be_bytes())
+                .bytes(CTA_PROTO_DST_PORT, &dp.to_be_bytes())
+                .end();
+            m.end();
+        }
+        m.bytes(CTA_ZONE, &7u16.to_be_bytes());
+        m.finish(1)
+    }
+
+    #[test]
+    fn parses_a_dumped_entry() {
+        let b = entry();
+        let r = replies(&b).next().unwrap().unwrap();
+        let flow = parse_flow(&r.payload[4..]).unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            flow.orig,
+            Tuple {
+                src: a("10.0.0.1"),
+                dst: a("10.0.0.2"),
+                proto: 17,
+                sport: 5000,
+                dport: 53
+            }
+        );
+        assert_eq!(flow.reply.sport, 53);
+        assert_eq!(flow.reply.src, a("10.0.0.2"));
+        assert_eq!(flow.zone, 7);
+        assert_eq!(flow.to_string(), "udp 10.0.0.1:5000 -> 10.0.0.2:53 zone 7");
+        let v6 = Tuple {
+            src: a("::1"),
+            dst: a("::1"),
+            proto: 58,
+            sport: 0,
+            dport: 0,
+        };
+        assert_eq!(v6.to_string(), "icmpv6 ::1 -> ::1");
+    }
+
+    #[test]
+    fn delete_sends_the_dumped_tuple_back() {
+        let b = entry();
+        let r = replies(&b).next().unwrap().unwrap();
+        let flow = parse_flow(&r.payload[4..]).unwrap();
+        let mut m = Msg::new(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, libc::AF_INET as u8);
+        m.begin(CTA_TUPLE_ORIG);
+        m.buf.extend_from_slice(&flow.raw_orig);
+        m.end();
+        let out = m.finish(2);
+        let r = replies(&out).next().unwrap().unwrap();
+        let orig = attr(&r.payload[4..], CTA_TUPLE_ORIG).unwrap();
+        assert_eq!(parse_tuple(orig).unwrap(), flow.orig);
+    }
+}
