@@ -21,6 +21,8 @@ pub enum Problem {
     Lease,
     /// The last reconcile run failed (partly): the kernel does not hold what it should.
     Reconcile,
+    /// NetworkPolicy cannot be enforced on this node, or its table cannot be written.
+    Policy,
 }
 
 /// The daemon's metrics; cheap to clone, shared by every part.
@@ -56,12 +58,74 @@ struct Inner {
     bgp_peers: BgpPeerFamilies,
     /// Per-peer BGP password files that could not be used on a re-read, by why.
     bgp_password_errors: ByReason,
+    policy: PolicyMetrics,
     ready: AtomicBool,
     /// What is wrong now, by what it concerns ([`Problem`]): `/healthz` fails while any is set.
     problems: Mutex<std::collections::BTreeMap<Problem, String>>,
 }
 
 type ByReason = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// The `reason`s of `trellisd_policy_dropped_packets_total`: no ingress or no egress policy
+/// of the pod allows the connection, the pod is held (new, its rules not written yet), the
+/// connection was revoked by a policy change.
+pub const POLICY_DROP_REASONS: [&str; 4] = ["ingress", "egress", "held", "revoked"];
+
+/// The `state`s of `trellisd_policy_pods`.
+pub const POLICY_POD_STATES: [&str; 4] = ["judged", "held", "isolated_ingress", "isolated_egress"];
+
+/// NetworkPolicy on this node (`policy::enforce`).
+#[derive(Clone, Default)]
+pub struct PolicyMetrics {
+    /// New connections a policy allowed, by `policy` (`namespace/name`) and `direction`.
+    pub allowed: Family<[(&'static str, String); 2], Counter>,
+    /// Packets dropped, by reason ([`POLICY_DROP_REASONS`]).
+    pub dropped: ByReason,
+    /// Writes of the policy table that failed.
+    pub write_errors: Counter,
+    /// Existing connections revoked by a policy change.
+    pub flows_revoked: Counter,
+    /// This node's pods, by state ([`POLICY_POD_STATES`]).
+    pub pods: Family<[(&'static str, &'static str); 1], Gauge>,
+}
+
+impl PolicyMetrics {
+    fn register(registry: &mut Registry) -> PolicyMetrics {
+        let m = PolicyMetrics {
+            dropped: by_reason(
+                registry,
+                "policy_dropped_packets",
+                "Packets the NetworkPolicy table dropped: no ingress or egress policy of the pod allows the connection, the pod held until its rules are written, a connection a policy change revoked",
+                POLICY_DROP_REASONS.iter().copied(),
+            ),
+            ..Default::default()
+        };
+        registry.register(
+            "policy_allowed_connections",
+            "New connections a NetworkPolicy rule allowed on this node, by policy and direction",
+            m.allowed.clone(),
+        );
+        registry.register(
+            "policy_write_errors",
+            "Writes of the NetworkPolicy table that failed (retried every second)",
+            m.write_errors.clone(),
+        );
+        registry.register(
+            "policy_flows_revoked",
+            "Existing connections a NetworkPolicy change denied, cut by marking their conntrack entries",
+            m.flows_revoked.clone(),
+        );
+        for state in POLICY_POD_STATES {
+            let _ = m.pods.get_or_create(&[("state", state)]);
+        }
+        registry.register(
+            "policy_pods",
+            "This node's pods: judged (their Pod known), held (new, not known yet), isolated for ingress or egress",
+            m.pods.clone(),
+        );
+        m
+    }
+}
 
 /// The labels of a BGP peer's series: `peer` (its address) and `asn`.
 type PeerLabels = [(&'static str, String); 2];
@@ -241,8 +305,10 @@ impl Metrics {
             "Re-reads of a BGP peer's PasswordFile that failed (the last password read stays in use)",
             PASSWORD_PROBLEMS.iter().copied(),
         );
+        let policy = PolicyMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
+                policy,
                 registry,
                 leases,
                 reconcile_runs,
@@ -261,6 +327,11 @@ impl Metrics {
                 problems: Mutex::new(Default::default()),
             }),
         }
+    }
+
+    /// NetworkPolicy's series.
+    pub fn policy(&self) -> &PolicyMetrics {
+        &self.inner.policy
     }
 
     pub fn leases(&self) -> &Gauge {

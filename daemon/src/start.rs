@@ -62,18 +62,25 @@ pub async fn run(args: Args) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    // NetworkPolicy needs the Kubernetes API (the objects live there), and routed mode.
-    let policy_client = match (&args.datastore, args.cni_mode) {
-        (DatastoreKind::Kube, trellis_plugin::config::Mode::Routed) => {
-            let kube = crate::datastore::kube::KubeStore {
-                kubeconfig: args.kubeconfig.clone(),
-            };
-            Some(kube.client().await.map_err(|e| e.to_string())?)
-        }
-        (DatastoreKind::Kube, _) => {
-            warn!("NetworkPolicy is not enforced in bridge mode yet (routed mode only; see docs/network-policy.md)");
-            None
-        }
+    // NetworkPolicy needs the Kubernetes API (the objects live there).
+    let policy_kind = match args.cni_mode {
+        trellis_plugin::config::Mode::Routed => trellis_net::nft::PortKind::Routed,
+        trellis_plugin::config::Mode::Bridge => trellis_net::nft::PortKind::Bridged,
+    };
+    let policy_client = match &args.datastore {
+        DatastoreKind::Kube => match crate::policy::enforce::prepare(policy_kind) {
+            Ok(()) => {
+                let kube = crate::datastore::kube::KubeStore {
+                    kubeconfig: args.kubeconfig.clone(),
+                };
+                Some(kube.client().await.map_err(|e| e.to_string())?)
+            }
+            Err(e) => {
+                metrics.set_problem(crate::metrics::Problem::Policy, Some(e.clone()));
+                warn!("NetworkPolicy is not enforced: {e}");
+                None
+            }
+        },
         _ => None,
     };
     let store = match args.datastore {
@@ -161,7 +168,12 @@ pub async fn run(args: Args) -> Result<(), String> {
         }
         Some(client) => {
             let records = crate::state::pod_records(&args.state_dir);
-            tokio::spawn(crate::policy::enforce::run(client, metrics.clone(), records));
+            tokio::spawn(crate::policy::enforce::run(
+                client,
+                metrics.clone(),
+                records,
+                policy_kind,
+            ));
         }
         // Not enforced on this run: a table an earlier run (another mode or datastore) left
         // would go on enforcing stale policy, so it goes, as a stale backend device does.

@@ -65,6 +65,8 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ZONE: u16 = 18;
+const CTA_MARK: u16 = 8;
+const CTA_MARK_MASK: u16 = 21;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -132,6 +134,8 @@ pub struct Flow {
     pub reply: Tuple,
     /// The conntrack zone (0: the default zone).
     pub zone: u16,
+    /// The connection's mark (`ct mark`).
+    pub mark: u32,
     /// The `CTA_TUPLE_ORIG` payload as the kernel dumped it.
     raw_orig: Vec<u8>,
 }
@@ -142,6 +146,7 @@ impl fmt::Debug for Flow {
             .field("orig", &self.orig)
             .field("reply", &self.reply)
             .field("zone", &self.zone)
+            .field("mark", &self.mark)
             .finish()
     }
 }
@@ -168,6 +173,13 @@ pub fn dump() -> Result<Vec<Flow>, NetError> {
 /// zones match exactly), not a re-encoding of `flow.orig`; `flow.zone` is sent as it is.
 pub fn delete(flow: &Flow) -> Result<bool, NetError> {
     Conn::open()?.delete(flow)
+}
+
+/// Sets the bits `mask` of the entry's mark to those of `value` (the other bits are kept);
+/// `Ok(false)` when the entry is gone. The entry stays: unlike a delete, no packet in flight
+/// can make it again (a reply arriving after a delete starts a new connection the other way).
+pub fn set_mark(flow: &Flow, value: u32, mask: u32) -> Result<bool, NetError> {
+    Conn::open()?.set_mark(flow, value, mask)
 }
 
 /// Deletes every flow for which `pred` is true; returns how many were deleted (entries that
@@ -359,6 +371,9 @@ fn parse_flow(buf: &[u8]) -> Result<Flow, String> {
         orig: parse_tuple(orig)?,
         reply: parse_tuple(reply)?,
         zone,
+        mark: attr(buf, CTA_MARK)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_be_bytes),
         raw_orig: orig.to_vec(),
     })
 }
@@ -468,6 +483,21 @@ impl Conn {
 
     fn delete(&mut self, flow: &Flow) -> Result<bool, NetError> {
         let what = format!("deleting conntrack entry {flow}");
+        let msg = self.entry_msg(flow, IPCTNL_MSG_CT_DELETE, &what)?;
+        self.ask(msg, &what)
+    }
+
+    fn set_mark(&mut self, flow: &Flow, value: u32, mask: u32) -> Result<bool, NetError> {
+        let what = format!("marking conntrack entry {flow}");
+        // CT_NEW without NLM_F_CREATE changes an existing entry, and only that.
+        let mut msg = self.entry_msg(flow, IPCTNL_MSG_CT_NEW, &what)?;
+        msg.bytes(CTA_MARK, &(value & mask).to_be_bytes());
+        msg.bytes(CTA_MARK_MASK, &mask.to_be_bytes());
+        self.ask(msg, &what)
+    }
+
+    /// A request about `flow`'s entry: its original tuple and zone.
+    fn entry_msg(&self, flow: &Flow, ty: u16, what: &str) -> Result<Msg, NetError> {
         let family = match flow.orig.src {
             IpAddr::V4(_) => libc::AF_INET,
             IpAddr::V6(_) => libc::AF_INET6,
@@ -476,12 +506,18 @@ impl Conn {
             // Never send a delete without a tuple: that flushes the whole table.
             return Err(NetError::InvalidArgument(format!("{what}: no original tuple")));
         }
-        let mut msg = Msg::new(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family);
+        let mut msg = Msg::new(ty, NLM_F_REQUEST | NLM_F_ACK, family);
         msg.begin(CTA_TUPLE_ORIG);
         msg.buf.extend_from_slice(&flow.raw_orig);
         msg.buf.resize(align4(msg.buf.len()), 0);
         msg.end();
         msg.bytes(CTA_ZONE, &flow.zone.to_be_bytes());
+        Ok(msg)
+    }
+
+    /// Sends `msg` and waits for its acknowledgement: `Ok(false)` for ENOENT.
+    fn ask(&mut self, msg: Msg, what: &str) -> Result<bool, NetError> {
+        let what = what.to_string();
         let seq = self.send(msg, &what)?;
         loop {
             self.recv(&what)?;

@@ -97,7 +97,10 @@ pub use error::NftError;
 pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};
 use interval::{Bound, Family, Interval};
 use objects::SetKind;
-pub use policy::{Applied, LinePeer, LinePorts, PolicyChain, PolicyLine, PolicyState, PolicyTable};
+pub use policy::{
+    Applied, LinePeer, LinePorts, PolicyChain, PolicyLine, PolicyState, PolicyTable, RuleCounter, POLICY_TABLE,
+    REVOKED_MARK,
+};
 pub use underlay_guard::{Encapsulation, UnderlayGuard};
 pub use watch::TableWatch;
 use wire::MsgType;

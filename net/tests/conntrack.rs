@@ -222,3 +222,31 @@ fn flows_in_a_zone_are_dumped_and_deleted_with_their_zone() {
     assert!(find(&after, zoned.orig).is_none(), "{after:#?}");
     assert!(find(&after, tuple(UDP, s, d)).is_some(), "{after:#?}");
 }
+
+#[test]
+fn set_mark_changes_only_the_masked_bits_of_one_entry_and_keeps_it() {
+    let ns = tracking_netns("ctmark");
+    let (s4, d4) = udp_flow(&ns, "127.0.0.1");
+    let (s6, d6) = udp_flow(&ns, "::1");
+    let (o4, o6) = (tuple(UDP, s4, d4), tuple(UDP, s6, d6));
+    let flows = dump_in(&ns);
+    let f4 = find(&flows, o4).expect("IPv4 flow").clone();
+    assert_eq!(f4.mark, 0);
+    assert!(run_in(ns.path(), || conntrack::set_mark(&f4, 0xffff_ffff, 0x0100_0000))
+        .unwrap()
+        .unwrap());
+    let f4 = find(&dump_in(&ns), o4).expect("the marked entry stays").clone();
+    assert_eq!(f4.mark, 0x0100_0000);
+    assert!(run_in(ns.path(), || conntrack::set_mark(&f4, 0x0000_0042, 0x0000_00ff))
+        .unwrap()
+        .unwrap());
+    let flows = dump_in(&ns);
+    assert_eq!(find(&flows, o4).unwrap().mark, 0x0100_0042, "other bits kept");
+    assert_eq!(find(&flows, o6).unwrap().mark, 0, "the other entry untouched");
+    let f4 = find(&flows, o4).unwrap().clone();
+    assert!(run_in(ns.path(), || conntrack::delete(&f4)).unwrap().unwrap());
+    assert!(
+        !run_in(ns.path(), || conntrack::set_mark(&f4, 1, 1)).unwrap().unwrap(),
+        "gone: Ok(false)"
+    );
+}

@@ -20,7 +20,9 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use trellis_cni::{code, CniError, CniResult, Dns, Env, Interface, IpConfig, Route as CniRoute};
-use trellis_net::nft::{AntiSpoof, HostPorts, Masquerade, MasqueradeConfig, PodIdentity, PortKind, DEFAULT_TABLE};
+use trellis_net::nft::{
+    AntiSpoof, HostPorts, Masquerade, MasqueradeConfig, PodIdentity, PolicyTable, PortKind, DEFAULT_TABLE, POLICY_TABLE,
+};
 use trellis_net::{
     netns::NetnsRef, sysctl, AddressOptions, BridgeConfig, IpFamily, LinkChange, LinkInfo, NetError, Netlink, Route,
     RouteFilter, RouteScope, VethConfig,
@@ -91,6 +93,39 @@ fn anti_spoofing_error(e: trellis_net::nft::NftError) -> CniError {
     CniError::new(code::KERNEL, format!("anti-spoofing: {e}"))
 }
 
+fn policy_error(e: trellis_net::nft::NftError) -> CniError {
+    CniError::new(
+        code::KERNEL,
+        format!("NetworkPolicy: holding the pod until its policy is written: {e}"),
+    )
+    .with_details(
+        "trellisd keeps NetworkPolicy in the node's nftables table trellis-policy; see docs/network-policy.md",
+    )
+}
+
+fn port_kind(conf: &Config) -> PortKind {
+    match conf.mode {
+        Mode::Bridge => PortKind::Bridged,
+        Mode::Routed => PortKind::Routed,
+    }
+}
+
+/// The start window (`docs/network-policy.md`): where trellisd enforces NetworkPolicy (its
+/// table exists) the pod is held — every packet to or from it dropped — from before its link
+/// is up until trellisd, which learns of it by the record [`protect`] writes, releases it in
+/// the transaction that writes its rules. Only with records: without them trellisd could not
+/// learn of the pod, and would never release it.
+fn hold_for_policy(conf: &Config, port: &str, ipam: &CniResult) -> Result<(), CniError> {
+    if !conf.anti_spoofing || conf.anti_spoofing_records.is_none() {
+        return Ok(());
+    }
+    let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
+    PolicyTable::new(POLICY_TABLE, port_kind(conf))
+        .and_then(|t| t.hold(port, &ips))
+        .map(|_| ())
+        .map_err(policy_error)
+}
+
 fn hostport_error(e: trellis_net::nft::NftError) -> CniError {
     CniError::new(code::KERNEL, format!("hostPort: {e}"))
 }
@@ -110,6 +145,7 @@ pub async fn add(
     let host_name = names::host_veth_name(network, &env.container_id, &env.ifname);
     // A retried ADD replaces whatever an earlier attempt for this attachment left.
     host.del_link_by_name(&host_name).await.map_err(kernel)?;
+    hold_for_policy(conf, &host_name, ipam)?;
 
     let bridge = match conf.mode {
         Mode::Bridge => Some(ensure_bridge(&host, conf, ipam, created).await?),
@@ -525,12 +561,14 @@ async fn protect(
     }
     let identity = PodIdentity {
         port: host_end.name.clone(),
-        kind: match conf.mode {
-            Mode::Bridge => PortKind::Bridged,
-            Mode::Routed => PortKind::Routed,
-        },
+        kind: port_kind(conf),
         mac,
         ips,
+        pod: env
+            .args
+            .pod_namespace()
+            .zip(env.args.pod_name())
+            .map(|(ns, name)| format!("{ns}/{name}")),
     };
     let owner = names::element_owner(network, &env.container_id, &env.ifname);
     AntiSpoof::new(DEFAULT_TABLE)
@@ -580,6 +618,17 @@ pub async fn teardown(conf: &Config, network: &str, env: &Env) -> Result<(), Cni
     unmap_host_ports(network, env)?;
     if let Some(dir) = &conf.anti_spoofing_records {
         let port = names::host_veth_name(network, &env.container_id, &env.ifname);
+        // A pod deleted before trellisd released it must not leave its interface name or
+        // addresses held for the next pod (the record has the addresses; without one, only
+        // the name is known, and trellisd releases a reused address when it covers its pod).
+        let ips = std::fs::read_to_string(dir.join(&port))
+            .ok()
+            .and_then(|t| PodIdentity::parse_record(&t))
+            .map(|(_, id)| id.ips)
+            .unwrap_or_default();
+        PolicyTable::new(POLICY_TABLE, port_kind(conf))
+            .and_then(|t| t.release(&port, &ips))
+            .map_err(policy_error)?;
         match std::fs::remove_file(dir.join(&port)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(CniError::new(

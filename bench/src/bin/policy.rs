@@ -85,6 +85,7 @@ fn local(v: &View) -> Vec<LocalPod> {
         .map(|(i, p)| LocalPod {
             ifname: format!("tp{i:05}"),
             ips: p.ips.clone(),
+            pod: Some(p.key()),
         })
         .collect()
 }

@@ -81,6 +81,13 @@ pub struct Compiled {
     pub ingress: BTreeMap<String, String>,
     /// Local pod interface → its egress chain.
     pub egress: BTreeMap<String, String>,
+    /// Local pod interface → its addresses (bridge mode keys the maps by them).
+    pub addresses: BTreeMap<String, Vec<IpAddr>>,
+    /// Local pods judged: found in the view (with or without policy), or in a namespace
+    /// without policies (no policy can select them). Their start hold is released.
+    pub covered: BTreeSet<String>,
+    /// Local pods kept held: in a namespace with policies, their Pod object not seen yet.
+    pub held: BTreeSet<String>,
 }
 
 /// A pod on this node: its host-side interface and addresses (from the plugin's records).
@@ -88,6 +95,9 @@ pub struct Compiled {
 pub struct LocalPod {
     pub ifname: String,
     pub ips: Vec<IpAddr>,
+    /// `namespace/name`, when the runtime said (Kubernetes does): the Pod object is found by
+    /// it before the API has the pod's address (kubelet reports it only after ADD).
+    pub pod: Option<String>,
 }
 
 /// A stable, short name from `what` (FNV-1a, 64 bits, hex): the same peer or rule list gets the
@@ -297,9 +307,19 @@ pub fn compile(view: &View, local: &[LocalPod]) -> Compiled {
         out: Compiled::default(),
     };
     for lp in local {
-        let Some(pod) = lp.ips.iter().find_map(|ip| view.pod_by_ip(*ip)) else {
-            continue; // not (yet) known to the API: see the module note on the start window
+        b.out.addresses.insert(lp.ifname.clone(), lp.ips.clone());
+        let ns_name = lp.pod.as_deref().and_then(|k| k.split_once('/'));
+        let by_name = ns_name.and_then(|(ns, name)| view.pods.iter().find(|p| p.namespace == ns && p.name == name));
+        let Some(pod) = by_name.or_else(|| lp.ips.iter().find_map(|ip| view.pod_by_ip(*ip))) else {
+            // Not (yet) known to the API: held while a policy of its namespace might select
+            // it (policies select pods of their own namespace only).
+            match ns_name.map(|(ns, _)| ns) {
+                Some(ns) if view.policies.iter().any(|p| p.namespace == ns) => b.out.held.insert(lp.ifname.clone()),
+                _ => b.out.covered.insert(lp.ifname.clone()),
+            };
+            continue;
         };
+        b.out.covered.insert(lp.ifname.clone());
         for dir in [Direction::Ingress, Direction::Egress] {
             let mut chain: Chain = Vec::new();
             let mut isolated = false;
@@ -409,6 +429,9 @@ impl Compiled {
             chains,
             ingress: self.ingress.clone(),
             egress: self.egress.clone(),
+            addresses: self.addresses.clone(),
+            covered: self.covered.clone(),
+            held: self.held.clone(),
         }
     }
 
@@ -439,6 +462,7 @@ mod tests {
                     .map(|p| LocalPod {
                         ifname: ifname(p),
                         ips: p.ips.clone(),
+                        pod: Some(p.key()),
                     })
                     .collect();
                 (*n, compile(v, &local))
@@ -532,6 +556,7 @@ mod tests {
             .map(|p| LocalPod {
                 ifname: p.name.clone(),
                 ips: p.ips.clone(),
+                pod: None,
             })
             .collect();
         let c = compile(&v, &local);

@@ -1,24 +1,65 @@
 //! NetworkPolicy enforced on this node: every view of the cluster ([`super::source`]) is
-//! compiled for this node's pods and written into the `trellis-policy` table, and again every
-//! second, so that a pod the plugin has just wired is covered and a flushed ruleset is back
-//! within a second (the write is nothing when the kernel already holds it).
+//! compiled for this node's pods and written into the `trellis-policy` table.
 //!
-//! This node's pods are the records the plugin leaves in trellisd's state dir (the same ones
-//! anti-spoofing is restored from: host end and addresses). Routed mode only: bridge mode needs
-//! `ct state` in the bridge family (`docs/network-policy.md`), so a bridged pod is logged once
-//! and left unprotected by policy.
+//! - **This node's pods** are the records the plugin leaves in trellisd's state dir (the same
+//!   ones anti-spoofing is restored from: host end, addresses, and the pod's
+//!   `namespace/name`). The folder is looked at every [`RECORDS_EVERY`], so that a pod the
+//!   plugin has just wired — and holds, dropping its every packet — is judged and released
+//!   within that much plus one compile and write (the start window: `docs/network-policy.md`).
+//! - **Work only on change**: a new view or a changed set of records compiles and writes; in
+//!   between, the last compiled state is written again every second, which costs one dump of
+//!   the base chain when the kernel still holds it and rebuilds a flushed table.
+//! - **Existing connections follow the policy**: after a write that changed what is allowed,
+//!   the conntrack entries of the node's pods that the new state no longer allows are marked
+//!   revoked ([`REVOKED_MARK`]), and the table drops their packets both ways, so that `ct state
+//!   established` does not keep a connection (or a UDP flow reusing its ports) alive against
+//!   the policy; an entry revoked earlier that the policy allows again is unmarked. Marked, not
+//!   deleted: after a delete, an answer in flight makes a new entry the other way, which the
+//!   policy may well allow (the first test of this showed it), and the flow lived on.
+//! - **Bridge mode** needs bridged packets to cross the IP layer's hooks (`br_netfilter`,
+//!   see `trellis_net::nft::policy`): [`prepare`] turns that on in the node's namespace.
 
-use super::compile::{compile, LocalPod};
+use super::compile::{compile, Compiled, LocalPod};
+use super::model::Proto;
 use super::source;
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
-use trellis_net::nft::{PodIdentity, PolicyTable, PortKind};
+use trellis_net::nft::{PodIdentity, PolicyTable, PortKind, POLICY_TABLE, REVOKED_MARK};
 
 /// The nftables table (inet) policy lives in.
-pub const TABLE: &str = "trellis-policy";
+pub const TABLE: &str = POLICY_TABLE;
+
+/// How often the records folder is looked at for new and deleted pods.
+pub const RECORDS_EVERY: Duration = Duration::from_millis(50);
+
+const BRIDGE_NF: [&str; 2] = [
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+];
+
+/// Bridge mode: makes bridged IPv4 and IPv6 packets cross the `inet` hooks in this namespace
+/// (`br_netfilter`'s switches are per namespace since Linux 5.3). An error says why policy
+/// cannot be enforced for bridged pods.
+pub fn prepare(kind: PortKind) -> Result<(), String> {
+    if kind == PortKind::Routed {
+        return Ok(());
+    }
+    for path in BRIDGE_NF {
+        match std::fs::read_to_string(path) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(_) => std::fs::write(path, "1").map_err(|e| format!("turning on {path}: {e}"))?,
+            Err(e) => {
+                return Err(format!(
+                    "{path}: {e}; bridge mode enforces NetworkPolicy through br_netfilter: load it (modprobe \
+                     br_netfilter) on every node"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
 
 fn is_link_local(ip: &IpAddr) -> bool {
     match ip {
@@ -27,11 +68,11 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
-/// This node's routed pods from the records in `dir`, and the host ends of bridged ones.
-pub fn local_pods(dir: &Path) -> (Vec<LocalPod>, Vec<String>) {
-    let (mut routed, mut bridged) = (Vec::new(), Vec::new());
+/// This node's pods of `kind` from the records in `dir`.
+pub fn local_pods(dir: &Path, kind: PortKind) -> Vec<LocalPod> {
+    let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return (routed, bridged);
+        return out;
     };
     for e in entries.flatten() {
         let Some((_, id)) = std::fs::read_to_string(e.path())
@@ -40,50 +81,173 @@ pub fn local_pods(dir: &Path) -> (Vec<LocalPod>, Vec<String>) {
         else {
             continue;
         };
-        match id.kind {
-            PortKind::Routed => routed.push(LocalPod {
+        if id.kind == kind {
+            out.push(LocalPod {
                 ifname: id.port,
                 ips: id.ips.into_iter().filter(|ip| !is_link_local(ip)).collect(),
-            }),
-            PortKind::Bridged => bridged.push(id.port),
+                pod: id.pod,
+            });
         }
     }
-    routed.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    (routed, bridged)
+    out.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    out
 }
 
-/// Runs until the process ends: watches with `client`, writes the table for the pods recorded
-/// in `records`.
-pub async fn run(client: kube::Client, metrics: crate::metrics::Metrics, records: PathBuf) {
+/// What changes when a record comes or goes: names and modification times (a record is
+/// written aside and renamed into place, so a rewrite is a new time).
+fn records_stamp(dir: &Path) -> Vec<(std::ffi::OsString, Option<SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| (e.file_name(), e.metadata().and_then(|m| m.modified()).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// What [`revoke_denied_flows`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    /// Entries marked revoked: the policy denies them now.
+    pub revoked: usize,
+    /// Entries revoked before that the policy allows again, unmarked.
+    pub restored: usize,
+}
+
+/// Marks revoked the conntrack entries of this node's pods that `compiled` denies, and
+/// unmarks those it allows again. A flow is judged as the forward hook saw its first packet:
+/// the original source, and the reply's source as destination (after DNAT, the pod that
+/// answers) and port.
+pub fn revoke_denied_flows(compiled: &Compiled, local: &[LocalPod]) -> Result<Revoked, trellis_net::NetError> {
+    use trellis_net::conntrack;
+    let iface_of = |ip: IpAddr| local.iter().find(|p| p.ips.contains(&ip)).map(|p| p.ifname.as_str());
+    let mut done = Revoked::default();
+    for f in conntrack::dump()? {
+        let proto = match f.orig.proto {
+            6 => Proto::Tcp,
+            17 => Proto::Udp,
+            132 => Proto::Sctp,
+            _ => continue, // policy judges TCP, UDP and SCTP only
+        };
+        let (src, dst, port) = (f.orig.src, f.reply.src, f.reply.sport);
+        let (src_if, dst_if) = (iface_of(src), iface_of(dst));
+        if src_if.is_none() && dst_if.is_none() {
+            continue;
+        }
+        let denied = !compiled.allows((src_if, src), (dst_if, dst), proto, port);
+        let marked = f.mark & REVOKED_MARK != 0;
+        if denied && !marked {
+            if conntrack::set_mark(&f, REVOKED_MARK, REVOKED_MARK)? {
+                done.revoked += 1;
+            }
+        } else if !denied && marked && conntrack::set_mark(&f, 0, REVOKED_MARK)? {
+            done.restored += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Turns the table's rule counters, read again and again, into the metrics' monotonic series
+/// (a chain that went and came back starts from zero).
+#[derive(Default)]
+pub struct CounterDeltas {
+    last: std::collections::HashMap<(String, String), u64>,
+}
+
+impl CounterDeltas {
+    pub fn account(&mut self, counters: Vec<trellis_net::nft::RuleCounter>, m: &crate::metrics::PolicyMetrics) {
+        let mut now = std::collections::HashMap::with_capacity(counters.len());
+        for c in counters {
+            let key = (c.chain, c.comment);
+            let last = self.last.get(&key).copied().unwrap_or(0);
+            let delta = if c.packets >= last { c.packets - last } else { c.packets };
+            if delta > 0 {
+                let (chain, comment) = (&key.0, &key.1);
+                let direction = if chain.starts_with("in-") {
+                    Some("ingress")
+                } else if chain.starts_with("eg-") {
+                    Some("egress")
+                } else {
+                    None
+                };
+                match direction {
+                    Some(d) if comment.starts_with("isolated") => {
+                        m.dropped.get_or_create(&[("reason", d)]).inc_by(delta);
+                    }
+                    Some(d) => {
+                        let policy = comment.split(" #").next().unwrap_or(comment).to_string();
+                        m.allowed
+                            .get_or_create(&[("policy", policy), ("direction", d.to_string())])
+                            .inc_by(delta);
+                    }
+                    None if comment.contains(" held ") => {
+                        m.dropped.get_or_create(&[("reason", "held")]).inc_by(delta);
+                    }
+                    None if comment.ends_with(" revoked") => {
+                        m.dropped.get_or_create(&[("reason", "revoked")]).inc_by(delta);
+                    }
+                    None => {}
+                }
+            }
+            now.insert(key, c.packets);
+        }
+        self.last = now;
+    }
+}
+
+fn set_pod_gauges(compiled: &Compiled, m: &crate::metrics::PolicyMetrics) {
+    for (state, n) in [
+        ("judged", compiled.covered.len()),
+        ("held", compiled.held.len()),
+        ("isolated_ingress", compiled.ingress.len()),
+        ("isolated_egress", compiled.egress.len()),
+    ] {
+        m.pods.get_or_create(&[("state", state)]).set(n as i64);
+    }
+}
+
+/// Runs until the process ends: watches with `client`, writes the table for the pods of
+/// `kind` recorded in `records`.
+pub async fn run(client: kube::Client, metrics: crate::metrics::Metrics, records: PathBuf, kind: PortKind) {
+    let pm = metrics.policy().clone();
     let mut views = source::spawn(client, metrics);
-    let table = match PolicyTable::new(TABLE, PortKind::Routed) {
+    let mut deltas = CounterDeltas::default();
+    let table = match PolicyTable::new(TABLE, kind) {
         Ok(t) => t,
         Err(e) => {
             warn!("NetworkPolicy is not enforced on this node: opening nftables: {e}");
             return;
         }
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(RECORDS_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
-    let mut bridged_logged: BTreeSet<String> = BTreeSet::new();
     let mut announced = false;
+    let mut stamp = None;
+    let mut last_write = tokio::time::Instant::now();
+    let mut state: Option<(Compiled, Vec<LocalPod>)> = None;
     loop {
-        tokio::select! {
-            r = views.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
+        let view_changed = tokio::select! {
+            r = views.changed() => if r.is_err() { return } else { true },
+            _ = poll.tick() => false,
+        };
         let Some(view) = views.borrow().clone() else { continue };
-        let (local, bridged) = local_pods(&records);
-        for port in bridged {
-            if bridged_logged.insert(port.clone()) {
-                warn!(
-                    pod_port = port,
-                    "NetworkPolicy is not enforced for bridge-mode pods yet (routed mode only; see docs/network-policy.md)"
-                );
-            }
+        let now_stamp = records_stamp(&records);
+        let recompile = view_changed || state.is_none() || stamp.as_ref() != Some(&now_stamp);
+        if recompile {
+            stamp = Some(now_stamp);
+            let local = local_pods(&records, kind);
+            let compiled = compile(&view, &local);
+            set_pod_gauges(&compiled, &pm);
+            state = Some((compiled, local));
+        } else if last_write.elapsed() < Duration::from_secs(1) && last_error.is_none() {
+            continue;
         }
-        let compiled = compile(&view, &local);
+        last_write = tokio::time::Instant::now();
+        let (compiled, local) = state.as_ref().expect("compiled above");
         match table.apply(&compiled.to_nft()) {
             Ok(applied) => {
                 if applied.messages > 0 && (!announced || applied.rebuilt) {
@@ -99,13 +263,38 @@ pub async fn run(client: kube::Client, metrics: crate::metrics::Metrics, records
                 if last_error.take().is_some() {
                     info!("NetworkPolicy table written again after the failure");
                 }
+                match table.counters() {
+                    Ok(c) => deltas.account(c, &pm),
+                    Err(e) => warn!("reading the NetworkPolicy table's counters: {e}"),
+                }
+                if applied.messages > 0 {
+                    let local = local.clone();
+                    let compiled = compiled.clone();
+                    // conntrack is read in this (the node's) namespace, off the async threads.
+                    match tokio::task::spawn_blocking(move || revoke_denied_flows(&compiled, &local)).await {
+                        Ok(Ok(r)) if r == Revoked::default() => {}
+                        Ok(Ok(r)) => {
+                            pm.flows_revoked.inc_by(r.revoked as u64);
+                            info!(
+                                revoked = r.revoked,
+                                restored = r.restored,
+                                "existing connections follow the new NetworkPolicy"
+                            )
+                        }
+                        Ok(Err(e)) => warn!("revoking connections the new NetworkPolicy denies: {e}"),
+                        Err(e) => warn!("revoking connections the new NetworkPolicy denies: {e}"),
+                    }
+                }
             }
             Err(e) => {
+                pm.write_errors.inc();
                 let cause = e.to_string();
                 if last_error.as_ref() != Some(&cause) {
                     warn!("writing the NetworkPolicy table: {cause}; trying again every second");
-                    last_error = Some(cause);
                 }
+                last_error = Some(cause);
+                last_write = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }

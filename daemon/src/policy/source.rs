@@ -8,12 +8,10 @@
 //! A policy the API server would have refused (from a stand-in or a datastore that lies) is left
 //! out whole and logged once (see `model`); it never widens or narrows what the others allow.
 //!
-//! Which pods count (as Calico): those with addresses of their own (`status.podIPs`), not on the
-//! host network (their address is the node's), and not finished (`Succeeded`/`Failed`: their
-//! addresses may already belong to a new pod).
-//!
-//! Not wired into trellisd yet (README): the node loop will compile the view with its local pods
-//! and write it with `trellis_net::nft::PolicyTable`.
+//! Which pods count (as Calico): those not on the host network (their address is the node's),
+//! and not finished (`Succeeded`/`Failed`: their addresses may already belong to a new pod).
+//! A pod is a peer once `status.podIPs` has its addresses; before that it is kept without any,
+//! so that its own node finds it by `namespace/name` (`policy::enforce`).
 
 use super::model::{NamedPort, PodInfo, Policy, Proto};
 use super::selector::Labels;
@@ -30,25 +28,24 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// A Pod as policy sees it; `None` for pods that have no address of their own (see the module
-/// note).
+/// note). A pod whose address kubelet has not reported yet is kept, without addresses: it is
+/// no peer yet, but its node finds it by name, with its labels, and judges it from its first
+/// packet (the start window).
 pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let spec = pod.spec.as_ref()?;
     if spec.host_network == Some(true) {
         return None;
     }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    let status = pod.status.as_ref();
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return None;
     }
     let ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
         .flatten()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
-    if ips.is_empty() {
-        return None;
-    }
     let ports = spec
         .containers
         .iter()
@@ -293,15 +290,20 @@ mod tests {
                 json!({"metadata": {"namespace": "x", "name": "h"}, "spec": {"hostNetwork": true, "containers": []}, "status": {"podIPs": [{"ip": "192.168.0.1"}]}}),
             ),
             (
-                "no address yet",
-                json!({"metadata": {"namespace": "x", "name": "p"}, "spec": {"containers": []}, "status": {"phase": "Pending"}}),
-            ),
-            (
                 "finished",
                 json!({"metadata": {"namespace": "x", "name": "f"}, "spec": {"containers": []}, "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.244.1.6"}]}}),
             ),
         ] {
             assert!(pod_info(&pod(v)).is_none(), "{what}");
+        }
+        // Scheduled, its sandbox being made: no peer yet, but its node finds it by name.
+        for status in [json!({"phase": "Pending"}), serde_json::Value::Null] {
+            let p = pod(
+                json!({"metadata": {"namespace": "x", "name": "p", "labels": {"pod": "p"}},
+                "spec": {"nodeName": "node1", "containers": []}, "status": status}),
+            );
+            let info = pod_info(&p).expect("a pod without an address yet is kept");
+            assert!(info.ips.is_empty() && info.labels["pod"] == "p");
         }
     }
 

@@ -81,6 +81,9 @@ pub struct PodIdentity {
     /// Its addresses, link-local ones included (the unspecified addresses, for ARP probes and
     /// duplicate address detection, are added by [`AntiSpoof::protect`]).
     pub ips: Vec<IpAddr>,
+    /// The Kubernetes pod, `namespace/name` (from the runtime's `K8S_POD_*` CNI_ARGS): how
+    /// trellisd's NetworkPolicy finds the pod's Pod object before the API has its address.
+    pub pod: Option<String>,
 }
 
 impl PodIdentity {
@@ -99,12 +102,15 @@ impl PodIdentity {
         for ip in &self.ips {
             out.push_str(&format!("ip {ip}\n"));
         }
+        if let Some(pod) = &self.pod {
+            out.push_str(&format!("pod {pod}\n"));
+        }
         out
     }
 
     /// (owner, identity) from a [`PodIdentity::record`]; `None` when it is not one.
     pub fn parse_record(text: &str) -> Option<(String, PodIdentity)> {
-        let (mut owner, mut port, mut kind, mut mac, mut ips) = (None, None, None, None, Vec::new());
+        let (mut owner, mut port, mut kind, mut mac, mut ips, mut pod) = (None, None, None, None, Vec::new(), None);
         for line in text.lines() {
             let (key, value) = line.split_once(' ')?;
             match key {
@@ -129,6 +135,7 @@ impl PodIdentity {
                     mac = Some(m);
                 }
                 "ip" => ips.push(value.parse().ok()?),
+                "pod" => pod = Some(value.to_string()),
                 _ => return None,
             }
         }
@@ -139,6 +146,7 @@ impl PodIdentity {
                 kind: kind?,
                 mac: mac?,
                 ips,
+                pod,
             },
         ))
     }

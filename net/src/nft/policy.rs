@@ -3,13 +3,17 @@
 //! the kernel from what it holds to what is wanted.
 //!
 //! ```text
-//! table inet trellis-policy {                          # routed mode (bridge mode: table bridge,
-//!   map egress  { type ifname : verdict; }             #  chains forward, input and output)
-//!   map ingress { type ifname : verdict; }
+//! table inet trellis-policy {
+//!   map egress  { type ifname : verdict; }             # routed mode: keyed by the host end;
+//!   map ingress { type ifname : verdict; }             #  bridge mode: egress-4/-6, ingress-4/-6
+//!   set held { type ifname; }                          #  keyed by the pod's address
 //!   set peer-…-4 { type ipv4_addr; flags interval; }   # one per distinct peer, per family
 //!   set named-…-4 { type ipv4_addr . inet_service; }  # egress named ports: address . port
 //!   chain forward { type filter hook forward priority filter;
+//!     ct mark & 0x01000000 != 0 counter drop          # a flow a policy change revoked
 //!     ct state established,related accept
+//!     iifname @held drop                               # a new pod trellisd does not know yet
+//!     oifname @held drop
 //!     iifname vmap @egress                             # the source pod's side
 //!     oifname vmap @ingress }                          # the destination pod's side
 //!   chain in-… {                                       # one per distinct rule list
@@ -27,12 +31,21 @@
 //!   then only what changed — sets created, refilled or deleted, chains created or deleted, map
 //!   elements replaced — in **one** transaction: the kernel switches from the old state to the
 //!   new at once, and a packet sees one or the other, never a half.
-//! - Bridge mode needs the `bridge` family for the same reason as anti-spoofing (the port is
-//!   visible only there): `forward` (pod to pod on the bridge), `input` (a pod to the node and
-//!   beyond: its egress) and `output` (the node and beyond to a pod: its ingress), with the
-//!   bridge's own conntrack (`nf_conntrack_bridge`) for `ct state`.
-//! - The node's own traffic to its pods (kubelet probes) goes out through `output` in routed
-//!   mode, which has no policy hook: it is allowed, as Calico and Cilium allow the host.
+//! - **Bridge mode** is decided in the same `inet` forward hook: bridged packets reach it
+//!   through `br_netfilter` (`bridge-nf-call-iptables`/`-ip6tables`, per namespace since Linux
+//!   5.3, which trellisd sets), with the IP layer's conntrack, so `ct state` works — the
+//!   `bridge` family's own `ct` needs `nf_conntrack_bridge`, which many kernels (this
+//!   project's CI kernel included) lack. There the input device is the bridge, not the port,
+//!   so the maps are keyed by the pod's **address**: trustworthy because anti-spoofing (in the
+//!   bridge family, before `br_netfilter`) drops any packet whose source is not its port's pod.
+//!   Neighbour discovery is let through first (bridged ICMPv6 ND crosses the hook too; a pod
+//!   isolated for ingress must still be resolvable, as Calico always allows NDP).
+//! - **The start window**: the plugin puts a new pod in `held` (every packet dropped) before
+//!   it writes the record trellisd learns the pod from, and trellisd releases it in the
+//!   transaction that adds the pod's map elements ([`PolicyState::covered`]): a pod never
+//!   sends or receives a packet that its policy has not judged, however late trellisd is.
+//! - The node's own traffic to its pods (kubelet probes) goes out through `output`, which has
+//!   no policy hook: it is allowed, as Calico and Cilium allow the host.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -42,7 +55,9 @@ use super::antispoof::{host_endian_key, ifname_key, PortKind};
 use super::conn::{Batch, Conn};
 use super::interval::{Family, Interval};
 use super::objects::expr;
-use super::rules::{cmp, cmp_eq, concat_type, lookup, meta, payload, verdict, Hook, Table, CREATE, DELETE};
+use super::rules::{
+    cmp, cmp_eq, concat_type, lookup, match_family, meta, payload, verdict, Hook, Table, CREATE, DELETE,
+};
 use super::wire::*;
 use super::NftError;
 
@@ -96,6 +111,23 @@ pub struct PolicyState {
     pub ingress: BTreeMap<String, String>,
     /// Pod interface → its egress chain.
     pub egress: BTreeMap<String, String>,
+    /// Pod interface → its addresses: the maps' keys in bridge mode.
+    pub addresses: BTreeMap<String, Vec<IpAddr>>,
+    /// The pods (interfaces) this state has judged, whether a policy selects them or not: a
+    /// pod's hold is released in the transaction that first covers it.
+    pub covered: BTreeSet<String>,
+    /// Pods kept held (every packet dropped): known to be on this node but not yet to the
+    /// compiler (their Pod object not seen while policies exist in their namespace).
+    pub held: BTreeSet<String>,
+}
+
+/// One rule's `counter`, as the kernel holds it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub chain: String,
+    /// The rule's comment: the policy (`namespace/name #line.rule`) or the base rule's name.
+    pub comment: String,
+    pub packets: u64,
 }
 
 /// What one [`PolicyTable::apply`] did.
@@ -112,13 +144,14 @@ const NFT_TYPE_IFNAME: u32 = 41;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFT_META_IIFNAME: u32 = 6;
 const NFT_META_OIFNAME: u32 = 7;
-const NFT_PAYLOAD_LL_HEADER: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
+const NFT_CT_MARK: u32 = 3;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_BITWISE_SREG: u16 = 1;
 const NFTA_BITWISE_DREG: u16 = 2;
 const NFTA_BITWISE_LEN: u16 = 3;
@@ -126,17 +159,27 @@ const NFTA_BITWISE_MASK: u16 = 4;
 const NFTA_BITWISE_XOR: u16 = 5;
 /// `IP_CT_ESTABLISHED` and `IP_CT_RELATED` as `ct state` bits.
 const CT_ESTABLISHED_RELATED: u32 = (1 << 1) | (1 << 2);
-const NF_BR_LOCAL_IN: u32 = 1;
-const NF_BR_FORWARD: u32 = 2;
-const NF_BR_LOCAL_OUT: u32 = 3;
-/// Bump when the base chains' rules change.
-const VERSION: &str = "v1";
+/// ICMPv6 router solicitation .. neighbour advertisement.
+const ND_TYPES: (u8, u8) = (133, 136);
+const IPPROTO_ICMPV6: u8 = 58;
+/// Bump when the base chain's rules change.
+const VERSION: &str = "v3";
+
+/// The `ct mark` bit of a connection a policy change revoked: trellisd sets it on the
+/// conntrack entries the new policy denies, and the base chain drops their packets, both ways,
+/// before `established` accepts them. (Deleting the entries instead is racy: an answer in
+/// flight makes a new entry the other way, which the policy may allow, and the flow lives on.)
+pub const REVOKED_MARK: u32 = 0x0100_0000;
 const INGRESS_MAP: &str = "ingress";
+const HELD_SET: &str = "held";
 /// Elements per NEWSETELEM/DELSETELEM: their list is one netlink attribute, whose length is 16
 /// bits, so a message must stay under 64 KiB (a map element with its chain name is about 100
 /// bytes).
 const ELEMS_PER_MESSAGE: usize = 256;
 const EGRESS_MAP: &str = "egress";
+
+/// The table trellisd keeps a node's NetworkPolicy in (and the plugin holds new pods in).
+pub const POLICY_TABLE: &str = "trellis-policy";
 
 fn family_suffix(fam: Family) -> &'static str {
     match fam {
@@ -152,7 +195,7 @@ fn addr_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// The policy table of one network namespace, in the family `kind` decides.
+/// The policy table of one network namespace; `kind` decides what its maps are keyed by.
 pub struct PolicyTable {
     name: String,
     kind: PortKind,
@@ -161,16 +204,126 @@ pub struct PolicyTable {
     applied: Mutex<Option<PolicyState>>,
 }
 
-/// The base chains of `kind`: (name, hook, which maps it consults).
-fn base_chains(kind: PortKind) -> Vec<(&'static str, u32, bool, bool)> {
+/// (map or set, key) of one element.
+type ElemKey = (String, Vec<u8>);
+
+/// A pod's keys in `base` (a map or the held set): its host end in routed mode; in bridge mode
+/// each of its addresses, in the `base-4` or `base-6` of its family.
+fn pod_keys(kind: PortKind, base: &str, port: &str, ips: &[IpAddr]) -> Vec<ElemKey> {
     match kind {
-        PortKind::Routed => vec![("forward", NF_INET_FORWARD, true, true)],
-        PortKind::Bridged => vec![
-            ("forward", NF_BR_FORWARD, true, true),
-            ("input", NF_BR_LOCAL_IN, true, false),
-            ("output", NF_BR_LOCAL_OUT, false, true),
-        ],
+        PortKind::Routed => vec![(base.to_string(), ifname_key(port))],
+        PortKind::Bridged => ips
+            .iter()
+            .map(|ip| (format!("{base}-{}", family_suffix(Family::of(*ip))), addr_bytes(*ip)))
+            .collect(),
     }
+}
+
+/// The maps and sets the base chain consults, for `kind`: (name, key type, key length).
+fn containers(kind: PortKind) -> Vec<(String, u32, u32, bool)> {
+    let mut out = Vec::new();
+    for (base, is_map) in [(INGRESS_MAP, true), (EGRESS_MAP, true), (HELD_SET, false)] {
+        match kind {
+            PortKind::Routed => out.push((base.to_string(), NFT_TYPE_IFNAME, IFNAMSIZ as u32, is_map)),
+            PortKind::Bridged => {
+                for fam in [Family::V4, Family::V6] {
+                    out.push((
+                        format!("{base}-{}", family_suffix(fam)),
+                        header_key_type(fam),
+                        fam.bits() / 8,
+                        is_map,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The base chain's rules, in order: (comment, expressions).
+fn base_rules(kind: PortKind) -> Vec<(String, RuleBuilder)> {
+    let mut out: Vec<(String, RuleBuilder)> = vec![
+        (
+            format!("trellis policy {VERSION} revoked"),
+            Box::new(|m: &mut Msg| {
+                ct_bits(m, NFT_CT_MARK, REVOKED_MARK);
+                expr(m, "counter", |_| {});
+                verdict(m, NF_DROP, None);
+            }),
+        ),
+        (
+            format!("trellis policy {VERSION} established"),
+            Box::new(|m: &mut Msg| {
+                established(m);
+                verdict(m, NF_ACCEPT, None);
+            }),
+        ),
+    ];
+    match kind {
+        PortKind::Routed => {
+            for (key, what) in [(NFT_META_IIFNAME, "source"), (NFT_META_OIFNAME, "destination")] {
+                out.push((
+                    format!("trellis policy {VERSION} held {what}"),
+                    Box::new(move |m: &mut Msg| {
+                        meta(m, key, NFT_REG_1);
+                        lookup(m, HELD_SET, NFT_REG_1, false);
+                        expr(m, "counter", |_| {});
+                        verdict(m, NF_DROP, None);
+                    }),
+                ));
+            }
+            for (key, map) in [(NFT_META_IIFNAME, EGRESS_MAP), (NFT_META_OIFNAME, INGRESS_MAP)] {
+                out.push((
+                    format!("trellis policy {VERSION} {map}"),
+                    Box::new(move |m: &mut Msg| {
+                        meta(m, key, NFT_REG32_00);
+                        vmap(m, map, NFT_REG32_00);
+                    }),
+                ));
+            }
+        }
+        PortKind::Bridged => {
+            out.push((
+                format!("trellis policy {VERSION} neighbour discovery"),
+                Box::new(|m: &mut Msg| {
+                    match_family(m, Family::V6);
+                    meta(m, NFT_META_L4PROTO, NFT_REG_1);
+                    cmp_eq(m, NFT_REG_1, &[IPPROTO_ICMPV6]);
+                    payload(m, NFT_REG_1, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1);
+                    cmp(m, NFT_REG_1, NFT_CMP_GTE, &[ND_TYPES.0]);
+                    cmp(m, NFT_REG_1, NFT_CMP_LTE, &[ND_TYPES.1]);
+                    verdict(m, NF_ACCEPT, None);
+                }),
+            ));
+            for fam in [Family::V4, Family::V6] {
+                let h = super::objects::header(fam);
+                let sfx = family_suffix(fam);
+                for (offset, what) in [(h.saddr_offset, "source"), (h.daddr_offset, "destination")] {
+                    out.push((
+                        format!("trellis policy {VERSION} held {what} {sfx}"),
+                        Box::new(move |m: &mut Msg| {
+                            match_family(m, fam);
+                            payload(m, NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, offset, h.addr_len);
+                            lookup(m, &format!("{HELD_SET}-{sfx}"), NFT_REG_1, false);
+                            expr(m, "counter", |_| {});
+                            verdict(m, NF_DROP, None);
+                        }),
+                    ));
+                }
+                for (offset, map) in [(h.saddr_offset, EGRESS_MAP), (h.daddr_offset, INGRESS_MAP)] {
+                    out.push((
+                        format!("trellis policy {VERSION} {map} {sfx}"),
+                        Box::new(move |m: &mut Msg| {
+                            match_family(m, fam);
+                            payload(m, NFT_REG32_00, NFT_PAYLOAD_NETWORK_HEADER, offset, h.addr_len);
+                            vmap(m, &format!("{map}-{sfx}"), NFT_REG32_00);
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl PolicyTable {
@@ -189,28 +342,100 @@ impl PolicyTable {
 
     fn table(&self) -> Table<'_> {
         Table {
-            family: match self.kind {
-                PortKind::Bridged => NFPROTO_BRIDGE,
-                PortKind::Routed => NFPROTO_INET,
-            },
+            family: NFPROTO_INET,
             name: &self.name,
         }
     }
 
     fn base_comments(&self) -> Vec<(&'static str, Vec<String>)> {
-        base_chains(self.kind)
-            .into_iter()
-            .map(|(chain, _, egress, ingress)| {
-                let mut c = vec![format!("trellis policy {VERSION} established")];
-                if egress {
-                    c.push(format!("trellis policy {VERSION} egress"));
-                }
-                if ingress {
-                    c.push(format!("trellis policy {VERSION} ingress"));
-                }
-                (chain, c)
-            })
-            .collect()
+        vec![("forward", base_rules(self.kind).into_iter().map(|(c, _)| c).collect())]
+    }
+
+    /// The plugin's part of the start window: holds a new pod (every packet to or from it
+    /// dropped) until trellisd releases it with its rules. `Ok(false)`: there is no policy
+    /// table, this node does not enforce NetworkPolicy.
+    pub fn hold(&self, port: &str, ips: &[IpAddr]) -> Result<bool, NftError> {
+        let t = self.table();
+        let mut batch = Batch::default();
+        for (set, key) in pod_keys(self.kind, HELD_SET, port, ips) {
+            batch.push(
+                elems_msg(&t, MsgType::NewSetElem, &set, &[(key, 0)]),
+                format!("holding {port} in set {} {set}", t.describe()),
+            );
+        }
+        match self.commit(batch) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes a pod out of the held set, if it is there (the plugin's DEL; a pod deleted before
+    /// trellisd knew it must not leave its address or interface name held for the next one).
+    pub fn release(&self, port: &str, ips: &[IpAddr]) -> Result<(), NftError> {
+        let t = self.table();
+        let mut batch = Batch::default();
+        push_release(&mut batch, &t, pod_keys(self.kind, HELD_SET, port, ips));
+        match self.commit(batch) {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every rule's counter in the table (policy lines count the connections they allowed;
+    /// the chains' final drops, the held and revoked rules count the packets they dropped).
+    /// Empty when there is no table.
+    pub fn counters(&self) -> Result<Vec<RuleCounter>, NftError> {
+        let t = self.table();
+        let context = format!("listing the counters of {}", t.describe());
+        let replies = match self.conn.lock().unwrap_or_else(PoisonError::into_inner).dump(
+            || {
+                let mut m = Msg::new_in(MsgType::GetRule, NLM_F_REQUEST | NLM_F_DUMP, t.family);
+                m.str(NFTA_RULE_TABLE, t.name);
+                m
+            },
+            &context,
+        ) {
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            r => r?,
+        };
+        let mut out = Vec::new();
+        for r in &replies {
+            let (Some(chain), Some(comment)) = (attr(r, NFTA_RULE_CHAIN), super::objects::parse_rule_comment(r)) else {
+                continue;
+            };
+            let chain = String::from_utf8_lossy(chain.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
+            let packets = attr(r, NFTA_RULE_EXPRESSIONS).and_then(|exprs| {
+                attrs(exprs).find_map(|(_, e)| {
+                    let name = attr(e, NFTA_EXPR_NAME)?;
+                    if !name.starts_with(b"counter\0") {
+                        return None;
+                    }
+                    let data = attr(e, NFTA_EXPR_DATA)?;
+                    let packets = attr(data, NFTA_COUNTER_PACKETS)?;
+                    Some(u64::from_be_bytes(packets.try_into().ok()?))
+                })
+            });
+            if let Some(packets) = packets {
+                out.push(RuleCounter {
+                    chain,
+                    comment,
+                    packets,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), NftError> {
+        if batch.len() == 0 {
+            return Ok(());
+        }
+        self.conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .commit(batch)
+            .map_err(|e| e.error)
     }
 
     /// Whether the kernel still holds the table's base chains as we made them (an `nft flush
@@ -280,55 +505,63 @@ impl PolicyTable {
         batch.push(del_table(&t), format!("deleting table {d} to rebuild it"));
         batch.push(t.new_table(), format!("adding table {d}"));
         let mut id = 1000;
-        for map in [INGRESS_MAP, EGRESS_MAP] {
-            let mut m = t.new_set(map, NFT_TYPE_IFNAME, IFNAMSIZ as u32, Some((NFT_DATA_VERDICT, 0)), id);
-            host_endian_key(&mut m);
-            batch.push(m, format!("adding map {d} {map}"));
+        for (name, key_type, key_len, is_map) in containers(self.kind) {
+            let data = is_map.then_some((NFT_DATA_VERDICT, 0));
+            let mut m = t.new_set(&name, key_type, key_len, data, id);
+            if key_type == NFT_TYPE_IFNAME {
+                host_endian_key(&mut m);
+            }
+            batch.push(m, format!("adding {} {d} {name}", if is_map { "map" } else { "set" }));
             id += 1;
         }
         let empty = PolicyState::default();
-        self.push_changes_from(batch, &empty, want, &mut id);
-        // Base chains last: they go live with everything they reach in place (the batch is
+        self.push_changes_from(batch, &empty, want, &mut id, true);
+        // The base chain last: it goes live with everything it reaches in place (the batch is
         // atomic anyway; this keeps each message valid on its own).
-        for (chain, hook, egress, ingress) in base_chains(self.kind) {
-            let h = Hook {
-                num: hook,
-                priority: 0,
-                kind: "filter",
-            };
-            batch.push(t.new_chain(chain, Some(h)), format!("adding chain {d} {chain}"));
+        let h = Hook {
+            num: NF_INET_FORWARD,
+            priority: 0,
+            kind: "filter",
+        };
+        batch.push(t.new_chain("forward", Some(h)), format!("adding chain {d} forward"));
+        for (comment, build) in base_rules(self.kind) {
             batch.push(
-                t.new_rule(chain, &format!("trellis policy {VERSION} established"), &|m| {
-                    established(m);
-                    verdict(m, NF_ACCEPT, None);
-                }),
-                format!("adding the established rule to {d} {chain}"),
+                t.new_rule("forward", &comment, build.as_ref()),
+                format!("adding rule {comment:?} to {d} forward"),
             );
-            for (on, key, map, what) in [
-                (egress, NFT_META_IIFNAME, EGRESS_MAP, "egress"),
-                (ingress, NFT_META_OIFNAME, INGRESS_MAP, "ingress"),
-            ] {
-                if on {
-                    batch.push(
-                        t.new_rule(chain, &format!("trellis policy {VERSION} {what}"), &|m| {
-                            meta(m, key, NFT_REG32_00);
-                            vmap(m, map, NFT_REG32_00);
-                        }),
-                        format!("adding the {what} map rule to {d} {chain}"),
-                    );
-                }
-            }
         }
     }
 
     fn push_changes(&self, batch: &mut Batch, have: &PolicyState, want: &PolicyState) {
         let mut id = 1000;
-        self.push_changes_from(batch, have, want, &mut id);
+        self.push_changes_from(batch, have, want, &mut id, false);
+    }
+
+    /// Every map element of `state` (map, key) → chain.
+    fn map_elems(&self, state: &PolicyState) -> BTreeMap<ElemKey, String> {
+        let mut out = BTreeMap::new();
+        for (map, pods) in [(INGRESS_MAP, &state.ingress), (EGRESS_MAP, &state.egress)] {
+            for (port, chain) in pods {
+                let ips = state.addresses.get(port).map(Vec::as_slice).unwrap_or_default();
+                for k in pod_keys(self.kind, map, port, ips) {
+                    out.insert(k, chain.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn held_elems<'a>(&self, state: &PolicyState, pods: impl Iterator<Item = &'a String>) -> BTreeSet<ElemKey> {
+        pods.flat_map(|port| {
+            let ips = state.addresses.get(port).map(Vec::as_slice).unwrap_or_default();
+            pod_keys(self.kind, HELD_SET, port, ips)
+        })
+        .collect()
     }
 
     /// Sets made or refilled, chains made, map elements moved, then what nothing references
     /// any more deleted.
-    fn push_changes_from(&self, batch: &mut Batch, have: &PolicyState, want: &PolicyState, id: &mut u32) {
+    fn push_changes_from(&self, batch: &mut Batch, have: &PolicyState, want: &PolicyState, id: &mut u32, fresh: bool) {
         let t = self.table();
         let d = t.describe();
         for (name, ranges) in &want.sets {
@@ -413,10 +646,7 @@ impl PolicyTable {
             }
             batch.push(t.new_chain(name, None), format!("adding chain {d} {name}"));
             for (i, line) in chain.lines.iter().enumerate() {
-                for (j, build) in line_rules(line, chain.peer_is_source, self.kind)
-                    .into_iter()
-                    .enumerate()
-                {
+                for (j, build) in line_rules(line, chain.peer_is_source).into_iter().enumerate() {
                     let comment = format!("{} #{i}.{j}", line.comment);
                     batch.push(
                         t.new_rule(name, &comment, build.as_ref()),
@@ -432,32 +662,55 @@ impl PolicyTable {
                 format!("adding the final drop to chain {d} {name}"),
             );
         }
-        for (map, old, new) in [
-            (INGRESS_MAP, &have.ingress, &want.ingress),
-            (EGRESS_MAP, &have.egress, &want.egress),
-        ] {
-            let gone: Vec<KeyFlags> = old
-                .iter()
+        let (old, new) = (self.map_elems(have), self.map_elems(want));
+        let gone: BTreeMap<&str, Vec<KeyFlags>> =
+            old.iter()
                 .filter(|(k, v)| new.get(*k) != Some(*v))
-                .map(|(k, _)| (ifname_key(k), 0))
-                .collect();
-            if !gone.is_empty() {
-                for chunk in gone.chunks(ELEMS_PER_MESSAGE) {
-                    batch.push(
-                        elems_msg(&t, MsgType::DelSetElem, map, chunk),
-                        format!("deleting {} element(s) from map {d} {map}", chunk.len()),
-                    );
-                }
+                .fold(BTreeMap::new(), |mut acc, ((map, key), _)| {
+                    acc.entry(map.as_str()).or_default().push((key.clone(), 0));
+                    acc
+                });
+        for (map, keys) in &gone {
+            for chunk in keys.chunks(ELEMS_PER_MESSAGE) {
+                batch.push(
+                    elems_msg(&t, MsgType::DelSetElem, map, chunk),
+                    format!("deleting {} element(s) from map {d} {map}", chunk.len()),
+                );
             }
-            let added: Vec<(&String, &String)> = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).collect();
-            if !added.is_empty() {
-                for chunk in added.chunks(ELEMS_PER_MESSAGE) {
-                    batch.push(
-                        jump_elems(&t, map, chunk),
-                        format!("adding {} element(s) to map {d} {map}", chunk.len()),
-                    );
-                }
+        }
+        let added: BTreeMap<&str, Vec<(&[u8], &str)>> = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).fold(
+            BTreeMap::new(),
+            |mut acc, ((map, key), chain)| {
+                acc.entry(map.as_str())
+                    .or_default()
+                    .push((key.as_slice(), chain.as_str()));
+                acc
+            },
+        );
+        for (map, elems) in &added {
+            for chunk in elems.chunks(ELEMS_PER_MESSAGE) {
+                batch.push(
+                    jump_elems(&t, map, chunk),
+                    format!("adding {} element(s) to map {d} {map}", chunk.len()),
+                );
             }
+        }
+        // Held pods: those still unknown stay held (the rebuild of a lost table holds them
+        // again); the rest are released in this same transaction as their map elements.
+        let held_new = self.held_elems(want, want.held.iter());
+        let held_old = self.held_elems(have, have.held.iter());
+        for (set, key) in held_new.difference(&held_old) {
+            batch.push(
+                elems_msg(&t, MsgType::NewSetElem, set, &[(key.clone(), 0)]),
+                format!("holding an element in set {d} {set}"),
+            );
+        }
+        if !fresh {
+            let newly_covered = want.covered.difference(&have.covered);
+            let mut release = self.held_elems(want, newly_covered);
+            release.extend(held_old.difference(&held_new).cloned());
+            let release: Vec<ElemKey> = release.difference(&held_new).cloned().collect();
+            push_release(batch, &t, release);
         }
         for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
             batch.push(del_chain(&t, name), format!("deleting chain {d} {name}"));
@@ -542,16 +795,14 @@ fn elems_msg(t: &Table<'_>, ty: MsgType, set: &str, elems: &[KeyFlags]) -> Msg {
     m
 }
 
-/// Map elements `ifname : jump chain`.
-fn jump_elems(t: &Table<'_>, map: &str, elems: &[(&String, &String)]) -> Msg {
+/// Map elements `key : jump chain`.
+fn jump_elems(t: &Table<'_>, map: &str, elems: &[(&[u8], &str)]) -> Msg {
     let mut m = Msg::new_in(MsgType::NewSetElem, CREATE, t.family);
     m.str(NFTA_SET_ELEM_LIST_TABLE, t.name).str(NFTA_SET_ELEM_LIST_SET, map);
     m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-    for (ifname, chain) in elems {
+    for (key, chain) in elems {
         m.begin(NFTA_LIST_ELEM);
-        m.begin(NFTA_SET_ELEM_KEY)
-            .bytes(NFTA_DATA_VALUE, &ifname_key(ifname))
-            .end();
+        m.begin(NFTA_SET_ELEM_KEY).bytes(NFTA_DATA_VALUE, key).end();
         m.begin(NFTA_SET_ELEM_DATA).begin(NFTA_DATA_VERDICT);
         m.u32(NFTA_VERDICT_CODE, NFT_JUMP as u32).str(NFTA_VERDICT_CHAIN, chain);
         m.end().end();
@@ -561,17 +812,39 @@ fn jump_elems(t: &Table<'_>, map: &str, elems: &[(&String, &String)]) -> Msg {
     m
 }
 
+/// Takes elements out of held sets whether or not they are there: added (no NLM_F_EXCL, so
+/// an element already there is no error) then deleted, in the caller's transaction — the
+/// plugin adds elements trellisd never recorded.
+fn push_release(batch: &mut Batch, t: &Table<'_>, elems: Vec<ElemKey>) {
+    for (set, key) in elems {
+        let d = t.describe();
+        batch.push(
+            elems_msg(t, MsgType::NewSetElem, &set, &[(key.clone(), 0)]),
+            format!("releasing an element of set {d} {set} (adding it first)"),
+        );
+        batch.push(
+            elems_msg(t, MsgType::DelSetElem, &set, &[(key, 0)]),
+            format!("releasing an element of set {d} {set}"),
+        );
+    }
+}
+
 /// `ct state established,related` (then the caller's verdict).
 fn established(m: &mut Msg) {
+    ct_bits(m, NFT_CT_STATE, CT_ESTABLISHED_RELATED);
+}
+
+/// `ct KEY & bits != 0` (`ct state` and `ct mark` are host-endian 32-bit values).
+fn ct_bits(m: &mut Msg, key: u32, bits: u32) {
     expr(m, "ct", |m| {
-        m.u32(NFTA_CT_KEY, NFT_CT_STATE).u32(NFTA_CT_DREG, NFT_REG_1);
+        m.u32(NFTA_CT_KEY, key).u32(NFTA_CT_DREG, NFT_REG_1);
     });
     expr(m, "bitwise", |m| {
         m.u32(NFTA_BITWISE_SREG, NFT_REG_1)
             .u32(NFTA_BITWISE_DREG, NFT_REG_1)
             .u32(NFTA_BITWISE_LEN, 4);
         m.begin(NFTA_BITWISE_MASK)
-            .bytes(NFTA_DATA_VALUE, &CT_ESTABLISHED_RELATED.to_ne_bytes())
+            .bytes(NFTA_DATA_VALUE, &bits.to_ne_bytes())
             .end();
         m.begin(NFTA_BITWISE_XOR).bytes(NFTA_DATA_VALUE, &[0; 4]).end();
     });
@@ -587,29 +860,13 @@ fn vmap(m: &mut Msg, map: &str, reg: u32) {
     });
 }
 
-/// The packet is of family `fam`: `meta nfproto` in an inet table, the ethertype in a bridge
-/// one (where nfproto is always "bridge").
-fn match_l3(m: &mut Msg, fam: Family, kind: PortKind) {
-    match kind {
-        PortKind::Routed => super::rules::match_family(m, fam),
-        PortKind::Bridged => {
-            payload(m, NFT_REG_1, NFT_PAYLOAD_LL_HEADER, 12, 2);
-            let ethertype: [u8; 2] = match fam {
-                Family::V4 => [0x08, 0x00],
-                Family::V6 => [0x86, 0xdd],
-            };
-            cmp_eq(m, NFT_REG_1, &ethertype);
-        }
-    }
-}
-
 type RuleBuilder = Box<dyn Fn(&mut Msg)>;
 
 /// A rule's port test: none, or an IP protocol with (or without) one port range.
 type PortSpec = Option<(u8, Option<(u16, u16)>)>;
 
 /// The rules of one line: one per family where it names a set, one per port range.
-fn line_rules(line: &PolicyLine, peer_is_source: bool, kind: PortKind) -> Vec<RuleBuilder> {
+fn line_rules(line: &PolicyLine, peer_is_source: bool) -> Vec<RuleBuilder> {
     let ranges: Vec<PortSpec> = match &line.ports {
         LinePorts::Any => vec![None],
         LinePorts::Proto(p) => vec![Some((*p, None))],
@@ -625,7 +882,7 @@ fn line_rules(line: &PolicyLine, peer_is_source: bool, kind: PortKind) -> Vec<Ru
             let (peer, port) = (line.peer.clone(), *port);
             out.push(Box::new(move |m| {
                 if let Some(f) = fam {
-                    match_l3(m, f, kind);
+                    match_family(m, f);
                 }
                 if let LinePeer::AddrPort(_, p) = &peer {
                     meta(m, NFT_META_L4PROTO, NFT_REG_1);
@@ -662,6 +919,7 @@ fn line_rules(line: &PolicyLine, peer_is_source: bool, kind: PortKind) -> Vec<Ru
                         }
                     }
                 }
+                expr(m, "counter", |_| {});
                 verdict(m, NFT_RETURN, None);
             }));
         }

@@ -610,12 +610,14 @@ fn nft_antispoof_tables_load_and_elements_follow_their_owners() {
             kind: PortKind::Bridged,
             mac: [0x0a, 0x58, 10, 244, 1, 2],
             ips: vec![ip("10.244.1.2"), ip("fd00:244:1::2"), ip("fe80::858:aff:fef4:102")],
+            pod: None,
         };
         let routed = PodIdentity {
             port: "trl000000000002".into(),
             kind: PortKind::Routed,
             mac: [0; 6],
             ips: vec![ip("10.244.1.3")],
+            pod: None,
         };
         guard.protect("trellis/net/a/eth0", &bridged).unwrap();
         guard.protect("trellis/net/a/eth0", &bridged).unwrap();
@@ -720,6 +722,7 @@ fn pod_identity_records_round_trip() {
         kind: PortKind::Bridged,
         mac: [0x0a, 0x58, 10, 244, 1, 2],
         ips: vec![ip("10.244.1.2"), ip("fd00:244:1::2")],
+        pod: Some("x/a".into()),
     };
     let text = pod.record("trellis/net/a/eth0");
     assert_eq!(
