@@ -101,6 +101,11 @@ pub struct Args {
     /// networks (see docs/security.md); on by default.
     #[arg(long)]
     pub no_anti_spoofing: bool,
+    /// NetworkPolicy: log each new connection the policy drops, with its pod, peer, port and
+    /// the policy side that refused it (rate-limited: one line per connection attempt and
+    /// 10 s, at most 10 lines a second). Off by default: a scanner makes many.
+    #[arg(long)]
+    pub policy_log_drops: bool,
     /// BGP mode: after a restart of trellisd (the kernel kept its routes), the longest wait in
     /// seconds for the peers' End-of-RIB before the kept routes that no peer announced go; an
     /// unreachable peer holds them this long. BIRD's `graceful restart wait` (240).

@@ -173,6 +173,7 @@ pub async fn run(args: Args) -> Result<(), String> {
                 metrics.clone(),
                 records,
                 policy_kind,
+                args.policy_log_drops,
             ));
         }
         // Not enforced on this run: a table an earlier run (another mode or datastore) left

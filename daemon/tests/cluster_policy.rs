@@ -72,6 +72,11 @@ struct Lab {
 impl Lab {
     /// `pods`: (namespace, name, node).
     fn new(mode: &'static str, pods: &[(&str, &str, usize)]) -> Lab {
+        Lab::with_args(mode, pods, &[])
+    }
+
+    /// [`Lab::new`] with more trellisd flags.
+    fn with_args(mode: &'static str, pods: &[(&str, &str, usize)], more: &[&str]) -> Lab {
         let net_conf = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:244::/56",
                            "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}"#;
         let options = Options {
@@ -86,7 +91,7 @@ impl Lab {
             2,
             net_conf,
             &trellisd(),
-            &["--lease-ttl", "10", "--resync", "5", "--cni-mode", mode],
+            &[&["--lease-ttl", "10", "--resync", "5", "--cni-mode", mode], more].concat(),
             options,
         );
         let mut lab = Lab {
@@ -867,7 +872,7 @@ fn policy_change_cuts_existing_flows_it_denies_bridge_mode() {
 /// policy passes: the plugin holds the pod until trellisd has written its rules. Once trellisd
 /// runs again, what the policy allows flows and what it denies still does not.
 fn start_window(mode: &'static str) {
-    let mut lab = Lab::new(mode, &[("y", "a", 1), ("y", "b", 0)]);
+    let mut lab = Lab::with_args(mode, &[("y", "a", 1), ("y", "b", 0)], &["--policy-log-drops"]);
     // x/new may receive from y/b on TCP 80 only, and send to y/a only.
     lab.set_policies(&[
         json!({"metadata": meta("x", "new-in"), "spec": {"podSelector": {"matchLabels": {"pod": "new"}},
@@ -954,6 +959,21 @@ fn start_window(mode: &'static str) {
         assert!(v >= ok, "{mode}: {name} = {v}, want at least {ok}");
     }
     assert_eq!(lab.c.metric(node, "trellisd_policy_pods{state=\"held\"}"), 0.0);
+    // --policy-log-drops: the drops by x/new's rules, each side, named.
+    let log = lab.c.log(node);
+    for (pod, peer, side) in [("x/new", "y/b", "ingress"), ("x/new", "y/b", "egress")] {
+        let found = log.lines().any(|l| {
+            l.contains(&format!("no {side} policy of the pod allows it"))
+                && l.contains(&format!("pod=\"{pod}\""))
+                && l.contains(&format!("peer=\"{peer}\""))
+                && l.contains("port=81")
+        });
+        assert!(
+            found,
+            "{mode}: no drop log line for {pod} {side} with {peer}:\n{log}\n{}",
+            lab.tables()
+        );
+    }
 }
 
 #[test]

@@ -4,8 +4,11 @@
 //! Why: `trellisd`'s NetworkPolicy enforcer accepts `ct state established,related` before it
 //! looks at the policy, so a flow that a policy change now denies would stay alive for as long
 //! as it keeps sending (a UDP stream never times out). After a policy change the enforcer dumps
-//! the node namespace's table ([`dump`]) and deletes the entries of flows that the new policy no
-//! longer allows ([`delete_where`]); their next packet is `ct state new` and meets the policy.
+//! the node namespace's table ([`dump`]) and marks the entries of flows that the new policy no
+//! longer allows ([`set_mark`]), whose packets the policy table then drops. Marking, not
+//! deleting ([`delete`]): after a delete, an answer already in flight makes a new entry the
+//! other way round, which the policy may allow, and the flow goes on (trellisd's first tests
+//! showed exactly that with a UDP echo).
 //!
 //! Everything is synchronous and happens in the namespace of the calling thread: wrap calls in
 //! [`crate::netns::run_in`] for another namespace.
@@ -35,30 +38,16 @@
 //!   retried a few times before giving up with [`NetError::DumpInterrupted`].
 
 use std::fmt;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
-
+use crate::nfnl::{
+    align4, attr, kernel, parse_error, replies, unexpected, Conn, Msg, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
 use crate::NetError;
-
-// netlink (include/uapi/linux/netlink.h)
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_CAPPED: u16 = 0x100;
-const NLM_F_ACK_TLVS: u16 = 0x200;
-const NLMSGERR_ATTR_MSG: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 // nfnetlink and ctnetlink (nfnetlink.h, nfnetlink_conntrack.h)
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-const NFNETLINK_V0: u8 = 0;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
@@ -77,7 +66,6 @@ const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
-const RECV_BUF: usize = 64 * 1024;
 /// A dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is tried this many times.
 const DUMP_TRIES: u32 = 10;
 
@@ -195,138 +183,6 @@ pub fn delete_where(pred: impl Fn(&Flow) -> bool) -> Result<usize, NetError> {
     Ok(deleted)
 }
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// A ctnetlink request: netlink header, nfgenmsg, attributes.
-struct Msg {
-    buf: Vec<u8>,
-    open: Vec<usize>,
-}
-
-impl Msg {
-    fn new(msg: u16, flags: u16, family: u8) -> Self {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set in finish()
-        buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // seq, set in finish()
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        buf.extend_from_slice(&[family, NFNETLINK_V0]);
-        buf.extend_from_slice(&0u16.to_be_bytes()); // res_id
-        Msg { buf, open: Vec::new() }
-    }
-
-    fn bytes(&mut self, ty: u16, data: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.buf.resize(align4(self.buf.len()), 0);
-        self
-    }
-
-    fn begin(&mut self, ty: u16) -> &mut Self {
-        self.open.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-        self
-    }
-
-    fn end(&mut self) -> &mut Self {
-        let start = self.open.pop().expect("Msg::end without Msg::begin");
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        self
-    }
-
-    fn finish(mut self, seq: u32) -> Vec<u8> {
-        assert!(self.open.is_empty(), "unclosed nested attribute");
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-        self.buf
-    }
-}
-
-/// A netlink message read from the socket.
-struct Reply<'a> {
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    /// Everything after the netlink header.
-    payload: &'a [u8],
-}
-
-/// Splits a datagram into netlink messages.
-fn replies(mut buf: &[u8]) -> impl Iterator<Item = Result<Reply<'_>, String>> {
-    std::iter::from_fn(move || {
-        if buf.is_empty() {
-            return None;
-        }
-        if buf.len() < NLMSG_HDRLEN {
-            buf = &[];
-            return Some(Err("truncated netlink header".into()));
-        }
-        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            buf = &[];
-            return Some(Err(format!("bad netlink message length {len}")));
-        }
-        let reply = Reply {
-            ty: u16::from_ne_bytes(buf[4..6].try_into().unwrap()),
-            flags: u16::from_ne_bytes(buf[6..8].try_into().unwrap()),
-            seq: u32::from_ne_bytes(buf[8..12].try_into().unwrap()),
-            payload: &buf[NLMSG_HDRLEN..len],
-        };
-        buf = &buf[align4(len).min(buf.len())..];
-        Some(Ok(reply))
-    })
-}
-
-/// The attributes in `buf` as (type without flag bits, value); stops at a malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let value = &buf[4..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        Some((ty, value))
-    })
-}
-
-fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(buf).find(|(t, _)| *t == ty).map(|(_, v)| v)
-}
-
-/// An NLMSG_ERROR payload: the errno (0 for an ack) and the extended-ack text, if any.
-fn parse_error(reply: &Reply<'_>) -> Result<(i32, Option<String>), String> {
-    let p = reply.payload;
-    if p.len() < 4 + NLMSG_HDRLEN {
-        return Err("truncated NLMSG_ERROR".into());
-    }
-    let errno = -i32::from_ne_bytes(p[0..4].try_into().unwrap());
-    let mut msg = None;
-    if reply.flags & NLM_F_ACK_TLVS != 0 {
-        let orig_len = if reply.flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            u32::from_ne_bytes(p[4..8].try_into().unwrap()) as usize
-        };
-        let tlvs = p.get(4 + align4(orig_len)..).unwrap_or(&[]);
-        msg = attr(tlvs, NLMSGERR_ATTR_MSG)
-            .map(|m| String::from_utf8_lossy(m.split(|b| *b == 0).next().unwrap_or(&[])).into_owned())
-            .filter(|m| !m.is_empty());
-    }
-    Ok((errno, msg))
-}
-
 /// A tuple (`CTA_TUPLE_ORIG`/`CTA_TUPLE_REPLY` payload).
 fn parse_tuple(buf: &[u8]) -> Result<Tuple, String> {
     let ip = attr(buf, CTA_TUPLE_IP).ok_or("tuple without CTA_TUPLE_IP")?;
@@ -378,61 +234,26 @@ fn parse_flow(buf: &[u8]) -> Result<Flow, String> {
     })
 }
 
-/// A NETLINK_NETFILTER socket in the calling thread's namespace.
-struct Conn {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+/// Conntrack's requests on an nfnetlink socket.
+trait Ct {
+    fn dump(&mut self) -> Result<Vec<Flow>, NetError>;
+    fn delete(&mut self, flow: &Flow) -> Result<bool, NetError>;
+    fn set_mark(&mut self, flow: &Flow, value: u32, mask: u32) -> Result<bool, NetError>;
+    fn entry_msg(&self, flow: &Flow, ty: u16, what: &str) -> Result<Msg, NetError>;
 }
 
-impl Conn {
-    fn open() -> Result<Self, NetError> {
-        let open = || -> io::Result<Socket> {
-            let mut sock = Socket::new(NETLINK_NETFILTER)?;
-            sock.bind_auto()?;
-            sock.set_ext_ack(true)?;
-            sock.set_cap_ack(true)?;
-            Ok(sock)
-        };
-        let sock = open().map_err(|e| NetError::io("opening conntrack netlink socket", e))?;
-        Ok(Conn {
-            sock,
-            seq: 1,
-            buf: Vec::with_capacity(RECV_BUF),
-        })
-    }
-
-    fn send(&mut self, msg: Msg, what: &str) -> Result<u32, NetError> {
-        let seq = self.seq;
-        self.seq = self.seq.wrapping_add(1);
-        let buf = msg.finish(seq);
-        let sent = self.sock.send(&buf, 0).map_err(|e| NetError::io(what, e))?;
-        if sent != buf.len() {
-            return Err(unexpected(what, format!("short send ({sent} of {} bytes)", buf.len())));
-        }
-        Ok(seq)
-    }
-
-    /// Reads one datagram into `self.buf` (blocking).
-    fn recv(&mut self, what: &str) -> Result<(), NetError> {
-        loop {
-            self.buf.clear();
-            match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
-                Ok(len) if len > RECV_BUF => {
-                    return Err(unexpected(what, format!("reply of {len} bytes truncated")));
-                }
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(NetError::io(what, e)),
-            }
-        }
-    }
-
+impl Ct for Conn {
     fn dump(&mut self) -> Result<Vec<Flow>, NetError> {
         const WHAT: &str = "dumping conntrack";
         for _ in 0..DUMP_TRIES {
             let seq = self.send(
-                Msg::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, libc::AF_UNSPEC as u8),
+                Msg::new(
+                    NFNL_SUBSYS_CTNETLINK,
+                    IPCTNL_MSG_CT_GET,
+                    NLM_F_REQUEST | NLM_F_DUMP,
+                    libc::AF_UNSPEC as u8,
+                    0,
+                ),
                 WHAT,
             )?;
             let mut flows = Vec::new();
@@ -506,49 +327,13 @@ impl Conn {
             // Never send a delete without a tuple: that flushes the whole table.
             return Err(NetError::InvalidArgument(format!("{what}: no original tuple")));
         }
-        let mut msg = Msg::new(ty, NLM_F_REQUEST | NLM_F_ACK, family);
+        let mut msg = Msg::new(NFNL_SUBSYS_CTNETLINK, ty, NLM_F_REQUEST | NLM_F_ACK, family, 0);
         msg.begin(CTA_TUPLE_ORIG);
         msg.buf.extend_from_slice(&flow.raw_orig);
         msg.buf.resize(align4(msg.buf.len()), 0);
         msg.end();
         msg.bytes(CTA_ZONE, &flow.zone.to_be_bytes());
         Ok(msg)
-    }
-
-    /// Sends `msg` and waits for its acknowledgement: `Ok(false)` for ENOENT.
-    fn ask(&mut self, msg: Msg, what: &str) -> Result<bool, NetError> {
-        let what = what.to_string();
-        let seq = self.send(msg, &what)?;
-        loop {
-            self.recv(&what)?;
-            for reply in replies(&self.buf) {
-                let reply = reply.map_err(|d| unexpected(&what, d))?;
-                if reply.seq != seq || reply.ty != NLMSG_ERROR {
-                    continue;
-                }
-                let (errno, msg) = parse_error(&reply).map_err(|d| unexpected(&what, d))?;
-                return match errno {
-                    0 => Ok(true),
-                    libc::ENOENT => Ok(false),
-                    errno => Err(kernel(&what, errno, msg)),
-                };
-            }
-        }
-    }
-}
-
-fn kernel(what: &str, errno: i32, extack: Option<String>) -> NetError {
-    NetError::Netlink {
-        what: what.into(),
-        errno,
-        extack,
-    }
-}
-
-fn unexpected(what: &str, detail: impl Into<String>) -> NetError {
-    NetError::UnexpectedReply {
-        what: what.into(),
-        detail: detail.into(),
     }
 }
 
@@ -558,7 +343,7 @@ mod tests {
 
     /// A dumped entry as the kernel encodes it: orig udp 10.0.0.1:5000 -> 10.0.0.2:53, zone 7.
     fn entry() -> Vec<u8> {
-        let mut m = Msg::new(IPCTNL_MSG_CT_NEW, 0, libc::AF_INET as u8);
+        let mut m = Msg::new(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, libc::AF_INET as u8, 0);
         for (ty, (s, d, sp, dp)) in [
             (CTA_TUPLE_ORIG, ([10, 0, 0, 1], [10, 0, 0, 2], 5000u16, 53u16)),
             (CTA_TUPLE_REPLY, ([10, 0, 0, 2], [10, 0, 0, 1], 53, 5000)),
@@ -614,7 +399,13 @@ mod tests {
         let b = entry();
         let r = replies(&b).next().unwrap().unwrap();
         let flow = parse_flow(&r.payload[4..]).unwrap();
-        let mut m = Msg::new(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, libc::AF_INET as u8);
+        let mut m = Msg::new(
+            NFNL_SUBSYS_CTNETLINK,
+            IPCTNL_MSG_CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            libc::AF_INET as u8,
+            0,
+        );
         m.begin(CTA_TUPLE_ORIG);
         m.buf.extend_from_slice(&flow.raw_orig);
         m.end();

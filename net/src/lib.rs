@@ -11,8 +11,10 @@
 //! - [`ethtool`]: TX checksum offload through the `SIOCETHTOOL` ioctl.
 //! - [`sysctl`]: `/proc/sys` parameters (per namespace of the calling thread).
 //! - [`nft`], nftables: masquerade for pod traffic.
-//! - [`conntrack`]: dump the connection tracking table and delete entries (ctnetlink), so
-//!   that a policy change cuts flows it no longer allows.
+//! - [`conntrack`]: dump the connection tracking table, mark and delete entries (ctnetlink), so
+//!   that a policy change revokes flows it no longer allows.
+//! - [`nflog`]: the packets an nftables `log group` rule hands to user space (the policy drop
+//!   log).
 //! - [`NetError`]: one error type; netlink errors keep the errno and say which object failed.
 //!
 //! Conventions: adds that are naturally repeatable (addresses, `replace_*`) succeed when the
@@ -42,6 +44,8 @@ pub mod neigh;
 mod netlink;
 pub mod netns;
 pub mod nexthop;
+pub mod nflog;
+mod nfnl;
 pub mod nft;
 mod reply;
 pub mod route;

@@ -98,8 +98,8 @@ pub use hostport::{HostPorts, MappedPort, PortMapping, Protocol};
 use interval::{Bound, Family, Interval};
 use objects::SetKind;
 pub use policy::{
-    Applied, LinePeer, LinePorts, PolicyChain, PolicyLine, PolicyState, PolicyTable, RuleCounter, POLICY_TABLE,
-    REVOKED_MARK,
+    Applied, LinePeer, LinePorts, PolicyChain, PolicyLine, PolicyState, PolicyTable, RuleCounter, DROP_LOG_PREFIX,
+    POLICY_TABLE, REVOKED_MARK,
 };
 pub use underlay_guard::{Encapsulation, UnderlayGuard};
 pub use watch::TableWatch;

@@ -22,11 +22,13 @@
 use super::compile::{compile, Compiled, LocalPod};
 use super::model::Proto;
 use super::source;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
-use trellis_net::nft::{PodIdentity, PolicyTable, PortKind, POLICY_TABLE, REVOKED_MARK};
+use trellis_net::nft::{PodIdentity, PolicyTable, PortKind, DROP_LOG_PREFIX, POLICY_TABLE, REVOKED_MARK};
 
 /// The nftables table (inet) policy lives in.
 pub const TABLE: &str = POLICY_TABLE;
@@ -209,19 +211,120 @@ fn set_pod_gauges(compiled: &Compiled, m: &crate::metrics::PolicyMetrics) {
     }
 }
 
+/// The NFLOG group of the drop log (`--policy-log-drops`), in the node's namespace.
+pub const DROP_LOG_GROUP: u16 = 4747;
+
+/// Addresses → `namespace/name`, for the drop log.
+type Names = Arc<Mutex<HashMap<IpAddr, String>>>;
+
+/// The drop log: reads the policy chains' NFLOG group and writes one line per dropped new
+/// connection, at most one per (pod, peer, protocol, port) every 10 s and 10 a second, with
+/// a count of those left out.
+fn spawn_drop_log(names: Names) -> Result<(), String> {
+    let mut sub = trellis_net::nflog::Subscription::bind(DROP_LOG_GROUP, 80).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("policy-drop-log".into())
+        .spawn(move || {
+            let mut seen: HashMap<(String, IpAddr, IpAddr, u8, u16), Instant> = HashMap::new();
+            let (mut second, mut in_second, mut left_out) = (Instant::now(), 0u32, 0u64);
+            loop {
+                let got = match sub.recv() {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!("the NetworkPolicy drop log stopped: {e}");
+                        return;
+                    }
+                };
+                if got.lost {
+                    left_out += 1;
+                }
+                for p in got.packets {
+                    let Some(chain) = p.prefix.strip_prefix(DROP_LOG_PREFIX) else {
+                        continue;
+                    };
+                    let Some(h) = trellis_net::nflog::summarize(&p.packet) else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    if now.duration_since(second) >= Duration::from_secs(1) {
+                        (second, in_second) = (now, 0);
+                    }
+                    let key = (chain.to_string(), h.src, h.dst, h.proto, h.dport);
+                    if seen
+                        .get(&key)
+                        .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10))
+                    {
+                        continue;
+                    }
+                    if in_second >= 10 {
+                        left_out += 1;
+                        continue;
+                    }
+                    seen.retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+                    seen.insert(key, now);
+                    in_second += 1;
+                    let names = names.lock().unwrap_or_else(|e| e.into_inner());
+                    let name = |ip: IpAddr| names.get(&ip).cloned().unwrap_or_else(|| ip.to_string());
+                    let (direction, pod, peer) = if chain.starts_with("in-") {
+                        ("ingress", h.dst, h.src)
+                    } else {
+                        ("egress", h.src, h.dst)
+                    };
+                    let proto = match h.proto {
+                        6 => "TCP".to_string(),
+                        17 => "UDP".to_string(),
+                        132 => "SCTP".to_string(),
+                        n => format!("protocol {n}"),
+                    };
+                    info!(
+                        pod = name(pod),
+                        peer = name(peer),
+                        src = %h.src,
+                        dst = %h.dst,
+                        port = h.dport,
+                        protocol = proto,
+                        chain,
+                        left_out,
+                        "NetworkPolicy dropped a new connection: no {direction} policy of the pod allows it"
+                    );
+                    left_out = 0;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Runs until the process ends: watches with `client`, writes the table for the pods of
-/// `kind` recorded in `records`.
-pub async fn run(client: kube::Client, metrics: crate::metrics::Metrics, records: PathBuf, kind: PortKind) {
+/// `kind` recorded in `records`; with `log_drops`, logs the new connections it drops.
+pub async fn run(
+    client: kube::Client,
+    metrics: crate::metrics::Metrics,
+    records: PathBuf,
+    kind: PortKind,
+    log_drops: bool,
+) {
     let pm = metrics.policy().clone();
     let mut views = source::spawn(client, metrics);
     let mut deltas = CounterDeltas::default();
-    let table = match PolicyTable::new(TABLE, kind) {
+    let names: Names = Arc::default();
+    let table = match PolicyTable::new(TABLE, kind).map(|t| if log_drops { t.with_drop_log(DROP_LOG_GROUP) } else { t })
+    {
         Ok(t) => t,
         Err(e) => {
             warn!("NetworkPolicy is not enforced on this node: opening nftables: {e}");
             return;
         }
     };
+    if log_drops {
+        match spawn_drop_log(Arc::clone(&names)) {
+            Ok(()) => info!(
+                group = DROP_LOG_GROUP,
+                "logging the new connections NetworkPolicy drops"
+            ),
+            Err(e) => warn!("the NetworkPolicy drop log cannot start: {e}"),
+        }
+    }
     let mut poll = tokio::time::interval(RECORDS_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
@@ -242,6 +345,20 @@ pub async fn run(client: kube::Client, metrics: crate::metrics::Metrics, records
             let local = local_pods(&records, kind);
             let compiled = compile(&view, &local);
             set_pod_gauges(&compiled, &pm);
+            if log_drops {
+                let mut n = names.lock().unwrap_or_else(|e| e.into_inner());
+                n.clear();
+                for p in &view.pods {
+                    for ip in &p.ips {
+                        n.insert(*ip, p.key());
+                    }
+                }
+                for p in local.iter().filter(|p| p.pod.is_some()) {
+                    for ip in &p.ips {
+                        n.insert(*ip, p.pod.clone().unwrap_or_default());
+                    }
+                }
+            }
             state = Some((compiled, local));
         } else if last_write.elapsed() < Duration::from_secs(1) && last_error.is_none() {
             continue;

@@ -152,6 +152,11 @@ const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
 const NFT_CT_MARK: u32 = 3;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LOG_GROUP: u16 = 1;
+const NFTA_LOG_PREFIX: u16 = 2;
 const NFTA_BITWISE_SREG: u16 = 1;
 const NFTA_BITWISE_DREG: u16 = 2;
 const NFTA_BITWISE_LEN: u16 = 3;
@@ -202,7 +207,14 @@ pub struct PolicyTable {
     conn: Mutex<Conn>,
     /// What the last successful [`PolicyTable::apply`] left in the kernel.
     applied: Mutex<Option<PolicyState>>,
+    /// NFLOG group the chains' drops are logged to ([`PolicyTable::with_drop_log`]).
+    drop_log: Option<u16>,
 }
+
+/// The prefix of a drop logged by a policy chain: then the chain's name.
+pub const DROP_LOG_PREFIX: &str = "trellis-policy drop ";
+/// At most this many drops a second per chain are logged (the rest still drop).
+const DROP_LOG_RATE: u64 = 50;
 
 /// (map or set, key) of one element.
 type ElemKey = (String, Vec<u8>);
@@ -337,7 +349,16 @@ impl PolicyTable {
             kind,
             conn: Mutex::new(Conn::open()?),
             applied: Mutex::new(None),
+            drop_log: None,
         })
+    }
+
+    /// Every policy chain logs the new connections it drops to NFLOG `group` (at most
+    /// [`DROP_LOG_RATE`] a second per chain), prefixed [`DROP_LOG_PREFIX`] and the chain's name.
+    /// Chains made from now on: set it before the first [`PolicyTable::apply`].
+    pub fn with_drop_log(mut self, group: u16) -> PolicyTable {
+        self.drop_log = Some(group);
+        self
     }
 
     fn table(&self) -> Table<'_> {
@@ -653,6 +674,23 @@ impl PolicyTable {
                         format!("adding rule {comment} to chain {d} {name}"),
                     );
                 }
+            }
+            if let Some(group) = self.drop_log {
+                let prefix = format!("{DROP_LOG_PREFIX}{name}");
+                batch.push(
+                    t.new_rule(name, "log: dropped below", &|m| {
+                        expr(m, "limit", |m| {
+                            m.bytes(NFTA_LIMIT_RATE, &DROP_LOG_RATE.to_be_bytes())
+                                .bytes(NFTA_LIMIT_UNIT, &1u64.to_be_bytes())
+                                .bytes(NFTA_LIMIT_BURST, &(DROP_LOG_RATE as u32).to_be_bytes());
+                        });
+                        expr(m, "log", |m| {
+                            m.bytes(NFTA_LOG_GROUP, &group.to_be_bytes())
+                                .str(NFTA_LOG_PREFIX, &prefix);
+                        });
+                    }),
+                    format!("adding the drop log to chain {d} {name}"),
+                );
             }
             batch.push(
                 t.new_rule(name, "isolated: no policy allows it", &|m| {
