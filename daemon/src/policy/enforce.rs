@@ -332,15 +332,24 @@ pub async fn run(
     let mut stamp = None;
     let mut last_write = tokio::time::Instant::now();
     let mut state: Option<(Compiled, Vec<LocalPod>)> = None;
+    // A change right after a compile waits for the next poll: under churn (a rollout of
+    // thousands of pods), at most one compile per RECORDS_EVERY, each of everything known then.
+    let mut view_pending = false;
+    let mut last_compile = tokio::time::Instant::now() - RECORDS_EVERY;
     loop {
-        let view_changed = tokio::select! {
+        view_pending |= tokio::select! {
             r = views.changed() => if r.is_err() { return } else { true },
             _ = poll.tick() => false,
         };
         let Some(view) = views.borrow().clone() else { continue };
         let now_stamp = records_stamp(&records);
-        let recompile = view_changed || state.is_none() || stamp.as_ref() != Some(&now_stamp);
-        if recompile {
+        let changed = view_pending || state.is_none() || stamp.as_ref() != Some(&now_stamp);
+        if changed && last_compile.elapsed() < RECORDS_EVERY {
+            continue; // debounced: the next tick compiles
+        }
+        if changed {
+            view_pending = false;
+            last_compile = tokio::time::Instant::now();
             stamp = Some(now_stamp);
             let local = local_pods(&records, kind);
             let compiled = compile(&view, &local);
