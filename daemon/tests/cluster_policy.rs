@@ -985,3 +985,85 @@ fn policy_start_window_pod_sends_the_instant_add_returns_routed_mode() {
 fn policy_start_window_pod_sends_the_instant_add_returns_bridge_mode() {
     start_window("bridge");
 }
+
+/// A hostile pod that takes another pod's address to get that pod's verdict: x/a accepts only
+/// y/b; y/c (on x/a's node: bridged, in bridge mode) and z/c (across the nodes) add y/b's
+/// addresses to their own interface and send from them. Anti-spoofing drops those packets on
+/// their node, so neither the address-keyed maps of bridge mode nor the peer sets of either
+/// mode ever see a forged source; y/b itself gets through (the control).
+fn forged_source(mode: &'static str) {
+    const PORT: u16 = 82;
+    let mut lab = Lab::new(mode, &[("x", "a", 0), ("y", "b", 1), ("y", "c", 0), ("z", "c", 1)]);
+    lab.set_policies(&[json!({"metadata": meta("x", "only-y-b"), "spec": {"podSelector": {},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}})]);
+    // What reaches x/a on PORT, by source address.
+    let xa = lab.c.pods[lab.pods["x/a"]].ns.path().to_path_buf();
+    let sock = trellis_net::netns::run_in(&xa, || UdpSocket::bind("[::]:82").unwrap()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let got: Arc<std::sync::Mutex<Vec<IpAddr>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (g, s) = (Arc::clone(&got), Arc::clone(&stop));
+    let listener = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let ip = match from.ip() {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                    v4 => v4,
+                };
+                g.lock().unwrap().push(ip);
+            }
+        }
+    });
+    let yb = lab.ips("y/b");
+    let send_from = |pod: &str, forge: bool| {
+        let ns = lab.c.pods[lab.pods[pod]].ns.path().to_path_buf();
+        for (i, src) in yb.iter().enumerate() {
+            if forge {
+                let plen = if src.is_ipv4() { 32 } else { 128 };
+                let addr = format!("{src}/{plen}");
+                let mut args = vec!["ip", "addr", "add", &addr, "dev", "eth0"];
+                if !src.is_ipv4() {
+                    args.push("nodad");
+                }
+                lab.c.pods[lab.pods[pod]].ns.exec_ok(&args);
+            }
+            let dst = SocketAddr::new(lab.ips("x/a")[i], PORT);
+            trellis_net::netns::run_in(&ns, || {
+                let s = UdpSocket::bind(SocketAddr::new(*src, 0)).unwrap();
+                for _ in 0..20 {
+                    let _ = s.send_to(b"forged?", dst);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap();
+        }
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    send_from("y/c", true);
+    send_from("z/c", true);
+    std::thread::sleep(Duration::from_millis(500));
+    let forged = got.lock().unwrap().len();
+    send_from("y/b", false);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    let all = got.lock().unwrap().clone();
+    assert_eq!(forged, 0, "{mode}: forged datagrams reached x/a: {all:?}");
+    for ip in &yb {
+        assert!(
+            all.contains(ip),
+            "{mode}: y/b's own datagrams from {ip} did not reach x/a: {all:?}"
+        );
+    }
+}
+
+#[test]
+fn policy_forged_source_gets_no_other_pods_verdict_routed_mode() {
+    forged_source("routed");
+}
+
+#[test]
+fn policy_forged_source_gets_no_other_pods_verdict_bridge_mode() {
+    forged_source("bridge");
+}
