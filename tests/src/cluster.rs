@@ -391,11 +391,48 @@ impl Cluster {
 
     /// Adds a pod on node `i` with the plugin config `conf`; returns its index in `pods`.
     pub fn add_pod_with(&mut self, i: usize, conf: Value) -> usize {
+        self.add_pod_as(i, conf, None)
+    }
+
+    /// Adds a pod on node `i` as kubelet does for Pod `namespace/name` (its `K8S_POD_*`
+    /// CNI_ARGS); returns its index in `pods`.
+    pub fn add_k8s_pod(&mut self, i: usize, namespace: &str, name: &str) -> usize {
+        let conf = self.cni_conf(i);
+        self.add_pod_as(
+            i,
+            conf,
+            Some(format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"
+            )),
+        )
+    }
+
+    /// CNI DEL of pod `p` (its namespace stays until the `Pod` is dropped).
+    pub fn del_pod(&self, p: usize) {
+        let pod = &self.pods[p];
+        let mut call = CniCall::new(self.bin.join("trellis"), "DEL", self.cni_conf(pod.node))
+            .container(&pod.id)
+            .netns(pod.ns.path());
+        call.exec_in_netns = Some(self.nodes[pod.node].ns.name.clone());
+        let out = call.run();
+        assert_eq!(out.exit_code, 0, "DEL of {}: {}", pod.id, out.stdout);
+    }
+
+    /// Sends `signal` to node `i`'s daemon (SIGSTOP: a daemon that lags; SIGCONT).
+    pub fn signal_daemon(&self, i: usize, signal: i32) {
+        if let Some(p) = &self.nodes[i].daemon {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(p.child.id() as i32, signal) };
+        }
+    }
+
+    fn add_pod_as(&mut self, i: usize, conf: Value, args: Option<String>) -> usize {
         let ns = Netns::new(&format!("{}p", self.options.tag.as_deref().unwrap_or("tc")));
         let id = format!("{}-{}", self.nodes[i].name, ns.name);
         let mut call = CniCall::new(self.bin.join("trellis"), "ADD", conf)
             .container(&id)
             .netns(ns.path());
+        call.args = args;
         call.exec_in_netns = Some(self.nodes[i].ns.name.clone());
         let result = call.run().ok();
         let ips = result["ips"]

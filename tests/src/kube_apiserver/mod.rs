@@ -285,6 +285,11 @@ impl ApiServer {
 
     /// Creates an object of `res` (`metadata.name`, and `metadata.namespace` for namespaced
     /// ones) with the fields the server sets, sending ADDED. Panics if it exists.
+    /// Every object of `res` as stored, in key order.
+    pub fn all(&self, res: &'static Resource) -> Vec<Value> {
+        self.shared.store().all(res)
+    }
+
     pub fn create(&self, res: &'static Resource, obj: Value) -> Value {
         self.shared
             .store()
