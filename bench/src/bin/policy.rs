@@ -24,8 +24,9 @@
 //!    connection's first packet walks the whole chain. Per setup, in rotating order, `--runs`
 //!    times: iperf3 TCP throughput (`-t --seconds`) and the rate of short TCP connections
 //!    (`--connects` connect + RST in a row: only a connection's first packet walks the chain).
-//!    Next to it: no policy table at all, and 1,000 policies with egress too (the client's
-//!    egress chain walked as well). Routed mode, then bridge mode where the kernel can.
+//!    Next to it: no policy table at all, 1,000 policies with egress too (the client's egress
+//!    chain walked as well), and 1,000 with the matching rule first (nothing walked). Routed mode, then bridge mode where the kernel can (not
+//!    this one: the bridge family's `ct state` needs `nf_conntrack_bridge`).
 //!
 //! Run (as root): `cargo build --release -p trellis-bench && target/release/policy`;
 //! `cargo build --release -p trellis -p trellis-ipam -p trellis-bench &&
@@ -331,10 +332,10 @@ fn decoy_ip(i: usize) -> IpAddr {
     format!("10.94.{}.{}", i / 250, 1 + i % 250).parse().unwrap()
 }
 
-/// `n` policies in namespace `bench`, all selecting both pods (`pair=yes`): policy `i < n-1`
-/// allows ingress on TCP `port` from decoy `i` only, the last from the client (and with
-/// `egress`, egress likewise to decoy `i`, the last to the server).
-fn pair_view(p: &Pair, n: usize, egress: bool, port: u16) -> View {
+/// `n` policies in namespace `bench`, all selecting both pods (`pair=yes`): policy `matching`
+/// allows ingress on TCP `port` from the client, every other one (`i`) from decoy `i` only (and
+/// with `egress`, egress likewise: to the server, to decoy `i`).
+fn pair_view(p: &Pair, n: usize, egress: bool, port: u16, matching: usize) -> View {
     let mut v = View::default();
     v.namespaces.insert("bench".into(), Default::default());
     let pod = |name: &str, labels: &[(&str, &str)], ip: IpAddr, node: &str| PodInfo {
@@ -357,7 +358,7 @@ fn pair_view(p: &Pair, n: usize, egress: bool, port: u16) -> View {
         p.server.ip,
         "here",
     ));
-    for i in 0..n.saturating_sub(1) {
+    for i in (0..n).filter(|i| *i != matching) {
         v.pods.push(pod(
             &format!("decoy-{i}"),
             &[("decoy", &format!("d{i}"))],
@@ -366,7 +367,7 @@ fn pair_view(p: &Pair, n: usize, egress: bool, port: u16) -> View {
         ));
     }
     for i in 0..n {
-        let (from, to) = if i + 1 == n {
+        let (from, to) = if i == matching {
             (json!({"app": "client"}), json!({"app": "server"}))
         } else {
             (json!({"decoy": format!("d{i}")}), json!({"decoy": format!("d{i}")}))
@@ -403,16 +404,16 @@ struct Setup {
     egress_rules: usize,
 }
 
-fn setup(p: &Pair, name: &str, n: usize, egress: bool) -> Setup {
-    let c = compile(&pair_view(p, n, egress, PORT), &pair_local(p));
+/// `n` policies (`egress`: both directions), the one matching the pair the last (else the first).
+fn setup(p: &Pair, name: &str, n: usize, egress: bool, last: bool) -> Setup {
+    let matching = if last { n.saturating_sub(1) } else { 0 };
+    let c = compile(&pair_view(p, n, egress, PORT, matching), &pair_local(p));
     let rules = |map: &std::collections::BTreeMap<String, String>, pod: &Pod| {
         map.get(&pod.host_end).map_or(0, |chain| {
             let lines = &c.chains[chain];
-            // The workload's promise: the line that lets the client in (out) is the last.
-            assert_eq!(
-                lines.last().map(|l| l.policy.as_str()),
-                Some(&*format!("bench/p{}", n - 1))
-            );
+            // The workload's promise: the line that lets the client in (out) is the last (first).
+            let at = if last { lines.last() } else { lines.first() };
+            assert_eq!(at.map(|l| l.policy.as_str()), Some(&*format!("bench/p{matching}")));
             assert_eq!(lines.len(), n, "one rule per policy");
             lines.len()
         })
@@ -503,12 +504,13 @@ fn dataplane_mode(o: &Opts, mode: &str) {
         egress_rules: 0,
     }];
     for n in [0, 100, 1000] {
-        setups.push(setup(&p, &format!("{n} policies"), n, false));
+        setups.push(setup(&p, &format!("{n} policies"), n, false, true));
     }
-    setups.push(setup(&p, "1000 policies, ingress + egress", 1000, true));
+    setups.push(setup(&p, "1000 policies, ingress + egress", 1000, true, true));
+    setups.push(setup(&p, "1000 policies, the matching rule first", 1000, false, false));
 
     // Is it real? With the last policy's port moved, nothing lets the client in.
-    let closed = compile(&pair_view(&p, 1000, false, PORT + 1), &pair_local(&p)).to_nft();
+    let closed = compile(&pair_view(&p, 1000, false, PORT + 1, 999), &pair_local(&p)).to_nft();
     if let Err(e) = table.apply(&closed) {
         println!("\n{mode} mode: not measured: writing the policy table failed: {e}\n");
         return;
@@ -551,12 +553,13 @@ fn dataplane_mode(o: &Opts, mode: &str) {
         }
         println!("{line}");
     }
-    let g: Vec<f64> = gbit.into_iter().map(median).collect();
-    let r: Vec<f64> = rate.into_iter().map(median).collect();
     // The no-policy figure: the table as every enforcing node has it, nothing selecting the pods.
+    // Percentages are the median of each run's ratio to it (the machine's load drifts between
+    // runs far more than within one).
     let base = 1;
+    let pct = |xs: &[Vec<f64>], i: usize| median((0..o.runs).map(|k| 100.0 * xs[i][k] / xs[base][k]).collect());
     println!(
-        "\n| {mode} mode | server's ingress rules | client's egress rules | TCP throughput | % of 0 policies | connections/s | % of 0 policies |"
+        "\n| {mode} mode | server's ingress rules | client's egress rules | TCP throughput (median) | % of 0 policies | connections/s (median) | % of 0 policies |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (i, s) in setups.iter().enumerate() {
@@ -565,12 +568,13 @@ fn dataplane_mode(o: &Opts, mode: &str) {
             s.name,
             s.ingress_rules,
             s.egress_rules,
-            g[i],
-            100.0 * g[i] / g[base],
-            r[i],
-            100.0 * r[i] / r[base]
+            median(gbit[i].clone()),
+            pct(&gbit, i),
+            median(rate[i].clone()),
+            pct(&rate, i)
         );
     }
+    println!("(%: the median over runs of the ratio to 0 policies in the same run)");
     table.remove().unwrap();
 }
 
@@ -578,8 +582,8 @@ fn dataplane(o: &Opts) {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "NetworkPolicy on the wire: N policies select both pods, each allows TCP {PORT} from a peer of its \
-         own; only the LAST rule of the server's chain (N rules) matches the client, so a new \
-         connection's first packet walks all N; {cpus} CPUs"
+         own; only the LAST rule of the server's chain (N rules) matches the client (unless said \
+         \"first\"), so a new connection's first packet walks all N; {cpus} CPUs"
     );
     for mode in &o.modes {
         dataplane_mode(o, mode);
