@@ -1,6 +1,10 @@
-//! Shared by the benchmarks: timing statistics and table printing.
+//! Shared by the benchmarks: timing statistics, table printing, and measuring between pods.
 
+use serde_json::Value;
+use std::process::{Command, Stdio};
 use std::time::Duration;
+use trellis_tests::cluster::Proc;
+use trellis_tests::Netns;
 
 /// Median and 95th percentile of a set of samples.
 pub struct Stats {
@@ -141,4 +145,34 @@ pub fn fib_prefixes() -> usize {
         .find_map(|l| l.trim().strip_prefix("Prefixes:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Pings `to` from `from` until it answers (up to 10 s).
+pub fn reachable(from: &Netns, to: &str) -> bool {
+    (0..20).any(|_| from.exec(&["ping", "-c", "1", "-W", "1", to]).status.success())
+}
+
+/// One iperf3 measurement from `client` to `server` (at `ip`), in Gbit/s (receiver side).
+pub fn iperf(client: &Netns, server: &Netns, ip: &str, seconds: u32) -> f64 {
+    let _server = Proc {
+        child: Command::new("ip")
+            .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    };
+    let t = seconds.to_string();
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = client.exec(&["iperf3", "-c", ip, "-t", &t, "-J"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e9;
+        }
+        // The server may not listen yet.
+        last = format!("{} {}", v["error"], String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("iperf3 to {ip} failed: {last}");
 }

@@ -32,13 +32,10 @@
 //! Options: `--rounds R` (default 5), `--seconds S` (default 5), `--trellisd PATH` (trellis and
 //! trellis-ipam must sit next to it).
 
-use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Duration;
-use trellis_bench::{cleanup, median};
+use trellis_bench::{cleanup, iperf, median, reachable};
 use trellis_net::nft::{AntiSpoof, PortKind, DEFAULT_TABLE};
-use trellis_tests::cluster::{Cluster, Proc, UNDERLAY};
+use trellis_tests::cluster::{Cluster, UNDERLAY};
 use trellis_tests::topology::{Spec, Topology};
 use trellis_tests::{sh, Netns};
 
@@ -154,36 +151,6 @@ fn manual(attach: Attach) -> Manual {
         ));
     }
     m
-}
-
-/// Pings `to` from `from` until it answers (up to 10 s).
-fn reachable(from: &Netns, to: &str) -> bool {
-    (0..20).any(|_| from.exec(&["ping", "-c", "1", "-W", "1", to]).status.success())
-}
-
-/// One iperf3 measurement from `client` to `server` (at `ip`), in Gbit/s (receiver side).
-fn iperf(client: &Netns, server: &Netns, ip: &str, seconds: u32) -> f64 {
-    let _server = Proc {
-        child: Command::new("ip")
-            .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 (apt-get install iperf3)"),
-    };
-    let t = seconds.to_string();
-    let mut last = String::new();
-    for _ in 0..50 {
-        let out = client.exec(&["iperf3", "-c", ip, "-t", &t, "-J"]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return bps / 1e9;
-        }
-        // The server may not listen yet.
-        last = format!("{} {}", v["error"], String::from_utf8_lossy(&out.stderr));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("iperf3 to {ip} failed: {last}");
 }
 
 /// One setup measured: its name and the client and server pods (namespace, server address).

@@ -15,14 +15,34 @@
 //! in `ns-(I mod 50)` selects `app=a(I mod 20)` and allows ingress from `role=client` pods of its
 //! namespace and from namespaces `team=t(I mod 5)` on TCP `8000 + I mod 100`.
 //!
-//! Run (as root): `cargo build --release -p trellis-bench && target/release/policy`.
+//! 5. With `--dataplane`, instead: the cost on the wire. Two pods on one node namespace, wired
+//!    by the real `trellis` plugin, and 0, 100 and 1,000 policies that all select both pods
+//!    (`pair=yes` in namespace `bench`), each allowing ingress on TCP 5201 (iperf3's port) from
+//!    a peer of its own: a decoy pod elsewhere, except the last policy, whose peer is the
+//!    client. So the server's ingress chain holds N rules, every one matching the port and
+//!    looking its peer set up, and the only one matching the client is the LAST: a new
+//!    connection's first packet walks the whole chain. Per setup, in rotating order, `--runs`
+//!    times: iperf3 TCP throughput (`-t --seconds`) and the rate of short TCP connections
+//!    (`--connects` connect + RST in a row: only a connection's first packet walks the chain).
+//!    Next to it: no policy table at all, 1,000 policies with egress too (the client's egress
+//!    chain walked as well), and 1,000 with the matching rule first (nothing walked). Routed mode, then bridge mode where the kernel can (not
+//!    this one: the bridge family's `ct state` needs `nf_conntrack_bridge`).
+//!
+//! Run (as root): `cargo build --release -p trellis-bench && target/release/policy`;
+//! `cargo build --release -p trellis -p trellis-ipam -p trellis-bench &&
+//! target/release/policy --dataplane` (options: `--runs R` (default 5), `--seconds S`
+//! (default 3), `--connects N` (default 3000), `--modes routed,bridge`, `--trellis PATH`
+//! (trellis-ipam next to it)).
 
-use serde_json::json;
-use std::net::IpAddr;
+use serde_json::{json, Value};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use trellis_bench::{cleanup, ms};
-use trellis_net::nft::{PolicyTable, PortKind};
-use trellis_tests::Netns;
+use trellis_bench::{cleanup, iperf, median, ms, reachable};
+use trellis_net::netns::run_in;
+use trellis_net::nft::{PolicyState, PolicyTable, PortKind};
+use trellis_tests::{CniCall, Netns, TempDir};
 use trellisd::policy::compile::{compile, LocalPod};
 use trellisd::policy::model::{PodInfo, Policy};
 use trellisd::policy::semantics::View;
@@ -98,7 +118,15 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 
 fn main() {
     trellis_tests::require_root();
-    cleanup::on_panic(&[NS_PREFIX], &[]);
+    cleanup::on_panic(&[NS_PREFIX, POD_PREFIX], &[DIR]);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--dataplane") {
+        return dataplane(&opts(&args[1..]));
+    }
+    assert!(
+        args.is_empty(),
+        "options: --dataplane [--runs R] [--seconds S] [--connects N] [--modes M,M] [--trellis PATH]"
+    );
     let (pods, policies) = (5000, 1000);
     println!("NetworkPolicy: {pods} pods in {NAMESPACES} namespaces, {policies} policies, {LOCAL} pods on this node\n");
 
@@ -194,4 +222,371 @@ fn main() {
         );
     }
     table.remove().unwrap();
+}
+
+// ---- `--dataplane`: the rules' cost on the wire -------------------------------------------
+
+const POD_PREFIX: &str = "bpop";
+const DIR: &str = "bench";
+/// iperf3's port, and the one every policy allows.
+const PORT: u16 = 5201;
+/// The bridge of bridge mode.
+const BRIDGE: &str = "bpbr0";
+
+struct Opts {
+    runs: usize,
+    seconds: u32,
+    connects: usize,
+    modes: Vec<String>,
+    trellis: PathBuf,
+}
+
+fn opts(args: &[String]) -> Opts {
+    let mut o = Opts {
+        runs: 5,
+        seconds: 3,
+        connects: 3000,
+        modes: vec!["routed".into(), "bridge".into()],
+        trellis: PathBuf::from("target/release/trellis"),
+    };
+    for pair in args.chunks(2) {
+        let v = pair.get(1).cloned().unwrap_or_default();
+        match pair[0].as_str() {
+            "--runs" => o.runs = v.parse().expect("--runs R"),
+            "--seconds" => o.seconds = v.parse().expect("--seconds S"),
+            "--connects" => o.connects = v.parse().expect("--connects N"),
+            "--modes" => o.modes = v.split(',').map(str::to_string).collect(),
+            "--trellis" => o.trellis = v.into(),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    assert!(o.runs > 0 && o.seconds > 0 && o.connects > 0, "counts must be positive");
+    // Absolute: the plugin runs under `ip netns exec` and finds trellis-ipam by CNI_PATH.
+    o.trellis = o.trellis.canonicalize().unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (cargo build --release -p trellis -p trellis-ipam)",
+            o.trellis.display()
+        )
+    });
+    o
+}
+
+/// A pod wired by the plugin: its namespace, host-side interface and address.
+struct Pod {
+    ns: Netns,
+    host_end: String,
+    ip: IpAddr,
+}
+
+/// One node namespace with a client and a server pod wired by the `trellis` plugin in `mode`.
+struct Pair {
+    // Dropped in this order: the pods, the node (veths, bridge, rules), then the IPAM store.
+    client: Pod,
+    server: Pod,
+    node: Netns,
+    _dir: TempDir,
+}
+
+fn pair(o: &Opts, mode: &str) -> Pair {
+    let node = Netns::new(NS_PREFIX);
+    let dir = TempDir::new(DIR);
+    let conf = json!({"cniVersion": "1.0.0", "name": "bpol", "type": "trellis", "mode": mode,
+        "bridge": BRIDGE, "isGateway": true, "isDefaultGateway": true, "ipMasq": false, "mtu": 1450,
+        "ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.93.0.0/24"}]], "dataDir": dir.path()}});
+    let wire = || {
+        let ns = Netns::new(POD_PREFIX);
+        let out = CniCall::new(&o.trellis, "ADD", conf.clone())
+            .container(&ns.name)
+            .netns(ns.path())
+            .exec_in_netns(&node.name)
+            .run();
+        let result = out.ok();
+        // The host end: the interface of the result outside the pod that is not the bridge.
+        let host_end = result["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i.get("sandbox").is_none())
+            .filter_map(|i| i["name"].as_str())
+            .find(|name| *name != BRIDGE)
+            .unwrap_or_else(|| panic!("no host end in the ADD result {result}"))
+            .to_string();
+        let ip = out.ips()[0].parse().expect("pod address");
+        Pod { ns, host_end, ip }
+    };
+    let (client, server) = (wire(), wire());
+    assert!(
+        reachable(&client.ns, &server.ip.to_string()),
+        "{mode}: the server pod {} does not answer the client",
+        server.ip
+    );
+    Pair {
+        client,
+        server,
+        node,
+        _dir: dir,
+    }
+}
+
+/// Decoy pod `i`'s address (on another node; a peer set of its own).
+fn decoy_ip(i: usize) -> IpAddr {
+    format!("10.94.{}.{}", i / 250, 1 + i % 250).parse().unwrap()
+}
+
+/// `n` policies in namespace `bench`, all selecting both pods (`pair=yes`): policy `matching`
+/// allows ingress on TCP `port` from the client, every other one (`i`) from decoy `i` only (and
+/// with `egress`, egress likewise: to the server, to decoy `i`).
+fn pair_view(p: &Pair, n: usize, egress: bool, port: u16, matching: usize) -> View {
+    let mut v = View::default();
+    v.namespaces.insert("bench".into(), Default::default());
+    let pod = |name: &str, labels: &[(&str, &str)], ip: IpAddr, node: &str| PodInfo {
+        namespace: "bench".into(),
+        name: name.into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ips: vec![ip],
+        node: node.into(),
+        ports: vec![],
+    };
+    v.pods.push(pod(
+        "client",
+        &[("app", "client"), ("pair", "yes")],
+        p.client.ip,
+        "here",
+    ));
+    v.pods.push(pod(
+        "server",
+        &[("app", "server"), ("pair", "yes")],
+        p.server.ip,
+        "here",
+    ));
+    for i in (0..n).filter(|i| *i != matching) {
+        v.pods.push(pod(
+            &format!("decoy-{i}"),
+            &[("decoy", &format!("d{i}"))],
+            decoy_ip(i),
+            "elsewhere",
+        ));
+    }
+    for i in 0..n {
+        let (from, to) = if i == matching {
+            (json!({"app": "client"}), json!({"app": "server"}))
+        } else {
+            (json!({"decoy": format!("d{i}")}), json!({"decoy": format!("d{i}")}))
+        };
+        let mut spec = json!({"podSelector": {"matchLabels": {"pair": "yes"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": from}}], "ports": [{"port": port}]}]});
+        if egress {
+            spec["policyTypes"] = json!(["Ingress", "Egress"]);
+            spec["egress"] = json!([{"to": [{"podSelector": {"matchLabels": to}}], "ports": [{"port": port}]}]);
+        }
+        let np: Value = json!({"metadata": {"namespace": "bench", "name": format!("p{i}")}, "spec": spec});
+        v.policies
+            .push(Policy::from_k8s(&serde_json::from_value(np).unwrap()).unwrap());
+    }
+    v
+}
+
+fn pair_local(p: &Pair) -> Vec<LocalPod> {
+    [&p.client, &p.server]
+        .iter()
+        .map(|pod| LocalPod {
+            ifname: pod.host_end.clone(),
+            ips: vec![pod.ip],
+        })
+        .collect()
+}
+
+/// One setup: a name, the state written (`None`: no policy table), the server's ingress chain
+/// length, the client's egress chain length.
+struct Setup {
+    name: String,
+    state: Option<PolicyState>,
+    ingress_rules: usize,
+    egress_rules: usize,
+}
+
+/// `n` policies (`egress`: both directions), the one matching the pair the last (else the first).
+fn setup(p: &Pair, name: &str, n: usize, egress: bool, last: bool) -> Setup {
+    let matching = if last { n.saturating_sub(1) } else { 0 };
+    let c = compile(&pair_view(p, n, egress, PORT, matching), &pair_local(p));
+    let rules = |map: &std::collections::BTreeMap<String, String>, pod: &Pod| {
+        map.get(&pod.host_end).map_or(0, |chain| {
+            let lines = &c.chains[chain];
+            // The workload's promise: the line that lets the client in (out) is the last (first).
+            let at = if last { lines.last() } else { lines.first() };
+            assert_eq!(at.map(|l| l.policy.as_str()), Some(&*format!("bench/p{matching}")));
+            assert_eq!(lines.len(), n, "one rule per policy");
+            lines.len()
+        })
+    };
+    Setup {
+        name: name.into(),
+        ingress_rules: rules(&c.ingress, &p.server),
+        egress_rules: rules(&c.egress, &p.client),
+        state: Some(c.to_nft()),
+    }
+}
+
+/// A listener on the server's `PORT`, with a long accept queue (a full one drops SYNs: a 1 s
+/// retransmit that would dwarf the rules' cost).
+fn listen(server: &Pod) -> TcpListener {
+    let l = run_in(server.ns.path(), || TcpListener::bind(("0.0.0.0", PORT)))
+        .expect("enter the server pod")
+        .expect("listen");
+    // SAFETY: listen(2) on a socket we own; Linux takes a new backlog on a listening socket.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 4096) }, 0, "listen backlog");
+    l
+}
+
+/// `n` TCP connections from `client` to `server`'s `PORT`, one after the other, each closed
+/// with an RST (no TIME_WAIT to run out of ports): connections per second, and how many took
+/// over 200 ms (a SYN lost and sent again).
+fn connect_rate(client: &Pod, server: &Pod, n: usize) -> (f64, usize) {
+    let listener = listen(server);
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..n {
+            let _ = listener.accept();
+        }
+    });
+    let to = SocketAddr::new(server.ip, PORT);
+    let (elapsed, slow) = run_in(client.ns.path(), || {
+        let t = Instant::now();
+        let mut slow = 0;
+        for _ in 0..n {
+            let one = Instant::now();
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).expect("connect");
+            if one.elapsed() > Duration::from_millis(200) {
+                slow += 1;
+            }
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a `linger` of the size given.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+        }
+        (t.elapsed(), slow)
+    })
+    .expect("enter the client pod");
+    acceptor.join().expect("acceptor");
+    (n as f64 / elapsed.as_secs_f64(), slow)
+}
+
+/// Whether the client can open a connection to the server's `PORT` (within 1 s).
+fn connects(p: &Pair) -> bool {
+    let _listener = listen(&p.server);
+    let to = SocketAddr::new(p.server.ip, PORT);
+    run_in(p.client.ns.path(), || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()
+    })
+    .expect("enter the client pod")
+}
+
+fn dataplane_mode(o: &Opts, mode: &str) {
+    let kind = match mode {
+        "routed" => PortKind::Routed,
+        "bridge" => PortKind::Bridged,
+        other => panic!("unknown mode {other} (routed, bridge)"),
+    };
+    let p = pair(o, mode);
+    let table = run_in(p.node.path(), || PolicyTable::new("trellis-policy", kind).unwrap()).unwrap();
+    let mut setups = vec![Setup {
+        name: "no policy table".into(),
+        state: None,
+        ingress_rules: 0,
+        egress_rules: 0,
+    }];
+    for n in [0, 100, 1000] {
+        setups.push(setup(&p, &format!("{n} policies"), n, false, true));
+    }
+    setups.push(setup(&p, "1000 policies, ingress + egress", 1000, true, true));
+    setups.push(setup(&p, "1000 policies, the matching rule first", 1000, false, false));
+
+    // Is it real? With the last policy's port moved, nothing lets the client in.
+    let closed = compile(&pair_view(&p, 1000, false, PORT + 1, 999), &pair_local(&p)).to_nft();
+    if let Err(e) = table.apply(&closed) {
+        println!("\n{mode} mode: not measured: writing the policy table failed: {e}\n");
+        return;
+    }
+    assert!(
+        !connects(&p),
+        "{mode}: 1000 policies none of which allows the client, yet it connects"
+    );
+    table.apply(setups[3].state.as_ref().unwrap()).unwrap();
+    assert!(
+        connects(&p),
+        "{mode}: the last of 1000 policies allows the client, yet it cannot connect"
+    );
+
+    println!(
+        "\n{mode} mode: iperf3 -t {} and {} connections in a row, client pod to server pod on one node, \
+         {} runs of every setup in rotating order (checked first: with the last rule's port moved the \
+         client cannot connect)",
+        o.seconds, o.connects, o.runs
+    );
+    let mut gbit: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut rate: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    for run in 0..o.runs {
+        let mut line = format!("  run {}:", run + 1);
+        for k in 0..setups.len() {
+            let i = (run + k) % setups.len();
+            match &setups[i].state {
+                Some(s) => drop(table.apply(s).unwrap()),
+                None => table.remove().unwrap(),
+            }
+            let g = iperf(&p.client.ns, &p.server.ns, &p.server.ip.to_string(), o.seconds);
+            let (r, slow) = connect_rate(&p.client, &p.server, o.connects);
+            gbit[i].push(g);
+            rate[i].push(r);
+            line.push_str(&format!(" {} {g:.2} Gbit/s {r:.0}/s", setups[i].name));
+            if slow > 0 {
+                line.push_str(&format!(" ({slow} connects over 200 ms)"));
+            }
+            line.push(';');
+        }
+        println!("{line}");
+    }
+    // The no-policy figure: the table as every enforcing node has it, nothing selecting the pods.
+    // Percentages are the median of each run's ratio to it (the machine's load drifts between
+    // runs far more than within one).
+    let base = 1;
+    let pct = |xs: &[Vec<f64>], i: usize| median((0..o.runs).map(|k| 100.0 * xs[i][k] / xs[base][k]).collect());
+    println!(
+        "\n| {mode} mode | server's ingress rules | client's egress rules | TCP throughput (median) | % of 0 policies | connections/s (median) | % of 0 policies |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (i, s) in setups.iter().enumerate() {
+        println!(
+            "| {} | {} | {} | {:.2} Gbit/s | {:.1}% | {:.0} | {:.1}% |",
+            s.name,
+            s.ingress_rules,
+            s.egress_rules,
+            median(gbit[i].clone()),
+            pct(&gbit, i),
+            median(rate[i].clone()),
+            pct(&rate, i)
+        );
+    }
+    println!("(%: the median over runs of the ratio to 0 policies in the same run)");
+    table.remove().unwrap();
+}
+
+fn dataplane(o: &Opts) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "NetworkPolicy on the wire: N policies select both pods, each allows TCP {PORT} from a peer of its \
+         own; only the LAST rule of the server's chain (N rules) matches the client (unless said \
+         \"first\"), so a new connection's first packet walks all N; {cpus} CPUs"
+    );
+    for mode in &o.modes {
+        dataplane_mode(o, mode);
+    }
 }
