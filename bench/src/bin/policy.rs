@@ -25,8 +25,8 @@
 //!    times: iperf3 TCP throughput (`-t --seconds`) and the rate of short TCP connections
 //!    (`--connects` connect + RST in a row: only a connection's first packet walks the chain).
 //!    Next to it: no policy table at all, 1,000 policies with egress too (the client's egress
-//!    chain walked as well), and 1,000 with the matching rule first (nothing walked). Routed mode, then bridge mode where the kernel can (not
-//!    this one: the bridge family's `ct state` needs `nf_conntrack_bridge`).
+//!    chain walked as well), and 1,000 with the matching rule first (nothing walked). Routed mode, then bridge mode (through
+//!    `br_netfilter`, as trellisd enforces it there).
 //!
 //! Run (as root): `cargo build --release -p trellis-bench && target/release/policy`;
 //! `cargo build --release -p trellis -p trellis-ipam -p trellis-bench &&
@@ -392,6 +392,7 @@ fn pair_local(p: &Pair) -> Vec<LocalPod> {
         .map(|pod| LocalPod {
             ifname: pod.host_end.clone(),
             ips: vec![pod.ip],
+            pod: None,
         })
         .collect()
 }
@@ -497,7 +498,12 @@ fn dataplane_mode(o: &Opts, mode: &str) {
         other => panic!("unknown mode {other} (routed, bridge)"),
     };
     let p = pair(o, mode);
-    let table = run_in(p.node.path(), || PolicyTable::new("trellis-policy", kind).unwrap()).unwrap();
+    let table = run_in(p.node.path(), || {
+        // Bridge mode: bridged packets through the inet hooks (br_netfilter), as trellisd does.
+        trellisd::policy::enforce::prepare(kind).unwrap();
+        PolicyTable::new("trellis-policy", kind).unwrap()
+    })
+    .unwrap();
     let mut setups = vec![Setup {
         name: "no policy table".into(),
         state: None,
