@@ -279,6 +279,8 @@ enum Change {
     NamespaceLabels(&'static str, Value),
     PodLabels(&'static str, Value),
     Recreate(&'static str),
+    /// Someone deletes the policy table on both nodes (`nft delete table`, a flush).
+    DeleteTables,
 }
 
 fn host(ip: IpAddr) -> String {
@@ -618,6 +620,10 @@ fn cases(lab: &Lab) -> Vec<(String, Change)> {
             ),
         ),
         (
+            "the policy tables deleted on both nodes: rebuilt as they were",
+            DeleteTables,
+        ),
+        (
             "a policy selecting no pod changes nothing",
             Policies(vec![p(
                 "x",
@@ -670,6 +676,11 @@ fn truth_tables(mode: &'static str) {
             Change::PodLabels(key, labels) => {
                 api.update(&PODS, key, |o| o["metadata"]["labels"] = labels);
                 lab.refresh_view();
+            }
+            Change::DeleteTables => {
+                for n in &lab.c.nodes {
+                    n.ns.exec_ok(&["nft", "delete", "table", "inet", "trellis-policy"]);
+                }
             }
             Change::Recreate(key) => {
                 let old = lab.pods[key];
