@@ -40,10 +40,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::nfnl::{
-    align4, attr, kernel, parse_error, replies, unexpected, Conn, Msg, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_DUMP_INTR, NLM_F_REQUEST,
-};
+use crate::nfnl::{align4, attr, unexpected, Conn, Msg, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use crate::NetError;
 
 // nfnetlink and ctnetlink (nfnetlink.h, nfnetlink_conntrack.h)
@@ -65,9 +62,6 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-
-/// A dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is tried this many times.
-const DUMP_TRIES: u32 = 10;
 
 /// One side of a connection as conntrack records it.
 ///
@@ -151,7 +145,7 @@ impl fmt::Display for Flow {
 
 /// Every flow in the calling thread's namespace, both families.
 pub fn dump() -> Result<Vec<Flow>, NetError> {
-    Conn::open()?.dump()
+    Conn::open()?.dump_flows()
 }
 
 /// Deletes the entry whose original tuple (and zone) is `flow`'s; `Ok(false)` when it is
@@ -175,7 +169,7 @@ pub fn set_mark(flow: &Flow, value: u32, mask: u32) -> Result<bool, NetError> {
 pub fn delete_where(pred: impl Fn(&Flow) -> bool) -> Result<usize, NetError> {
     let mut conn = Conn::open()?;
     let mut deleted = 0;
-    for flow in conn.dump()?.iter().filter(|f| pred(f)) {
+    for flow in conn.dump_flows()?.iter().filter(|f| pred(f)) {
         if conn.delete(flow)? {
             deleted += 1;
         }
@@ -234,72 +228,24 @@ fn parse_flow(buf: &[u8]) -> Result<Flow, String> {
     })
 }
 
-/// Conntrack's requests on an nfnetlink socket.
-trait Ct {
-    fn dump(&mut self) -> Result<Vec<Flow>, NetError>;
-    fn delete(&mut self, flow: &Flow) -> Result<bool, NetError>;
-    fn set_mark(&mut self, flow: &Flow, value: u32, mask: u32) -> Result<bool, NetError>;
-    fn entry_msg(&self, flow: &Flow, ty: u16, what: &str) -> Result<Msg, NetError>;
-}
-
-impl Ct for Conn {
-    fn dump(&mut self) -> Result<Vec<Flow>, NetError> {
+/// Conntrack's requests on the shared nfnetlink socket.
+impl Conn {
+    fn dump_flows(&mut self) -> Result<Vec<Flow>, NetError> {
         const WHAT: &str = "dumping conntrack";
-        for _ in 0..DUMP_TRIES {
-            let seq = self.send(
-                Msg::new(
-                    NFNL_SUBSYS_CTNETLINK,
-                    IPCTNL_MSG_CT_GET,
-                    NLM_F_REQUEST | NLM_F_DUMP,
-                    libc::AF_UNSPEC as u8,
-                    0,
-                ),
-                WHAT,
-            )?;
-            let mut flows = Vec::new();
-            let mut interrupted = false;
-            'read: loop {
-                self.recv(WHAT)?;
-                for reply in replies(&self.buf) {
-                    let reply = reply.map_err(|d| unexpected(WHAT, d))?;
-                    if reply.seq != seq {
-                        continue; // a stale answer to an earlier request
-                    }
-                    interrupted |= reply.flags & NLM_F_DUMP_INTR != 0;
-                    match reply.ty {
-                        NLMSG_DONE => {
-                            let errno = reply
-                                .payload
-                                .get(0..4)
-                                .map_or(0, |b| -i32::from_ne_bytes(b.try_into().unwrap()));
-                            if errno > 0 {
-                                return Err(kernel(WHAT, errno, None));
-                            }
-                            break 'read;
-                        }
-                        NLMSG_ERROR => {
-                            let (errno, msg) = parse_error(&reply).map_err(|d| unexpected(WHAT, d))?;
-                            if errno != 0 {
-                                return Err(kernel(WHAT, errno, msg));
-                            }
-                        }
-                        // The kernel answers a GET dump with IPCTNL_MSG_CT_NEW messages.
-                        ty if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
-                            let attrs = reply.payload.get(4..).unwrap_or(&[]);
-                            flows.push(parse_flow(attrs).map_err(|d| unexpected(WHAT, d))?);
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            if !interrupted {
-                return Ok(flows);
-            }
-        }
-        Err(NetError::DumpInterrupted {
-            what: WHAT.into(),
-            attempts: DUMP_TRIES,
-        })
+        // The kernel answers a GET dump with IPCTNL_MSG_CT_NEW messages.
+        let request = || {
+            Msg::nfnl(
+                NFNL_SUBSYS_CTNETLINK,
+                IPCTNL_MSG_CT_GET,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                libc::AF_UNSPEC as u8,
+                0,
+            )
+        };
+        self.dump(request, WHAT)?
+            .iter()
+            .map(|attrs| parse_flow(attrs).map_err(|d| unexpected(WHAT, d)))
+            .collect()
     }
 
     fn delete(&mut self, flow: &Flow) -> Result<bool, NetError> {
@@ -327,7 +273,7 @@ impl Ct for Conn {
             // Never send a delete without a tuple: that flushes the whole table.
             return Err(NetError::InvalidArgument(format!("{what}: no original tuple")));
         }
-        let mut msg = Msg::new(NFNL_SUBSYS_CTNETLINK, ty, NLM_F_REQUEST | NLM_F_ACK, family, 0);
+        let mut msg = Msg::nfnl(NFNL_SUBSYS_CTNETLINK, ty, NLM_F_REQUEST | NLM_F_ACK, family, 0);
         msg.begin(CTA_TUPLE_ORIG);
         msg.buf.extend_from_slice(&flow.raw_orig);
         msg.buf.resize(align4(msg.buf.len()), 0);
@@ -340,10 +286,11 @@ impl Ct for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nfnl::replies;
 
     /// A dumped entry as the kernel encodes it: orig udp 10.0.0.1:5000 -> 10.0.0.2:53, zone 7.
     fn entry() -> Vec<u8> {
-        let mut m = Msg::new(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, libc::AF_INET as u8, 0);
+        let mut m = Msg::nfnl(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, 0, libc::AF_INET as u8, 0);
         for (ty, (s, d, sp, dp)) in [
             (CTA_TUPLE_ORIG, ([10, 0, 0, 1], [10, 0, 0, 2], 5000u16, 53u16)),
             (CTA_TUPLE_REPLY, ([10, 0, 0, 2], [10, 0, 0, 1], 53, 5000)),
@@ -399,7 +346,7 @@ mod tests {
         let b = entry();
         let r = replies(&b).next().unwrap().unwrap();
         let flow = parse_flow(&r.payload[4..]).unwrap();
-        let mut m = Msg::new(
+        let mut m = Msg::nfnl(
             NFNL_SUBSYS_CTNETLINK,
             IPCTNL_MSG_CT_DELETE,
             NLM_F_REQUEST | NLM_F_ACK,

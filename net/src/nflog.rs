@@ -54,29 +54,27 @@ impl Subscription {
     /// (enough for the IP and transport headers: 80).
     pub fn bind(group: u16, copy: u32) -> Result<Subscription, NetError> {
         let mut conn = Conn::open()?;
+        let config = |attr: u16, data: &[u8]| {
+            let mut m = Msg::nfnl(
+                NFNL_SUBSYS_ULOG,
+                NFULNL_MSG_CONFIG,
+                NLM_F_REQUEST | NLM_F_ACK,
+                libc::AF_UNSPEC as u8,
+                group,
+            );
+            m.bytes(attr, data);
+            m
+        };
         let what = format!("binding NFLOG group {group}");
-        let mut m = Msg::new(
-            NFNL_SUBSYS_ULOG,
-            NFULNL_MSG_CONFIG,
-            NLM_F_REQUEST | NLM_F_ACK,
-            libc::AF_UNSPEC as u8,
-            group,
-        );
-        m.bytes(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-        if !conn.ask(m, &what)? {
+        if !conn.ask(config(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]), &what)? {
             return Err(unexpected(&what, "the kernel has no NFLOG (nfnetlink_log)"));
         }
-        let mut m = Msg::new(
-            NFNL_SUBSYS_ULOG,
-            NFULNL_MSG_CONFIG,
-            NLM_F_REQUEST | NLM_F_ACK,
-            libc::AF_UNSPEC as u8,
-            group,
-        );
         let mut mode = copy.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-        m.bytes(NFULA_CFG_MODE, &mode);
-        conn.ask(m, &format!("setting NFLOG group {group}'s copy mode"))?;
+        conn.ask(
+            config(NFULA_CFG_MODE, &mode),
+            &format!("setting NFLOG group {group}'s copy mode"),
+        )?;
         Ok(Subscription { conn })
     }
 

@@ -68,6 +68,9 @@ pub struct Created {
     pub gateways: Option<GivenGateways>,
     /// Whether hostPorts may have been mapped.
     pub hostports: bool,
+    /// The addresses this ADD held for NetworkPolicy (released on undo: without a record,
+    /// teardown knows only the interface name, and bridge mode holds addresses).
+    pub held: Vec<IpAddr>,
 }
 
 /// Gateway addresses an ADD added to an existing bridge, and the bridge's ports before it did.
@@ -115,15 +118,18 @@ fn port_kind(conf: &Config) -> PortKind {
 /// is up until trellisd, which learns of it by the record [`protect`] writes, releases it in
 /// the transaction that writes its rules. Only with records: without them trellisd could not
 /// learn of the pod, and would never release it.
-fn hold_for_policy(conf: &Config, port: &str, ipam: &CniResult) -> Result<(), CniError> {
+fn hold_for_policy(conf: &Config, port: &str, ipam: &CniResult, created: &mut Created) -> Result<(), CniError> {
     if !conf.anti_spoofing || conf.anti_spoofing_records.is_none() {
         return Ok(());
     }
     let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
-    PolicyTable::new(POLICY_TABLE, port_kind(conf))
+    if PolicyTable::new(POLICY_TABLE, port_kind(conf))
         .and_then(|t| t.hold(port, &ips))
-        .map(|_| ())
-        .map_err(policy_error)
+        .map_err(policy_error)?
+    {
+        created.held = ips;
+    }
+    Ok(())
 }
 
 fn hostport_error(e: trellis_net::nft::NftError) -> CniError {
@@ -145,7 +151,7 @@ pub async fn add(
     let host_name = names::host_veth_name(network, &env.container_id, &env.ifname);
     // A retried ADD replaces whatever an earlier attempt for this attachment left.
     host.del_link_by_name(&host_name).await.map_err(kernel)?;
-    hold_for_policy(conf, &host_name, ipam)?;
+    hold_for_policy(conf, &host_name, ipam, created)?;
 
     let bridge = match conf.mode {
         Mode::Bridge => Some(ensure_bridge(&host, conf, ipam, created).await?),
@@ -662,6 +668,12 @@ fn unmap_host_ports(network: &str, env: &Env) -> Result<(), CniError> {
 /// bridge since (a concurrent ADD of the same network, which relies on them).
 pub async fn undo(conf: &Config, network: &str, env: &Env, created: &Created) -> Result<(), CniError> {
     teardown(conf, network, env).await?;
+    if !created.held.is_empty() {
+        let port = names::host_veth_name(network, &env.container_id, &env.ifname);
+        PolicyTable::new(POLICY_TABLE, port_kind(conf))
+            .and_then(|t| t.release(&port, &created.held))
+            .map_err(policy_error)?;
+    }
     let host = Netlink::connect().map_err(kernel)?;
     if let Some(bridge) = created.bridge {
         if ports_of(&host, bridge).await?.is_empty() {

@@ -232,3 +232,29 @@ fn a_subnet_of_everything_is_refused_before_the_node_is_touched() {
         fails_cleanly(&node, &conf, &Netns::new("tpz"), code::INVALID_NETWORK_CONFIG, "/0");
     }
 }
+
+/// A failed ADD on a node that enforces NetworkPolicy: the pod was held (its interface name in
+/// routed mode, its addresses in bridge mode) before the failure, and nothing of it stays held
+/// (a stale address would hold the next pod that gets it).
+#[test]
+fn a_failed_add_leaves_nothing_held_for_network_policy_both_modes() {
+    use trellis_net::nft::{PolicyState, PolicyTable, PortKind, POLICY_TABLE};
+    for (mode, kind) in [("bridge", PortKind::Bridged), ("routed", PortKind::Routed)] {
+        let (node, conf) = warm_node(mode);
+        trellis_net::netns::run_in(node.ns.path(), || {
+            PolicyTable::new(POLICY_TABLE, kind)
+                .and_then(|t| t.apply(&PolicyState::default()))
+                .map(|_| ())
+        })
+        .unwrap()
+        .unwrap();
+        let records = trellis_tests::TempDir::new("records");
+        let mut conf = conf;
+        conf["antiSpoofingRecords"] = json!(records.path());
+        let pod = Netns::new("tph");
+        pod.exec_ok(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+        fails_cleanly(&node, &conf, &pod, code::KERNEL, "already exists");
+        let table = node.ns.exec_ok(&["nft", "list", "table", "inet", POLICY_TABLE]);
+        assert!(!table.contains("elements"), "{mode}: something stayed held:\n{table}");
+    }
+}

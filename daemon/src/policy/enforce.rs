@@ -125,7 +125,11 @@ pub struct Revoked {
 /// answers) and port.
 pub fn revoke_denied_flows(compiled: &Compiled, local: &[LocalPod]) -> Result<Revoked, trellis_net::NetError> {
     use trellis_net::conntrack;
-    let iface_of = |ip: IpAddr| local.iter().find(|p| p.ips.contains(&ip)).map(|p| p.ifname.as_str());
+    let by_ip: HashMap<IpAddr, &str> = local
+        .iter()
+        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.ifname.as_str())))
+        .collect();
+    let iface_of = |ip: IpAddr| by_ip.get(&ip).copied();
     let mut done = Revoked::default();
     for f in conntrack::dump()? {
         let proto = match f.orig.proto {
@@ -295,6 +299,30 @@ fn spawn_drop_log(names: Names) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+const WRITING: &str = "writing the NetworkPolicy table";
+const COUNTERS: &str = "reading the NetworkPolicy table's counters";
+const REVOKING: &str = "revoking connections the new NetworkPolicy denies";
+
+/// The enforcer's failing steps, logged once per cause (again when the cause changes) and once
+/// when they work again: they are retried every second or change, and must not flood the log.
+#[derive(Default)]
+struct Causes(HashMap<&'static str, String>);
+
+impl Causes {
+    fn failed(&mut self, what: &'static str, cause: String) {
+        if self.0.get(what) != Some(&cause) {
+            warn!("{what}: {cause}");
+            self.0.insert(what, cause);
+        }
+    }
+
+    fn ok(&mut self, what: &'static str) {
+        if self.0.remove(what).is_some() {
+            info!("{what}: working again");
+        }
+    }
+}
+
 /// Runs until the process ends: watches with `client`, writes the table for the pods of
 /// `kind` recorded in `records`; with `log_drops`, logs the new connections it drops.
 pub async fn run(
@@ -327,7 +355,9 @@ pub async fn run(
     }
     let mut poll = tokio::time::interval(RECORDS_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error: Option<String> = None;
+    let mut causes = Causes::default();
+    let mut write_failing = false;
+    let mut backoff = crate::datastore::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     let mut announced = false;
     let mut stamp = None;
     let mut last_write = tokio::time::Instant::now();
@@ -369,7 +399,7 @@ pub async fn run(
                 }
             }
             state = Some((compiled, local));
-        } else if last_write.elapsed() < Duration::from_secs(1) && last_error.is_none() {
+        } else if last_write.elapsed() < Duration::from_secs(1) && !write_failing {
             continue;
         }
         last_write = tokio::time::Instant::now();
@@ -386,20 +416,24 @@ pub async fn run(
                     );
                     announced = true;
                 }
-                if last_error.take().is_some() {
-                    info!("NetworkPolicy table written again after the failure");
-                }
+                write_failing = false;
+                backoff.reset();
+                causes.ok(WRITING);
                 match table.counters() {
-                    Ok(c) => deltas.account(c, &pm),
-                    Err(e) => warn!("reading the NetworkPolicy table's counters: {e}"),
+                    Ok(c) => {
+                        causes.ok(COUNTERS);
+                        deltas.account(c, &pm)
+                    }
+                    Err(e) => causes.failed(COUNTERS, e.to_string()),
                 }
                 if applied.messages > 0 {
                     let local = local.clone();
                     let compiled = compiled.clone();
                     // conntrack is read in this (the node's) namespace, off the async threads.
                     match tokio::task::spawn_blocking(move || revoke_denied_flows(&compiled, &local)).await {
-                        Ok(Ok(r)) if r == Revoked::default() => {}
+                        Ok(Ok(r)) if r == Revoked::default() => causes.ok(REVOKING),
                         Ok(Ok(r)) => {
+                            causes.ok(REVOKING);
                             pm.flows_revoked.inc_by(r.revoked as u64);
                             info!(
                                 revoked = r.revoked,
@@ -407,20 +441,18 @@ pub async fn run(
                                 "existing connections follow the new NetworkPolicy"
                             )
                         }
-                        Ok(Err(e)) => warn!("revoking connections the new NetworkPolicy denies: {e}"),
-                        Err(e) => warn!("revoking connections the new NetworkPolicy denies: {e}"),
+                        Ok(Err(e)) => causes.failed(REVOKING, e.to_string()),
+                        Err(e) => causes.failed(REVOKING, e.to_string()),
                     }
                 }
             }
             Err(e) => {
                 pm.write_errors.inc();
-                let cause = e.to_string();
-                if last_error.as_ref() != Some(&cause) {
-                    warn!("writing the NetworkPolicy table: {cause}; trying again every second");
-                }
-                last_error = Some(cause);
+                write_failing = true;
+                let delay = backoff.next_delay();
+                causes.failed(WRITING, format!("{e}; trying again, backing off to 10 s"));
                 last_write = tokio::time::Instant::now();
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(delay).await;
             }
         }
     }

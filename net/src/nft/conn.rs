@@ -11,11 +11,11 @@ use std::io;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use super::error::NftError;
-use super::wire::{self, Msg, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP_INTR};
+use super::wire::{self, Msg, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLMSG_ERROR};
+use crate::nfnl::{dump_step, DumpError, DumpStep};
 
 const RECV_BUF: usize = 64 * 1024;
-/// A dump interrupted by a concurrent change (NLM_F_DUMP_INTR) is retried this many times.
-const DUMP_TRIES: usize = 10;
+use crate::nfnl::DUMP_TRIES;
 
 /// Messages committed together: all of them take effect, or none.
 #[derive(Default)]
@@ -210,47 +210,19 @@ impl Conn {
         for _ in 0..DUMP_TRIES {
             let seq = self.next_seq(1);
             self.send(&build().finish(seq), context)?;
-            let mut out = Vec::new();
-            let mut interrupted = false;
-            'read: loop {
+            let (mut out, mut interrupted) = (Vec::new(), false);
+            let interrupted = loop {
                 self.recv(false)?;
-                for reply in wire::replies(&self.buf) {
-                    let reply = reply.map_err(NftError::Protocol)?;
-                    if reply.seq != seq {
-                        continue; // a stale reply to an earlier request
+                match dump_step(&self.buf, seq, &mut out, &mut interrupted) {
+                    Ok(DumpStep::More) => {}
+                    Ok(DumpStep::Done { interrupted }) => break interrupted,
+                    Err(DumpError::Kernel(errno, detail)) => {
+                        let context = context.to_string();
+                        return Err(NftError::Kernel { context, errno, detail });
                     }
-                    interrupted |= reply.flags & NLM_F_DUMP_INTR != 0;
-                    match reply.ty {
-                        NLMSG_DONE => {
-                            let errno = reply
-                                .payload
-                                .get(0..4)
-                                .map_or(0, |b| -i32::from_ne_bytes(b.try_into().unwrap()));
-                            if errno > 0 {
-                                let context = context.to_string();
-                                return Err(NftError::Kernel {
-                                    context,
-                                    errno,
-                                    detail: None,
-                                });
-                            }
-                            break 'read;
-                        }
-                        NLMSG_ERROR => {
-                            let err = wire::parse_error(&reply).map_err(NftError::Protocol)?;
-                            if err.errno != 0 {
-                                let context = context.to_string();
-                                return Err(NftError::Kernel {
-                                    context,
-                                    errno: err.errno,
-                                    detail: err.msg,
-                                });
-                            }
-                        }
-                        _ => out.push(reply.payload.get(4..).unwrap_or(&[]).to_vec()),
-                    }
+                    Err(DumpError::Protocol(d)) => return Err(NftError::Protocol(d)),
                 }
-            }
+            };
             if !interrupted {
                 return Ok(out);
             }

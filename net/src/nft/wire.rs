@@ -2,27 +2,14 @@
 //! for replies. Numbers come from `include/uapi/linux/netfilter/nf_tables.h` and
 //! `nfnetlink.h`; only what the masquerade and the hostPorts need is here.
 
-// netlink (include/uapi/linux/netlink.h)
-pub(super) const NLMSG_HDRLEN: usize = 16;
-pub(super) const NLMSG_ERROR: u16 = 2;
-pub(super) const NLMSG_DONE: u16 = 3;
-pub(super) const NLM_F_REQUEST: u16 = 0x1;
-pub(super) const NLM_F_ACK: u16 = 0x4;
-pub(super) const NLM_F_DUMP_INTR: u16 = 0x10;
-pub(super) const NLM_F_DUMP: u16 = 0x300;
-pub(super) const NLM_F_CREATE: u16 = 0x400;
-pub(super) const NLM_F_APPEND: u16 = 0x800;
-/// In an NLMSG_ERROR reply: the kernel appended extended-ack attributes.
-pub(super) const NLM_F_ACK_TLVS: u16 = 0x200;
-/// In an NLMSG_ERROR reply: the original message was cut to its header.
-pub(super) const NLM_F_CAPPED: u16 = 0x100;
-pub(super) const NLMSGERR_ATTR_MSG: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
+// netlink and the message builder and reader: shared with conntrack and NFLOG.
+pub(super) use crate::nfnl::{
+    attr, attrs, parse_error, replies, Msg, NLMSG_ERROR, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST,
+};
 
 // nfnetlink
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNETLINK_V0: u8 = 0;
 pub(super) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(super) const NFNL_MSG_BATCH_END: u16 = 0x11;
 /// Table family `inet` (IPv4 and IPv6 in one table).
@@ -162,175 +149,22 @@ pub(super) const NFTA_SET_ELEM_USERDATA: u16 = 6;
 pub(super) const NFTA_SET_ELEM_FLAGS: u16 = 3;
 pub(super) const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// One nf_tables message being built: netlink header, nfgenmsg, then attributes.
-/// The sequence number is filled in when the message is put into a batch.
-pub(super) struct Msg {
-    buf: Vec<u8>,
-    open: Vec<usize>,
-}
-
+/// One nf_tables message (the shared [`Msg`] with nf_tables' constructors).
 impl Msg {
     pub(super) fn new(ty: MsgType, flags: u16) -> Self {
-        Self::raw(ty.nlmsg_type(), flags, NFPROTO_INET)
+        Self::new_in(ty, flags, NFPROTO_INET)
     }
 
     /// A message about a table of `family` (`NFPROTO_INET`, `NFPROTO_BRIDGE`).
     pub(super) fn new_in(ty: MsgType, flags: u16, family: u8) -> Self {
-        Self::raw(ty.nlmsg_type(), flags, family)
+        Self::raw(ty.nlmsg_type(), flags, family, NFNL_SUBSYS_NFTABLES)
     }
 
     /// A batch delimiter (BEGIN/END): `res_id` names the nf_tables subsystem.
     pub(super) fn batch_delimiter(ty: u16) -> Self {
         // Family AF_UNSPEC.
-        Self::raw(ty, NLM_F_REQUEST, 0)
+        Self::raw(ty, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES)
     }
-
-    fn raw(nlmsg_type: u16, flags: u16, family: u8) -> Self {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set in finish()
-        buf.extend_from_slice(&nlmsg_type.to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // seq
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        buf.extend_from_slice(&[family, NFNETLINK_V0]);
-        buf.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
-        Msg { buf, open: Vec::new() }
-    }
-
-    pub(super) fn bytes(&mut self, ty: u16, data: &[u8]) -> &mut Self {
-        let len = 4 + data.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.buf.resize(align4(self.buf.len()), 0);
-        self
-    }
-
-    /// A NUL-terminated string attribute.
-    pub(super) fn str(&mut self, ty: u16, s: &str) -> &mut Self {
-        let mut data = Vec::with_capacity(s.len() + 1);
-        data.extend_from_slice(s.as_bytes());
-        data.push(0);
-        self.bytes(ty, &data)
-    }
-
-    /// A 32-bit attribute in network byte order (nf_tables uses big-endian for all of them).
-    pub(super) fn u32(&mut self, ty: u16, v: u32) -> &mut Self {
-        self.bytes(ty, &v.to_be_bytes())
-    }
-
-    /// Opens a nested attribute; close it with [`Msg::end`].
-    pub(super) fn begin(&mut self, ty: u16) -> &mut Self {
-        self.open.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-        self
-    }
-
-    pub(super) fn end(&mut self) -> &mut Self {
-        let start = self.open.pop().expect("Msg::end without Msg::begin");
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        self
-    }
-
-    /// Sets the sequence number and length and returns the encoded message.
-    pub(super) fn finish(mut self, seq: u32) -> Vec<u8> {
-        assert!(self.open.is_empty(), "unclosed nested attribute");
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-        self.buf
-    }
-}
-
-/// A netlink message read from the socket.
-pub(super) struct Reply<'a> {
-    pub(super) ty: u16,
-    pub(super) flags: u16,
-    pub(super) seq: u32,
-    /// Everything after the netlink header.
-    pub(super) payload: &'a [u8],
-}
-
-/// Splits a datagram into netlink messages; stops at the first malformed one.
-pub(super) fn replies(mut buf: &[u8]) -> impl Iterator<Item = Result<Reply<'_>, String>> {
-    std::iter::from_fn(move || {
-        if buf.is_empty() {
-            return None;
-        }
-        if buf.len() < NLMSG_HDRLEN {
-            buf = &[];
-            return Some(Err("truncated netlink header".into()));
-        }
-        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            buf = &[];
-            return Some(Err(format!("bad netlink message length {len}")));
-        }
-        let reply = Reply {
-            ty: u16::from_ne_bytes(buf[4..6].try_into().unwrap()),
-            flags: u16::from_ne_bytes(buf[6..8].try_into().unwrap()),
-            seq: u32::from_ne_bytes(buf[8..12].try_into().unwrap()),
-            payload: &buf[NLMSG_HDRLEN..len],
-        };
-        buf = &buf[align4(len).min(buf.len())..];
-        Some(Ok(reply))
-    })
-}
-
-/// The attributes in `buf` as (type without flag bits, value); stops at a malformed one.
-pub(super) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let value = &buf[4..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        Some((ty, value))
-    })
-}
-
-/// The first attribute of type `ty` in `buf`.
-pub(super) fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(buf).find(|(t, _)| *t == ty).map(|(_, v)| v)
-}
-
-/// An NLMSG_ERROR payload: the errno (0 for an ack) and the kernel's extended-ack text if any.
-pub(super) struct ErrorReply {
-    pub(super) errno: i32,
-    pub(super) msg: Option<String>,
-}
-
-pub(super) fn parse_error(reply: &Reply<'_>) -> Result<ErrorReply, String> {
-    let p = reply.payload;
-    if p.len() < 4 + NLMSG_HDRLEN {
-        return Err("truncated NLMSG_ERROR".into());
-    }
-    let error = i32::from_ne_bytes(p[0..4].try_into().unwrap());
-    let mut msg = None;
-    if reply.flags & NLM_F_ACK_TLVS != 0 {
-        // The original message follows: only its header when capped, else all of it.
-        let orig_len = if reply.flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            u32::from_ne_bytes(p[4..8].try_into().unwrap()) as usize
-        };
-        let tlvs = p.get(4 + align4(orig_len)..).unwrap_or(&[]);
-        msg = attr(tlvs, NLMSGERR_ATTR_MSG)
-            .map(|m| String::from_utf8_lossy(m.split(|b| *b == 0).next().unwrap_or(&[])).into_owned())
-            .filter(|m| !m.is_empty());
-    }
-    Ok(ErrorReply { errno: -error, msg })
 }
 
 #[cfg(test)]
